@@ -1,0 +1,41 @@
+"""The pluggy hook specifications of ttach-instance (the only place hooks are declared).
+
+A plugin is a module (or object) with ``@hookimpl`` functions, published under the entry-point
+group ``ttach_instance``::
+
+    [project.entry-points.ttach_instance]
+    my_plugin = "my_package.tta_plugin"
+
+The built-in spaces and ops are registered through these very hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+PROJECT = "ttach_instance"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_spaces(register: Callable[..., None]) -> None:
+    """Register transform spaces.
+
+    Call ``register(name, factory, description="")`` once per space; ``factory(**params)``
+    returns a :class:`ttach_instance.TransformSpace`. Names are global: two providers of one
+    name make that name unusable until one is removed (the error names both).
+    """
+
+
+@hookspec
+def register_ops(register: Callable[..., None]) -> None:
+    """Register op families.
+
+    Call ``register(name, factory, description="")``; ``factory(**params)`` returns an
+    :class:`ttach_instance.ops.Op`. Registered ops can be named in op specs
+    (``ttach_instance.make_op("rotate", angle=15)``, ``space_from_specs``).
+    """

@@ -1,0 +1,411 @@
+"""Transform spaces: ordered, named sets of candidate views.
+
+A :class:`Candidate` is a composition of ops (applied left to right) with a name; a
+:class:`TransformSpace` is an ordered tuple of candidates with a stable fingerprint. Its
+:meth:`~TransformSpace.apply` transforms a batch where every sample has its own candidate(s)
+and :meth:`~TransformSpace.deaugment` brings dense outputs of those views back.
+
+Row order of ``apply(images, index)`` with ``index`` of shape ``(B, k)``: sample-major, row
+``i * k + j`` is sample ``i`` under candidate ``index[i, j]`` (``index`` of shape ``(B,)`` is
+``k = 1``). This is the order in which :meth:`~torch.Tensor.view` ``(B, k, ...)`` regroups the
+views of each sample for merging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .ops import Identity, Op
+
+IndexLike = Union[Tensor, Sequence[int], Sequence[Sequence[int]]]
+
+
+class Candidate:
+    """One view: ops applied in order, under a name (default: the ops' names joined by ``+``)."""
+
+    def __init__(self, ops: Union[Op, Sequence[Op]] = (), name: Optional[str] = None):
+        if isinstance(ops, Op):
+            ops = (ops,)
+        ops = tuple(op for op in ops if not isinstance(op, Identity))
+        for op in ops:
+            if not isinstance(op, Op):
+                raise TypeError(f"candidate ops must be Op instances, got {type(op).__name__}")
+        self.ops: Tuple[Op, ...] = ops
+        self.name = name or ("+".join(op.name for op in ops) if ops else "identity")
+
+    @property
+    def geometric(self) -> bool:
+        return any(op.geometric for op in self.ops)
+
+    @property
+    def invertible(self) -> bool:
+        return all(op.invertible for op in self.ops)
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.ops
+
+    def spec(self) -> Dict[str, Any]:
+        return {"name": self.name, "ops": [op.spec() for op in self.ops]}
+
+    def __repr__(self) -> str:
+        return f"<Candidate {self.name}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Candidate) and other.spec() == self.spec()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.spec(), sort_keys=True))
+
+    def apply(self, images: Tensor) -> Tensor:
+        for op in self.ops:
+            images = op.apply(images)
+        return images
+
+    def theta(self, height: int, width: int, device: Union[str, torch.device] = "cpu") -> Optional[Tensor]:
+        """Composed view->input map ``(2, 3)``, or ``None`` if some geometric op has none."""
+        total = F.identity_theta(1, device)[0]
+        for op in self.ops:
+            if not op.geometric:
+                continue
+            theta = op.theta(height, width, device)
+            if theta is None:
+                return None
+            total = F.compose_theta(theta.to(device), total)
+        return total
+
+    def deaugment(self, outputs: Tensor, mode: str = "bilinear") -> Tuple[Tensor, Tensor]:
+        """Bring dense outputs ``(N, K, h, w)`` of this view back: ``(outputs, validity)``."""
+        geometric = [op for op in self.ops if op.geometric]
+        ones = torch.ones_like(outputs[:, :1], dtype=outputs.dtype if outputs.is_floating_point() else torch.float32)
+        if not geometric:
+            return outputs, ones
+        if len(geometric) == 1:
+            return geometric[0].deaugment_dense(outputs, mode=mode)
+        theta = self.theta(outputs.shape[-2], outputs.shape[-1], outputs.device)
+        if theta is not None:
+            # One resampling for the whole chain: no compounding interpolation error.
+            return F.deaugment_dense(outputs, theta.expand(outputs.shape[0], 2, 3), mode=mode)
+        # Chain of op-specific inverses; validity travels with the outputs as an extra channel.
+        valid = ones.to(outputs.dtype) if outputs.is_floating_point() else ones
+        for op in reversed(geometric):
+            stacked = torch.cat([outputs.to(valid.dtype), valid], 1)
+            stacked, op_valid = op.deaugment_dense(stacked, mode=mode)
+            outputs, valid = stacked[:, :-1].to(outputs.dtype), stacked[:, -1:] * op_valid
+        return outputs, (valid > 0.5).to(valid.dtype)
+
+    def deaugment_keypoints(self, keypoints: Tensor, height: int, width: int) -> Tensor:
+        for op in reversed(self.ops):
+            keypoints = op.deaugment_keypoints(keypoints, height, width)
+        return keypoints
+
+
+def _as_candidate(item: Any) -> Candidate:
+    if isinstance(item, Candidate):
+        return item
+    if isinstance(item, Op):
+        return Candidate(item)
+    if isinstance(item, (list, tuple)) and all(isinstance(op, Op) for op in item):
+        return Candidate(item)
+    raise TypeError(f"a space is made of Candidate or Op instances (or lists of ops), got {item!r}")
+
+
+class TransformSpace:
+    """An ordered set of named candidates.
+
+    ``name`` and ``params`` record how the space was built (``get_space(name, **params)``);
+    the ``fingerprint`` hashes the candidates themselves (names, ops and parameters), so a
+    predictor trained for one space refuses another that merely shares its name.
+    """
+
+    def __init__(
+        self,
+        candidates: Iterable[Any],
+        name: str = "custom",
+        params: Optional[Dict[str, Any]] = None,
+    ):
+        self.candidates: Tuple[Candidate, ...] = tuple(_as_candidate(c) for c in candidates)
+        if not self.candidates:
+            raise ValueError(f"space {name!r}: a transform space needs at least one candidate, got none")
+        names = [c.name for c in self.candidates]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"space {name!r}: candidate names must be unique, repeated: {duplicates}")
+        self.name = name
+        self.params = dict(params or {})
+        #: The plugin that registered the space (set by :func:`ttach_instance.get_space`).
+        self.provider: Optional[str] = None
+        self._row_plan: Optional[List[Tuple[type, Tensor, Tensor]]] = None
+        self._row_plan_built = False
+
+    # -- identity
+    @property
+    def names(self) -> List[str]:
+        return [c.name for c in self.candidates]
+
+    def spec(self) -> List[Dict[str, Any]]:
+        return [c.spec() for c in self.candidates]
+
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.spec(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def __iter__(self) -> Iterator[Candidate]:
+        return iter(self.candidates)
+
+    def __getitem__(self, i: Union[int, str]) -> Candidate:
+        if isinstance(i, str):
+            return self.candidates[self.index_of(i)]
+        return self.candidates[i]
+
+    def index_of(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"space {self.name!r} has no candidate {name!r}; candidates: {self.names}") from None
+
+    def __repr__(self) -> str:
+        return f"TransformSpace({self.name!r}, {len(self)} candidates: {', '.join(self.names)})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TransformSpace) and other.spec() == self.spec()
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    @property
+    def geometric(self) -> bool:
+        return any(c.geometric for c in self.candidates)
+
+    @property
+    def invertible(self) -> bool:
+        return all(c.invertible for c in self.candidates)
+
+    def check_invertible(self) -> None:
+        """Raise unless every candidate's dense outputs can be de-augmented."""
+        bad = [c.name for c in self.candidates if not c.invertible]
+        if bad:
+            raise ValueError(
+                f"space {self.name!r} has geometric candidates without an inverse for dense outputs: {bad}; "
+                f"segmentation needs every geometric candidate to be invertible"
+            )
+
+    # -- composition
+    def product(self, other: "TransformSpace", name: Optional[str] = None) -> "TransformSpace":
+        """Every candidate of ``self`` followed by every candidate of ``other`` (self-major)."""
+        cands = []
+        for a in self.candidates:
+            for b in other.candidates:
+                if a.is_identity or b.is_identity:
+                    cand_name = b.name if a.is_identity else a.name
+                else:
+                    cand_name = f"{a.name}+{b.name}"
+                cands.append(Candidate(a.ops + b.ops, name=cand_name))
+        return TransformSpace(cands, name=name or f"{self.name}*{other.name}")
+
+    def subset(self, names_or_indices: Sequence[Union[int, str]], name: Optional[str] = None) -> "TransformSpace":
+        cands = [self[i] for i in names_or_indices]
+        return TransformSpace(cands, name=name or f"{self.name}[subset]")
+
+    # -- index handling
+    def check_index(self, index: IndexLike, batch: int, device: torch.device) -> Tensor:
+        """Validate ``index`` and return it as a ``(B, k)`` LongTensor."""
+        if not isinstance(index, Tensor):
+            index = torch.as_tensor(index, dtype=torch.long, device=device)
+        if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"index must be an integer tensor of candidate indices, got dtype {index.dtype}")
+        if index.device != torch.device(device) and not (index.device.type == torch.device(device).type == "cpu"):
+            raise ValueError(f"index is on {index.device} but the images are on {device}; move it with .to(images.device)")
+        if index.dim() == 1:
+            index = index[:, None]
+        if index.dim() != 2 or index.shape[0] != batch:
+            raise ValueError(f"index must have shape (B,) or (B, k) with B = {batch}, got {tuple(index.shape)}")
+        if index.shape[1] == 0:
+            raise ValueError("index must select at least one candidate per sample (k >= 1)")
+        index = index.long()
+        if index.device.type == "cpu" and index.numel():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= len(self):
+                raise ValueError(f"index values must be in [0, {len(self) - 1}] for space {self.name!r}, got [{lo}, {hi}]")
+        return index
+
+    # -- forward
+    def apply(self, images: Tensor, index: IndexLike, grouped: Optional[bool] = None) -> Tensor:
+        """Apply candidate ``index[i, j]`` to sample ``i``; returns ``(B * k, C, H, W)``.
+
+        ``grouped=True`` runs each candidate present once on its samples (needs the set of
+        candidates present, so it reads the index on the host); ``grouped=False`` runs each
+        op family once over all rows with per-row parameters (no host synchronisation, only
+        for spaces of built-in ops). Default: grouped on CPU, per-row on accelerators when the
+        space supports it.
+        """
+        F.check_images(images)
+        idx = self.check_index(index, images.shape[0], images.device)
+        if grouped is None:
+            grouped = images.device.type == "cpu" or self.row_plan() is None
+        if not grouped:
+            if self.row_plan() is None:
+                raise ValueError(f"space {self.name!r} has ops without a per-row form; use grouped=True")
+            return self._apply_rows(images, idx)
+        return self._apply_grouped(images, idx)
+
+    def apply_all(self, images: Tensor) -> Tensor:
+        """Every candidate on every sample: ``(B * len(space), C, H, W)``, sample-major."""
+        b = images.shape[0]
+        index = torch.arange(len(self), device=images.device).expand(b, -1)
+        return self.apply(images, index)
+
+    def _apply_grouped(self, images: Tensor, idx: Tensor) -> Tensor:
+        b, k = idx.shape
+        flat = idx.reshape(-1)
+        out = torch.empty((b * k,) + tuple(images.shape[1:]), dtype=images.dtype, device=images.device)
+        for c in torch.unique(flat).tolist():
+            rows = (flat == c).nonzero().squeeze(1)
+            out[rows] = self.candidates[c].apply(images[rows // k])
+        return out
+
+    def row_plan(self) -> Optional[List[Tuple[type, Tensor, Tensor]]]:
+        """Per-row execution plan: op-family slots with a parameter table per candidate.
+
+        Candidates' op sequences are merged into one sequence of family slots (each candidate
+        fits as a subsequence, in order); a candidate that does not use a slot gets the
+        family's identity parameters there. ``None`` when some op has no per-row form.
+        """
+        if self._row_plan_built:
+            return self._row_plan
+        self._row_plan_built = True
+        if not all(op.supports_rows for c in self.candidates for op in c.ops):
+            return None
+        slots: List[type] = []
+        assignment: List[Dict[int, Op]] = []
+        for cand in self.candidates:
+            pos, used = 0, {}
+            for op in cand.ops:
+                while pos < len(slots) and slots[pos] is not type(op):
+                    pos += 1
+                if pos == len(slots):
+                    slots.append(type(op))
+                used[pos] = op
+                pos += 1
+            assignment.append(used)
+        plan = []
+        for s, family in enumerate(slots):
+            table = torch.tensor(
+                [list(assignment[c][s].row_params() if s in assignment[c] else family.identity_row_params())
+                 for c in range(len(self))],
+                dtype=torch.float64,
+            )
+            present = torch.tensor([s in assignment[c] for c in range(len(self))])
+            plan.append((family, table, present))
+        self._row_plan = plan
+        return plan
+
+    def _apply_rows(self, images: Tensor, idx: Tensor) -> Tensor:
+        b, k = idx.shape
+        flat = idx.reshape(-1)
+        views = images.repeat_interleave(k, 0) if k > 1 else images
+        for family, table, present in self.row_plan():  # type: ignore[union-attr]
+            params = table.to(images.device)[flat].to(torch.float32)
+            used = present.to(images.device)[flat]
+            # Rows whose candidate does not use this slot keep their pixels exactly.
+            views = torch.where(used[:, None, None, None], family.apply_rows(views, params), views)
+        return views
+
+    # -- de-augmentation
+    def thetas(self, height: int, width: int, device: Union[str, torch.device] = "cpu") -> Optional[Tensor]:
+        """``(len(space), 2, 3)`` view->input map of every candidate, or ``None`` if some
+        geometric candidate has no affine map."""
+        maps = [c.theta(height, width, device) for c in self.candidates]
+        if any(m is None for m in maps):
+            return None
+        return torch.stack(maps)  # type: ignore[arg-type]
+
+    def deaugment(
+        self,
+        outputs: Tensor,
+        index: IndexLike,
+        mode: str = "bilinear",
+        grouped: Optional[bool] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """Bring dense view outputs ``(B * k, K, h, w)`` (rows as :meth:`apply` made them)
+        back to the input frame. Returns ``(outputs, validity)``, validity ``(B * k, 1, h, w)``
+        with 0 where the view did not see the input pixel (those outputs are 0 too).
+
+        ``mode``: ``"bilinear"`` for logits/probabilities, ``"nearest"`` for label maps.
+        ``grouped=False`` (default on accelerators when every candidate has an affine map)
+        de-augments all rows in one ``grid_sample`` with per-row maps, without host sync.
+        """
+        if not isinstance(outputs, Tensor) or outputs.dim() != 4:
+            raise ValueError(f"outputs must be a dense (N, K, h, w) tensor, got {getattr(outputs, 'shape', type(outputs))}")
+        if mode not in ("bilinear", "nearest", "bicubic"):
+            raise ValueError(f"mode must be 'bilinear', 'nearest' or 'bicubic', got {mode!r}")
+        if not isinstance(index, Tensor):
+            index = torch.as_tensor(index, dtype=torch.long, device=outputs.device)
+        batch = index.shape[0]
+        idx = self.check_index(index, batch, outputs.device)
+        b, k = idx.shape
+        if outputs.shape[0] != b * k:
+            raise ValueError(f"outputs has {outputs.shape[0]} rows but index selects B*k = {b}*{k} = {b * k} views")
+        h, w = outputs.shape[-2:]
+        if grouped is None:
+            grouped = outputs.device.type == "cpu"
+        flat = idx.reshape(-1)
+        if not grouped:
+            table = self.thetas(h, w, outputs.device)
+            if table is None:
+                grouped = True
+            else:
+                back, valid = F.deaugment_dense(outputs, table[flat], mode=mode)
+                moved = torch.tensor([c.geometric for c in self.candidates], device=outputs.device)[flat]
+                # Photometric rows pass through untouched (no resampling blur at all).
+                back = torch.where(moved[:, None, None, None], back, outputs)
+                valid = torch.where(moved[:, None, None, None], valid, torch.ones_like(valid))
+                return back, valid
+        self.check_invertible()
+        back = torch.empty_like(outputs)
+        vdtype = outputs.dtype if outputs.is_floating_point() else torch.float32
+        valid = torch.ones((outputs.shape[0], 1, h, w), dtype=vdtype, device=outputs.device)
+        for c in torch.unique(flat).tolist():
+            rows = (flat == c).nonzero().squeeze(1)
+            out_c, valid_c = self.candidates[c].deaugment(outputs[rows], mode=mode)
+            back[rows] = out_c
+            valid[rows] = valid_c.to(vdtype)
+        return back, valid
+
+    def deaugment_keypoints(self, keypoints: Tensor, index: IndexLike, image_size: Tuple[int, int]) -> Tensor:
+        """Keypoints ``(B * k, P, 2)`` (``(x, y)`` in [0, 1]) of each view back to the input frame."""
+        idx = self.check_index(index, len(index), keypoints.device).reshape(-1)
+        if keypoints.dim() != 3 or keypoints.shape[0] != idx.shape[0] or keypoints.shape[-1] != 2:
+            raise ValueError(f"keypoints must have shape ({idx.shape[0]}, P, 2), got {tuple(keypoints.shape)}")
+        h, w = image_size
+        out = keypoints.clone()
+        for c in torch.unique(idx).tolist():
+            rows = (idx == c).nonzero().squeeze(1)
+            out[rows] = self.candidates[c].deaugment_keypoints(keypoints[rows], h, w)
+        return out
+
+    # -- ttach interop
+    def to_ttach(self):
+        """This space as a ``ttach.Compose`` (one transform whose parameter is the candidate)."""
+        from .transforms import SpaceTransform
+
+        import ttach
+
+        return ttach.Compose([SpaceTransform(self)])
+
+    @classmethod
+    def from_ttach(cls, compose: Any, name: str = "ttach") -> "TransformSpace":
+        """Convert a ``ttach.Compose``: one candidate per parameter combination, in ttach's order."""
+        from .transforms import candidates_from_ttach
+
+        return cls(candidates_from_ttach(compose), name=name)

@@ -1,0 +1,122 @@
+"""Built-in transform spaces and ops, registered through the same hooks as any plugin."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from .hookspecs import hookimpl
+from .ops import (
+    BUILTIN_OPS,
+    CROP_POSITIONS,
+    AutoContrast,
+    Color,
+    CropResize,
+    HFlip,
+    Identity,
+    Rot90,
+    Rotate,
+    Sharpness,
+    VFlip,
+    Zoom,
+)
+from .space import Candidate, TransformSpace
+
+CropSize = Union[int, float, Sequence[Union[int, float]]]
+
+
+def paper12() -> TransformSpace:
+    """The 12 candidates of "Learning Loss for Test-Time Augmentation", in the paper's order."""
+    ops = [
+        Identity(),
+        Rotate(-20),
+        Rotate(20),
+        Zoom(0.8),
+        Zoom(1.2),
+        AutoContrast(),
+        Sharpness(0.2),
+        Sharpness(0.5),
+        Sharpness(3.0),
+        Sharpness(4.0),
+        Color(0.5),
+        Color(2.0),
+    ]
+    return TransformSpace([Candidate(op) for op in ops], name="paper12")
+
+
+def identity() -> TransformSpace:
+    return TransformSpace([Candidate()], name="identity")
+
+
+def hflip() -> TransformSpace:
+    return TransformSpace([Candidate(), Candidate(HFlip())], name="hflip")
+
+
+def flips() -> TransformSpace:
+    return TransformSpace(
+        [Candidate(), Candidate(HFlip()), Candidate(VFlip()), Candidate([HFlip(), VFlip()])], name="flips"
+    )
+
+
+def d4() -> TransformSpace:
+    """The dihedral group in ttach's ``d4_transform`` order: flip (no, yes) x quarter turns."""
+    cands = []
+    for flip in (False, True):
+        for k in range(4):
+            ops = ([HFlip()] if flip else []) + ([Rot90(k)] if k else [])
+            cands.append(Candidate(ops))
+    return TransformSpace(cands, name="d4")
+
+
+def five_crops(crop_size: CropSize = 0.875) -> TransformSpace:
+    """ttach's five crops (left-top, left-bottom, right-bottom, right-top, centre), each resized
+    back to the input size. ``crop_size``: pixels (int) or a fraction of the image (float)."""
+    return TransformSpace([Candidate(CropResize(p, crop_size)) for p in CROP_POSITIONS], name="five_crops")
+
+
+def ten_crops(crop_size: CropSize = 0.875) -> TransformSpace:
+    """Five crops, then the same five crops horizontally flipped."""
+    crops = five_crops(crop_size)
+    flipped = [Candidate(c.ops + (HFlip(),)) for c in crops]
+    return TransformSpace(list(crops) + flipped, name="ten_crops")
+
+
+def paper12_hflip() -> TransformSpace:
+    """paper12 x {identity, hflip}: 24 candidates (the paper's flip-combined variant)."""
+    return paper12().product(hflip(), name="paper12_hflip")
+
+
+BUILTIN_SPACES = {
+    "paper12": (paper12, "the paper's 12 ops: identity, rotate +-20, zoom 0.8/1.2, autocontrast, sharpness x4, color x2"),
+    "identity": (identity, "the input alone"),
+    "hflip": (hflip, "identity and horizontal flip"),
+    "flips": (flips, "identity, hflip, vflip, both"),
+    "d4": (d4, "the 8 flips and quarter turns (square images)"),
+    "five_crops": (five_crops, "4 corner crops + centre crop, resized back (crop_size: px or fraction)"),
+    "ten_crops": (ten_crops, "five crops and their horizontal flips"),
+    "paper12_hflip": (paper12_hflip, "paper12 combined with horizontal flip (24)"),
+}
+
+OP_DESCRIPTIONS = {
+    "identity": "no change",
+    "rotate": "rotate(angle): degrees counter-clockwise, bicubic, mirrored corners",
+    "zoom": "zoom(scale): about the centre, >1 zooms in, antialiased bicubic, mirrored borders",
+    "autocontrast": "per-channel histogram stretch (PIL ImageOps.autocontrast)",
+    "sharpness": "sharpness(factor): PIL ImageEnhance.Sharpness",
+    "color": "color(factor): PIL ImageEnhance.Color",
+    "hflip": "horizontal flip",
+    "vflip": "vertical flip",
+    "rot90": "rot90(k): k quarter turns counter-clockwise",
+    "crop": "crop(position, size): a five-crop position resized back to the input size",
+}
+
+
+@hookimpl
+def register_spaces(register):
+    for name, (factory, description) in BUILTIN_SPACES.items():
+        register(name, factory, description)
+
+
+@hookimpl
+def register_ops(register):
+    for name, cls in BUILTIN_OPS.items():
+        register(name, cls, OP_DESCRIPTIONS.get(name, ""))
