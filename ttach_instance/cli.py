@@ -13,28 +13,43 @@ from typing import List, Optional
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .registry import plugin_infos, registry
+    """List every plugin seen (built-ins, loaded, failed, disabled) with its package, version,
+    spaces and ops, then name clashes. ``--strict`` exits 1 when a plugin failed or names clash."""
+    import warnings
 
-    reg = registry()
-    infos = plugin_infos()
+    from .registry import PluginWarning, registry
+
+    with warnings.catch_warnings():  # the listing below reports every problem itself
+        warnings.simplefilter("ignore", PluginWarning)
+        reg = registry()
+    infos = list(reg.plugins.values())
+    clashes = [("space", n, p) for n, p in sorted(reg.clashes.items())]
+    clashes += [("op", n, p) for n, p in sorted(reg.op_clashes.items())]
     if args.json:
-        print(json.dumps([info.__dict__ for info in infos], indent=2))
-        return 0
-    for info in infos:
-        version = f" {info.version}" if info.version else ""
-        package = f"{info.package}{version}" if info.package else "(no distribution)"
-        status = "ERROR" if info.errors else "ok"
-        print(f"{info.name}  [{package}]  {status}")
-        print(f"  module: {info.module}")
-        print(f"  spaces: {', '.join(info.spaces) or '-'}")
-        print(f"  ops:    {', '.join(info.ops) or '-'}")
-        for err in info.errors:
-            print(f"  error:  {err}")
-    for name, providers in sorted(reg.clashes.items()):
-        print(f"clash: space {name!r} is provided by {' and '.join(providers)} (unusable until one is removed)")
-    for name, providers in sorted(reg.op_clashes.items()):
-        print(f"clash: op {name!r} is provided by {' and '.join(providers)} (unusable until one is removed)")
-    return 0
+        payload = {
+            "plugins": [info.to_dict() for info in infos],
+            "clashes": [{"kind": k, "name": n, "providers": p} for k, n, p in clashes],
+            "problems": list(reg.problems),
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        for info in infos:
+            package = f"{info.package} {info.version or '(unknown version)'}" if info.package else "(no distribution)"
+            print(f"{info.name}  [{package}]  {info.status.upper() if info.status == 'error' else info.status}")
+            print(f"  module: {info.module}")
+            if info.status != "disabled":
+                print(f"  spaces: {', '.join(info.spaces) or '-'}")
+                print(f"  ops:    {', '.join(info.ops) or '-'}")
+            for err in info.errors:
+                print(f"  {'note' if info.status == 'disabled' else 'error'}:  {err}")
+        for kind, name, providers in clashes:
+            labels = " and ".join(reg.plugins[p].label for p in providers)
+            qualified = ", ".join(f"{p}:{name}" for p in providers)
+            print(f"clash: {kind} {name!r} is provided by {labels}; unusable bare, use {qualified}")
+        for problem in reg.problems:
+            print(f"problem: {problem}")
+    failed = any(info.status == "error" for info in infos) or reg.problems
+    return 1 if args.strict and (failed or clashes) else 0
 
 
 def _cmd_spaces(args: argparse.Namespace) -> int:
@@ -73,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list installed plugins, their package, version, spaces and ops")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a plugin failed to load or names clash")
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("spaces", help="list registered transform spaces")

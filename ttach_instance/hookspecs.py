@@ -26,8 +26,14 @@ def register_spaces(register: Callable[..., None]) -> None:
     """Register transform spaces.
 
     Call ``register(name, factory, description="")`` once per space; ``factory(**params)``
-    returns a :class:`ttach_instance.TransformSpace`. Names are global: two providers of one
-    name make that name unusable until one is removed (the error names both).
+    returns a :class:`ttach_instance.TransformSpace` and is called lazily, by
+    ``ttach_instance.get_space(name, **params)``. Names are letters, digits, ``_ . -``.
+
+    Names are global: a name registered by two plugins is unusable bare (the error names both
+    providers) and reachable qualified, ``"<entry-point name>:<name>"``; built-in names are
+    reserved (the built-in keeps the name, the plugin gets a warning). Keep the hook cheap and
+    free of side effects: it runs whenever the registry is (re)built, must only call
+    ``register``, and if it raises, the whole plugin is skipped with a warning.
     """
 
 
@@ -36,6 +42,7 @@ def register_ops(register: Callable[..., None]) -> None:
     """Register op families.
 
     Call ``register(name, factory, description="")``; ``factory(**params)`` returns an
-    :class:`ttach_instance.ops.Op`. Registered ops can be named in op specs
+    :class:`ttach_instance.ops.Op` (a subclass itself is a fine factory). Same naming rules as
+    :func:`register_spaces`. Registered ops can be named in op specs
     (``ttach_instance.make_op("rotate", angle=15)``, ``space_from_specs``).
     """

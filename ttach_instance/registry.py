@@ -2,23 +2,40 @@
 
 Plugins are found through the entry-point group ``ttach_instance``. Each entry point is
 loaded on its own and each hook implementation is called on its own, so a plugin that fails
-to import, or whose hook raises, is reported once as a warning naming it and skipped; the
-built-ins and the other plugins keep working.
+to import, or whose hook raises, is reported once as a :class:`PluginWarning` naming it and
+skipped as a whole (none of its spaces or ops are kept); the built-ins and the other plugins
+keep working.
 
-Environment:
+Names:
+- A space (or op) name registered by two third-party plugins is a *clash*: the bare name
+  raises a ``ValueError`` naming both providers; each stays reachable by its qualified name
+  ``"<plugin>:<name>"`` (``get_space("good:toy")``).
+- Built-in names are reserved: a plugin that registers ``paper12`` gets a warning naming
+  both providers and the built-in keeps the name (``builtin:paper12`` also works).
+
+Environment (entry-point names or distribution names, comma separated):
 - ``TTACH_INSTANCE_PLUGINS``: unset loads every installed plugin; ``none`` (or empty) loads
-  none; ``a,b`` loads only the entry points named ``a`` and ``b``.
-- ``TTACH_INSTANCE_DISABLE_PLUGINS``: ``a,b`` skips those entry points.
+  none; ``a,b`` loads only those.
+- ``TTACH_INSTANCE_DISABLE_PLUGINS``: ``a,b`` skips those.
+The built-ins are always loaded. Call :func:`reload` after changing these or installing.
+
+Warnings are emitted after the registry is built and point at the first caller outside this
+package; turning :class:`PluginWarning` into an error (``-W error``) makes that first call
+raise, but the registry stays built and later calls work.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as metadata
+import inspect
 import os
+import re
+import sys
 import threading
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pluggy
 
@@ -26,21 +43,36 @@ from . import hookspecs
 from .space import TransformSpace
 
 BUILTIN_PLUGIN = "builtin"
+HOOKS = ("register_spaces", "register_ops")
+_KIND = {"register_spaces": "space", "register_ops": "op"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
 class PluginWarning(UserWarning):
-    """A third-party plugin could not be loaded or its hook failed; it was skipped."""
+    """A plugin could not be loaded, its hook failed, or its names clash; it (or the name) was skipped."""
 
 
 @dataclass
 class PluginInfo:
+    """What ``ttach-instance plugins`` shows for one plugin (an entry point, or the built-ins)."""
+
     name: str
     package: Optional[str] = None
     version: Optional[str] = None
     module: Optional[str] = None
+    #: ``ok``, ``error`` (failed to load or a hook raised: skipped) or ``disabled`` (by env var).
+    status: str = "ok"
     spaces: List[str] = field(default_factory=list)
     ops: List[str] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        pkg = f" (package {self.package} {self.version or '?'})" if self.package else ""
+        return f"{self.name!r}{pkg}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -51,8 +83,19 @@ class _Entry:
     provider: str
 
 
+class _PluginFailure(Exception):
+    pass
+
+
 class Registry:
-    def __init__(self) -> None:
+    """Loads the built-ins and the selected entry points and collects their spaces and ops.
+
+    ``spaces`` / ``ops`` map every name usable with :meth:`get_space` / :meth:`make_op`
+    (bare names, plus qualified names of clashed ones) to their entry; ``clashes`` /
+    ``op_clashes`` map a clashed bare name to its providers, in load order.
+    """
+
+    def __init__(self, emit_warnings: bool = True) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.plugins: Dict[str, PluginInfo] = {}
@@ -60,100 +103,221 @@ class Registry:
         self.ops: Dict[str, _Entry] = {}
         self.clashes: Dict[str, List[str]] = {}
         self.op_clashes: Dict[str, List[str]] = {}
+        self._qualified: Dict[str, Dict[Tuple[str, str], _Entry]] = {"space": {}, "op": {}}
+        #: Every load problem, one message each; emitted as PluginWarning.
+        self.warnings: List[str] = []
+        #: Problems that belong to no single plugin (env vars naming nothing installed, ...).
+        self.problems: List[str] = []
+        self._order: List[Tuple[str, Any]] = []  # (plugin name, plugin object) in load order
         self._load()
+        if emit_warnings:
+            self.emit_warnings()
 
-    # -- loading
+    # ------------------------------------------------------------------ loading
     def _load(self) -> None:
         from . import spaces as builtin
 
         self.pm.register(builtin, name=BUILTIN_PLUGIN)
+        self._order.append((BUILTIN_PLUGIN, builtin))
         self.plugins[BUILTIN_PLUGIN] = PluginInfo(
             BUILTIN_PLUGIN, package="ttach-instance", version=_version("ttach-instance"), module=builtin.__name__
         )
-        for ep in _selected_entry_points():
+        for ep, reason in _discover(self.problems):
+            dist = getattr(ep, "dist", None)
             info = PluginInfo(
                 ep.name,
-                package=ep.dist.name if getattr(ep, "dist", None) else None,
-                version=ep.dist.version if getattr(ep, "dist", None) else None,
+                package=dist.name if dist is not None else None,
+                version=dist.version if dist is not None else None,
                 module=ep.value,
             )
-            self.plugins[ep.name] = info
+            key = ep.name
+            if key in self.plugins:  # two distributions publish one entry-point name
+                first = self.plugins[key]
+                key = f"{ep.name}@{info.package}"
+                info.name = key
+                self.plugins[key] = info
+                self._fail(info, f"uses the entry-point name {ep.name!r} already taken by {first.label}")
+                continue
+            self.plugins[key] = info
+            if reason:
+                info.status = "disabled"
+                info.errors.append(reason)
+                continue
             try:
                 plugin = ep.load()
                 self.pm.register(plugin, name=ep.name)
             except Exception as exc:  # a broken plugin must never take the core down
                 self._fail(info, f"failed to load: {type(exc).__name__}: {exc}")
-        self._collect("register_spaces", self.spaces, self.clashes, "spaces")
-        self._collect("register_ops", self.ops, self.op_clashes, "ops")
+                continue
+            unknown = sorted(
+                {hc.name for hc in (self.pm.get_hookcallers(plugin) or []) if not hc.has_spec()}
+            )
+            if unknown:
+                self.pm.unregister(plugin)
+                self._fail(info, f"implements unknown hook(s) {unknown}; known hooks: {list(HOOKS)}")
+                continue
+            self._order.append((ep.name, plugin))
+        self._collect()
+        self.warnings.extend(f"ttach-instance plugins: {p}" for p in self.problems)
 
     def _fail(self, info: PluginInfo, message: str) -> None:
+        info.status = "error"
         info.errors.append(message)
-        package = f" (package {info.package} {info.version})" if info.package else ""
-        warnings.warn(f"ttach-instance plugin {info.name!r}{package} {message}; skipped", PluginWarning, stacklevel=3)
+        self.warnings.append(f"ttach-instance plugin {info.label} {message}; skipped")
 
-    def _collect(self, hook: str, table: Dict[str, _Entry], clashes: Dict[str, List[str]], kind: str) -> None:
-        for impl in getattr(self.pm.hook, hook).get_hookimpls():  # registration order: built-ins first
-            provider = impl.plugin_name
-            info = self.plugins.get(provider) or self.plugins.setdefault(provider, PluginInfo(provider))
-            staged: List[_Entry] = []
+    def _call_hooks(self, plugin_name: str, plugin: Any) -> Dict[str, List[_Entry]]:
+        """Run one plugin's hooks; all its entries or, on any failure, :class:`_PluginFailure`."""
+        staged: Dict[str, List[_Entry]] = {"space": [], "op": []}
+        for hook in HOOKS:
+            kind = _KIND[hook]
+            impls = [impl for impl in getattr(self.pm.hook, hook).get_hookimpls() if impl.plugin is plugin]
+            for impl in impls:
+                if impl.hookwrapper or impl.wrapper:
+                    raise _PluginFailure(f"hook {hook} is a wrapper; ttach-instance hooks must be plain functions")
 
-            def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
-                if not isinstance(name, str) or not name:
-                    raise ValueError(f"{kind[:-1]} name must be a non-empty string, got {name!r}")
-                if not callable(factory):
-                    raise TypeError(f"{kind[:-1]} {name!r}: factory must be callable")
-                staged.append(_Entry(name, factory, description or "", provider))
+                register = _registrar(staged[kind], kind, plugin_name)
+                try:
+                    impl.function(register=register)
+                except Exception as exc:
+                    raise _PluginFailure(f"hook {hook} raised {type(exc).__name__}: {exc}") from exc
+        return staged
 
+    def _collect(self) -> None:
+        # Our own load order (built-ins first, then entry points by name), not pluggy's
+        # call order, which tryfirst/trylast markers would change.
+        accepted: List[Tuple[str, Dict[str, List[_Entry]]]] = []
+        for name, plugin in self._order:
             try:
-                impl.function(register=register)
-            except Exception as exc:
-                self._fail(info, f"hook {hook} raised {type(exc).__name__}: {exc}")
+                accepted.append((name, self._call_hooks(name, plugin)))
+            except _PluginFailure as exc:
+                self.pm.unregister(plugin)
+                self._fail(self.plugins[name], str(exc))
+        tables = {"space": (self.spaces, self.clashes), "op": (self.ops, self.op_clashes)}
+        providers: Dict[Tuple[str, str], List[str]] = {}
+        for name, staged in accepted:
+            info = self.plugins[name]
+            for kind, entries in staged.items():
+                for entry in entries:
+                    owners = providers.setdefault((kind, entry.name), [])
+                    if owners and owners[0] == BUILTIN_PLUGIN:
+                        builtin = self.plugins[BUILTIN_PLUGIN]
+                        self.warnings.append(
+                            f"ttach-instance plugin {info.label} registers {kind} {entry.name!r}, a name "
+                            f"reserved by {builtin.label}; the built-in keeps it and the plugin's "
+                            f"{kind} is ignored"
+                        )
+                        info.errors.append(f"{kind} {entry.name!r} clashes with the built-in; ignored")
+                        continue
+                    owners.append(name)
+                    self._qualified[kind][(name, entry.name)] = entry
+                    getattr(info, kind + "s").append(entry.name)
+        for (kind, bare), owners in providers.items():
+            table, clashes = tables[kind]
+            if len(owners) == 1:
+                table[bare] = self._qualified[kind][(owners[0], bare)]
                 continue
-            for entry in staged:
-                if entry.name in table and table[entry.name].provider != provider:
-                    clashes.setdefault(entry.name, [table[entry.name].provider]).append(provider)
-                    continue
-                table[entry.name] = entry
-                getattr(info, kind).append(entry.name)
+            clashes[bare] = list(owners)
+            for owner in owners:
+                table[f"{owner}:{bare}"] = self._qualified[kind][(owner, bare)]
+            labels = " and ".join(self.plugins[o].label for o in owners)
+            self.warnings.append(
+                f"ttach-instance {kind} name {bare!r} is registered by {labels}; the bare name is "
+                f"unusable, use one of {[f'{o}:{bare}' for o in owners]} or disable a plugin "
+                f"(TTACH_INSTANCE_DISABLE_PLUGINS)"
+            )
 
-    # -- lookup
-    def get_space(self, name: str, **params: Any) -> TransformSpace:
-        entry = self._lookup(name, self.spaces, self.clashes, "space")
-        try:
-            space = entry.factory(**params)
-        except TypeError as exc:
-            raise TypeError(f"space {name!r} (from plugin {entry.provider!r}): bad parameters {params}: {exc}") from exc
+    def emit_warnings(self) -> None:
+        """Emit the collected load problems as :class:`PluginWarning` (one per problem)."""
+        for message in self.warnings:
+            warnings.warn(message, PluginWarning, stacklevel=_outside_stacklevel())
+
+    # ------------------------------------------------------------------ lookup
+    def get_space(self, name: str, /, **params: Any) -> TransformSpace:
+        entry = self._lookup(name, "space")
+        space = _build(entry, name, params, "space")
         if not isinstance(space, TransformSpace):
             raise TypeError(
                 f"space {name!r} from plugin {entry.provider!r} returned {type(space).__name__}, expected TransformSpace"
             )
-        space.name = name
+        bare_ok = self.spaces.get(entry.name) is entry
+        space.name = entry.name if bare_ok else f"{entry.provider}:{entry.name}"
         space.params = dict(params)
         space.provider = entry.provider
         return space
 
-    def make_op(self, name: str, **params: Any):
+    def make_op(self, name: str, /, **params: Any):
         from .ops import Op
 
-        entry = self._lookup(name, self.ops, self.op_clashes, "op")
-        op = entry.factory(**params)
+        entry = self._lookup(name, "op")
+        op = _build(entry, name, params, "op")
         if not isinstance(op, Op):
             raise TypeError(f"op {name!r} from plugin {entry.provider!r} returned {type(op).__name__}, expected Op")
         return op
 
-    @staticmethod
-    def _lookup(name: str, table: Dict[str, _Entry], clashes: Dict[str, List[str]], kind: str) -> _Entry:
+    def _lookup(self, name: str, kind: str) -> _Entry:
+        table, clashes = (self.spaces, self.clashes) if kind == "space" else (self.ops, self.op_clashes)
         if not isinstance(name, str):
             raise TypeError(f"{kind} name must be a string, got {type(name).__name__}")
         if name in clashes:
-            providers = " and ".join(repr(p) for p in clashes[name])
+            labels = " and ".join(self.plugins[p].label for p in clashes[name])
+            qualified = [f"{p}:{name}" for p in clashes[name]]
             raise ValueError(
-                f"{kind} name {name!r} is registered by more than one plugin: {providers}; "
-                f"uninstall or disable one (TTACH_INSTANCE_DISABLE_PLUGINS)"
+                f"{kind} name {name!r} is registered by more than one plugin: {labels}; "
+                f"use a qualified name ({' or '.join(repr(q) for q in qualified)}) or disable one "
+                f"(TTACH_INSTANCE_DISABLE_PLUGINS)"
             )
-        if name not in table:
-            raise ValueError(f"unknown {kind} {name!r}; available: {sorted(table)}")
-        return table[name]
+        if name in table:
+            return table[name]
+        if ":" in name:
+            provider, _, bare = name.partition(":")
+            entry = self._qualified[kind].get((provider, bare))
+            if entry is not None:
+                return entry
+        available = sorted(table)
+        close = difflib.get_close_matches(name, available, n=3)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"unknown {kind} {name!r}{hint}; available {kind}s: {available}")
+
+
+def _registrar(staged: List[_Entry], kind: str, provider: str) -> Callable[..., None]:
+    """The ``register`` callable handed to one plugin's hook for one kind."""
+
+    def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(
+                f"{kind} name must be a non-empty string of letters, digits, '_', '.', '-' "
+                f"(no ':' or spaces), got {name!r}"
+            )
+        if not callable(factory):
+            raise TypeError(f"{kind} {name!r}: factory must be callable, got {type(factory).__name__}")
+        if not isinstance(description, str):
+            raise TypeError(f"{kind} {name!r}: description must be a string, got {type(description).__name__}")
+        if any(e.name == name for e in staged):
+            raise ValueError(f"{kind} {name!r} registered twice by the same plugin")
+        staged.append(_Entry(name, factory, description, provider))
+
+    return register
+
+
+def _build(entry: _Entry, name: str, params: Dict[str, Any], kind: str) -> Any:
+    try:
+        signature = inspect.signature(entry.factory)
+    except (TypeError, ValueError):  # some builtins have no signature
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**params)
+        except TypeError as exc:
+            raise TypeError(
+                f"{kind} {name!r} (from plugin {entry.provider!r}) got bad parameters {sorted(params)}: {exc}; "
+                f"it accepts {signature.replace(return_annotation=inspect.Signature.empty)}"
+            ) from None
+    try:
+        return entry.factory(**params)
+    except Exception as exc:
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"while building {kind} {name!r} from plugin {entry.provider!r} with {params}")
+        raise
 
 
 def _version(dist: str) -> Optional[str]:
@@ -163,48 +327,117 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def _selected_entry_points() -> List[Any]:
-    allow_env = os.environ.get("TTACH_INSTANCE_PLUGINS")
-    deny = {n.strip() for n in os.environ.get("TTACH_INSTANCE_DISABLE_PLUGINS", "").split(",") if n.strip()}
-    allow: Optional[set] = None
-    if allow_env is not None:
-        allow = {n.strip() for n in allow_env.split(",") if n.strip() and n.strip().lower() != "none"}
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).strip().lower()
+
+
+def _env_names(var: str) -> Optional[set]:
+    raw = os.environ.get(var)
+    if raw is None:
+        return None
+    return {_norm(n) for n in raw.split(",") if n.strip() and n.strip().lower() != "none"}
+
+
+def _entry_points() -> List[Any]:
+    """The group's entry points sorted by name (a stable sort: one name's entry points keep
+    sys.path order), so load order, and the order of providers in clash messages, is the same
+    on every machine."""
+    eps = metadata.entry_points()
+    found = eps.select(group=hookspecs.PROJECT) if hasattr(eps, "select") else eps.get(hookspecs.PROJECT, [])
+    return sorted(found, key=lambda ep: ep.name)
+
+
+def _discover(problems: List[str]) -> List[Tuple[Any, Optional[str]]]:
+    """Every installed entry point of the group, each with ``None`` (load it) or the reason it
+    is disabled. Unknown names in the env vars are reported in ``problems``."""
+    allow = _env_names("TTACH_INSTANCE_PLUGINS")
+    deny = _env_names("TTACH_INSTANCE_DISABLE_PLUGINS") or set()
+    found: List[Tuple[Any, Optional[str]]] = []
     seen = set()
-    selected = []
-    for ep in metadata.entry_points(group=hookspecs.PROJECT):
-        if ep.name in seen or ep.name == BUILTIN_PLUGIN:
+    known = set()
+    for ep in _entry_points():
+        dist = getattr(ep, "dist", None)
+        ids = {_norm(ep.name)} | ({_norm(dist.name)} if dist is not None else set())
+        known |= ids
+        if (ep.name, ep.value) in seen:  # the same distribution found twice on sys.path
             continue
-        seen.add(ep.name)
-        if ep.name in deny or (allow is not None and ep.name not in allow):
+        seen.add((ep.name, ep.value))
+        if ep.name == BUILTIN_PLUGIN:
+            problems.append(f"entry point {ep.name!r} ({ep.value}) uses the reserved name 'builtin'; skipped")
             continue
-        selected.append(ep)
-    return selected
+        if ids & deny:
+            found.append((ep, "disabled by TTACH_INSTANCE_DISABLE_PLUGINS"))
+        elif allow is not None and not ids & allow:
+            found.append((ep, "not in TTACH_INSTANCE_PLUGINS"))
+        else:
+            found.append((ep, None))
+    for var, names in (("TTACH_INSTANCE_PLUGINS", allow or set()), ("TTACH_INSTANCE_DISABLE_PLUGINS", deny)):
+        for missing in sorted(names - known - {BUILTIN_PLUGIN}):
+            problems.append(f"{var} names {missing!r}, which is not an installed ttach-instance plugin")
+    return found
+
+
+def _outside_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called from the caller of this function that points
+    at the first frame outside the ttach_instance package (the user's call)."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    frame = sys._getframe(1)  # the function calling warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir + os.sep):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 _REGISTRY: Optional[Registry] = None
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
+_BUILDER: Optional[int] = None  # id of the thread building a registry, while it does
+
+
+def _check_not_building() -> None:
+    if _BUILDER is not None and _BUILDER == threading.get_ident():
+        raise RuntimeError(
+            "the ttach-instance registry was used from inside a plugin (at import or in a hook) while it is "
+            "being built; hooks may only call register(...), factories run later"
+        )
+
+
+def _build_registry() -> Registry:
+    global _REGISTRY, _BUILDER
+    with _LOCK:
+        _check_not_building()
+        _BUILDER = threading.get_ident()
+        try:
+            reg = Registry(emit_warnings=False)
+        finally:
+            _BUILDER = None
+        _REGISTRY = reg
+    reg.emit_warnings()
+    return reg
 
 
 def registry() -> Registry:
-    """The process-wide registry, built on first use."""
-    global _REGISTRY
+    """The process-wide registry, built on first use (thread-safe: one thread builds, the others
+    wait for it)."""
+    _check_not_building()
+    reg = _REGISTRY
+    if reg is not None:
+        return reg
     with _LOCK:
-        if _REGISTRY is None:
-            _REGISTRY = Registry()
-        return _REGISTRY
+        if _REGISTRY is not None:
+            return _REGISTRY
+        return _build_registry()
 
 
 def reload() -> Registry:
-    """Forget and rebuild the registry (after installing a plugin or changing the env vars)."""
-    global _REGISTRY
-    with _LOCK:
-        _REGISTRY = None
-    return registry()
+    """Rebuild the registry (after installing a plugin or changing the env vars). Readers keep
+    the old registry until the new one is complete."""
+    return _build_registry()
 
 
-def get_space(name: Any, **params: Any) -> TransformSpace:
-    """A space by registered name (``get_space("five_crops", crop_size=56)``); a
-    :class:`TransformSpace` passes through unchanged."""
+def get_space(name: Any, /, **params: Any) -> TransformSpace:
+    """A space by registered name (``get_space("five_crops", crop_size=56)``, or
+    ``"plugin:name"``); a :class:`TransformSpace` passes through unchanged."""
     if isinstance(name, TransformSpace):
         if params:
             raise ValueError("parameters can only be given with a space name, not a TransformSpace instance")
@@ -213,40 +446,60 @@ def get_space(name: Any, **params: Any) -> TransformSpace:
 
 
 def list_spaces() -> List[str]:
+    """Every name :func:`get_space` accepts (clashed names appear qualified, ``plugin:name``)."""
     return sorted(registry().spaces)
 
 
 def list_ops() -> List[str]:
+    """Every name :func:`make_op` accepts."""
     return sorted(registry().ops)
 
 
-def make_op(name: str, **params: Any):
+def make_op(name: str, /, **params: Any):
     """An op by registered family name (``make_op("rotate", angle=15)``)."""
     return registry().make_op(name, **params)
 
 
-def space_from_specs(specs: List[Any], name: str = "custom") -> TransformSpace:
-    """Build a space from JSON-able specs: each candidate is an op spec ``{"op": "rotate",
-    "angle": 20}`` or a list of them (composition), optionally ``{"name": ..., "ops": [...]}``."""
+def space_from_specs(specs: Sequence[Any], name: str = "custom") -> TransformSpace:
+    """Build a space from JSON-able specs.
+
+    Each candidate is an op spec ``{"op": "rotate", "angle": 20}``, a list of op specs (applied
+    in order), or ``{"name": ..., "ops": [...]}``; list values of op parameters become tuples.
+    ``space_from_specs(space.spec())`` rebuilds ``space`` (same fingerprint) for spaces made of
+    registered ops.
+    """
     from .space import Candidate
 
-    def op_of(spec: Dict[str, Any]):
-        if not isinstance(spec, dict) or "op" not in spec:
-            raise ValueError(f"an op spec is a dict with an 'op' key, got {spec!r}")
+    if isinstance(specs, (str, bytes, dict)) or not isinstance(specs, Sequence):
+        raise TypeError(f"specs must be a list of candidate specs, got {type(specs).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
+
+    def op_of(spec: Any, where: str):
+        if not isinstance(spec, dict) or not isinstance(spec.get("op"), str):
+            raise ValueError(f"specs{where}: an op spec is a dict with a string 'op' key, got {spec!r}")
         params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != "op"}
         return make_op(spec["op"], **params)
 
+    def ops_of(items: Any, where: str):
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"specs{where}: 'ops' must be a list of op specs, got {items!r}")
+        return [op_of(s, f"{where}[{j}]") for j, s in enumerate(items)]
+
     cands = []
-    for item in specs:
+    for i, item in enumerate(specs):
         if isinstance(item, dict) and "ops" in item:
-            cands.append(Candidate([op_of(s) for s in item["ops"]], name=item.get("name")))
-        elif isinstance(item, list):
-            cands.append(Candidate([op_of(s) for s in item]))
+            cand_name = item.get("name")
+            if cand_name is not None and not isinstance(cand_name, str):
+                raise ValueError(f"specs[{i}]: 'name' must be a string, got {cand_name!r}")
+            cands.append(Candidate(ops_of(item["ops"], f"[{i}].ops"), name=cand_name))
+        elif isinstance(item, (list, tuple)):
+            cands.append(Candidate(ops_of(item, f"[{i}]")))
         else:
-            cands.append(Candidate(op_of(item)))
+            cands.append(Candidate(op_of(item, f"[{i}]")))
     return TransformSpace(cands, name=name)
 
 
 def plugin_infos() -> List[PluginInfo]:
-    reg = registry()
-    return list(reg.plugins.values())
+    """Every plugin seen: the built-ins, loaded, failed and disabled entry points."""
+    return list(registry().plugins.values())
