@@ -219,6 +219,18 @@ def test_plugin_warnings_point_at_the_callers_line(site):
     assert warning.filename == __file__
 
 
+def test_warnings_as_errors_raise_once_but_leave_the_registry_built(site):
+    site("ti_good_plugin")
+    site("ti_broken_import_plugin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginWarning)
+        with pytest.raises(PluginWarning, match="'broken'"):
+            ti.reload()
+        reg = registry_module.registry()  # built, no second raise
+        assert reg.plugins["broken"].status == "error"
+        assert ti.get_space("toy_space").provider == "good"
+
+
 # ---------------------------------------------------------------------------------- clashes
 
 
