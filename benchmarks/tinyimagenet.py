@@ -1,0 +1,116 @@
+"""Tiny ImageNet benchmark (20-class dev split): target from scratch -> loss labels -> predictor -> Table 1.
+
+Every stage caches its result under ``--out`` (default ``runs/tinyimagenet``) and is skipped
+when done; kill it at any point and run the same command again to continue.
+
+    python benchmarks/tinyimagenet.py --data ../shared/data/tinyimagenet-dev20 --size 32
+
+Stages: data (decode JPEGs once) -> target (small ResNet, from scratch) -> labels (paper12
+losses, corruption p=0.4 from the 15 common corruptions, several draws per image) -> fit
+(loss predictor, listwise KL + soft Spearman, 80/20 split) -> eval (clean / 15 common x
+severities / 4 held-out; Table 1 as markdown + JSON + plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from ttach_instance.data import ImageSet, build_model, load_image_folder, normalizer, resize_uint8  # noqa: E402
+from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stage_data(args) -> dict:
+    sets = {}
+    for split in ("train", "val"):
+        path = os.path.join(args.out, f"data_{split}.safetensors")
+        if not os.path.isfile(path):
+            ds = load_image_folder(os.path.join(args.data, split))
+            atomic_save_tensors(path, {"images": ds.images, "labels": ds.labels}, {"classes": ds.classes})
+            log(f"data {split}: {len(ds)} images {tuple(ds.images.shape[1:])}")
+        tensors, meta = load_tensors(path)
+        sets[split] = ImageSet(tensors["images"], tensors["labels"], meta["classes"], source=split)
+    return sets
+
+
+def target_model(args, num_classes):
+    return build_model("ttach_instance.models:small_resnet", num_classes=num_classes, kwargs={"width": args.width})
+
+
+def stage_target(args, sets):
+    from ttach_instance.training.target import accuracy, train_classifier
+
+    final = os.path.join(args.out, "target.safetensors")
+    nc = len(sets["train"].classes)
+    model = target_model(args, nc)
+    norm = normalizer(model)
+    if not os.path.isfile(final):
+        train = resize_uint8(sets["train"].images, args.size)
+        train_classifier(model, train, sets["train"].labels, norm, epochs=args.target_epochs, seed=args.seed,
+                         checkpoint=os.path.join(args.out, "target_ckpt.safetensors"), log=log)
+        atomic_save_tensors(final, model.state_dict(), {"width": args.width, "size": args.size})
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(final))
+    model.eval()
+    acc = accuracy(model, resize_uint8(sets["val"].images, args.size), sets["val"].labels, norm)
+    log(f"target: clean val error {100 * (1 - acc):.2f}%")
+    return model
+
+
+def stage_labels(args, sets, model):
+    from ttach_instance.registry import get_space
+    from ttach_instance.training.labels import generate_labels
+
+    cache = generate_labels(model, sets["train"].images, sets["train"].labels, get_space("paper12"),
+                            os.path.join(args.out, "labels"), size=args.size, draws=args.draws,
+                            corruption_p=args.corruption_p, seed=args.seed, shard_size=1000, batch_size=64)
+    log(f"labels: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards")
+    return cache
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.path.join(os.path.dirname(HERE), "..", "shared", "data", "tinyimagenet-dev20"))
+    p.add_argument("--out", default="runs/tinyimagenet")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--target-epochs", type=int, default=25)
+    p.add_argument("--draws", type=int, default=3, help="corruption draws per training image for the labels")
+    p.add_argument("--corruption-p", type=float, default=0.4)
+    p.add_argument("--fit-epochs", type=int, default=30)
+    p.add_argument("--severities", default="1,2,3,4,5")
+    p.add_argument("--val-limit", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", default="data,target,labels,fit,eval")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    stages = args.stages.split(",")
+    t0 = time.time()
+    sets = stage_data(args)
+    model = stage_target(args, sets) if "target" in stages or any(s in stages for s in ("labels", "fit", "eval")) else None
+    if "labels" in stages:
+        stage_labels(args, sets, model)
+    if "fit" in stages:
+        stage_fit(args, sets, model)
+    if "eval" in stages:
+        stage_eval(args, sets, model)
+    log(f"done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttach_instance.data import normalizer
+from ttach_instance.training.corruptions import ALL, COMMON, HELD_OUT, corrupt_one, draw_recipes
+from ttach_instance.training.labels import LabelCache, generate_labels
+from ttach_instance.training.tasks import ClassificationTask
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _tiny import space, tiny_data, tiny_model  # noqa: E402
+
+
+def reference_losses(model, images_u8, labels):
+    """One candidate at a time, one image at a time: an independent loop."""
+    sp = space()
+    norm = normalizer(model)
+    out = torch.zeros(images_u8.shape[0], len(sp))
+    with torch.no_grad():
+        for i in range(images_u8.shape[0]):
+            x = images_u8[i:i + 1].float() / 255
+            for c, cand in enumerate(sp.candidates):
+                out[i, c] = F.cross_entropy(model(norm(cand.apply(x))), labels[i:i + 1])
+    return out
+
+
+def test_clean_labels_match_per_candidate_reference(tmp_path):
+    model = tiny_model()
+    images, labels = tiny_data(7)
+    cache = generate_labels(model, images, labels, space(), str(tmp_path / "c"), shard_size=3, batch_size=2,
+                            progress=False)
+    data = cache.load()
+    assert cache.complete and len(cache.done_shards()) == 3
+    assert torch.equal(data["rows"], torch.arange(7))
+    assert torch.equal(data["images"], images)  # p = 0: untouched
+    assert torch.equal(data["labels"], labels)
+    assert (data["corruption"] == -1).all() and (data["severity"] == 0).all()
+    ref = reference_losses(model, images, labels)
+    assert torch.allclose(data["losses"], ref, atol=1e-5)
+    # correct flags agree with the losses' logits: loss < log(2) implies the class won
+    assert ((data["losses"] < 0.69) <= data["correct"].bool()).all()
+
+
+def test_draws_corruptions_and_custom_loss(tmp_path):
+    model = tiny_model()
+    images, labels = tiny_data(5, size=32)
+    cache = generate_labels(model, images, labels, space(), str(tmp_path / "c"), size=16, draws=2, corruption_p=1.0,
+                            corruptions=["contrast", "pixelate"], severities=[2, 5], seed=3, shard_size=4,
+                            progress=False)
+    data = cache.load()
+    assert data["images"].shape == (10, 3, 16, 16)
+    assert torch.equal(data["labels"], labels.repeat(2))  # row r is image r % N
+    names = {ALL[int(i)] for i in data["corruption"]}
+    assert names <= {"contrast", "pixelate"} and set(data["severity"].tolist()) <= {2, 5}
+    # each stored image is exactly its recipe: corrupt at source size, then resize
+    from ttach_instance.data import resize_uint8
+
+    recipes = draw_recipes(range(10), 3, 1.0, ["contrast", "pixelate"], [2, 5])
+    for r, (name, sev, seed) in enumerate(recipes):
+        src = images[r % 5].permute(1, 2, 0).numpy()
+        expect = resize_uint8(torch.from_numpy(corrupt_one(src, name, sev, seed)).permute(2, 0, 1)[None], 16)[0]
+        assert torch.equal(data["images"][r], expect)
+        assert ALL[int(data["corruption"][r])] == name and int(data["severity"][r]) == sev
+    # a pluggable loss: 0/1 error per view
+    task = ClassificationTask(loss_fn=lambda logits, y: (logits.argmax(1) != y).float())
+    c2 = generate_labels(model, images, labels, space(), str(tmp_path / "c2"), task=task, progress=False)
+    d2 = c2.load()
+    assert torch.equal(d2["losses"], 1 - d2["correct"].float())
+
+
+def test_recipes_probability_and_held_out_never_drawn():
+    rec = draw_recipes(range(4000), 0, 0.4, COMMON)
+    frac = sum(r[0] is not None for r in rec) / len(rec)
+    assert 0.37 < frac < 0.43
+    assert not {r[0] for r in rec} & set(HELD_OUT)
+    assert draw_recipes([17], 0, 0.4, COMMON) == [rec[17]]  # pure function of (seed, row)
+
+
+def test_resume_equals_one_shot_and_config_mismatch(tmp_path):
+    model = tiny_model()
+    images, labels = tiny_data(9)
+    kw = dict(draws=2, corruption_p=0.5, corruptions=["gaussian_noise", "brightness"], shard_size=4, progress=False)
+    one = generate_labels(model, images, labels, space(), str(tmp_path / "one"), **kw).load()
+    part = generate_labels(model, images, labels, space(), str(tmp_path / "two"), max_shards=2, **kw)
+    assert len(part.done_shards()) == 2 and not part.complete
+    with pytest.raises(ValueError, match="incomplete"):
+        part.load()
+    two = generate_labels(model, images, labels, space(), str(tmp_path / "two"), **kw).load()
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+    with pytest.raises(ValueError, match="other settings"):
+        generate_labels(model, images, labels, space(), str(tmp_path / "two"), **{**kw, "draws": 3})
+
+
+def test_bad_arguments(tmp_path):
+    model = tiny_model()
+    images, labels = tiny_data(3)
+    with pytest.raises(TypeError, match="images"):
+        generate_labels(model, images.float(), labels, space(), str(tmp_path))
+    with pytest.raises(ValueError, match="corruptions"):
+        generate_labels(model, images, labels, space(), str(tmp_path), corruptions=["nope"])
+    with pytest.raises(ValueError, match="corruption_p"):
+        generate_labels(model, images, labels, space(), str(tmp_path), corruption_p=1.5)
+    with pytest.raises(ValueError, match="draws"):
+        generate_labels(model, images, labels, space(), str(tmp_path), draws=0)
+    with pytest.raises(TypeError, match="loss_fn"):
+        ClassificationTask(loss_fn=3)
+
+
+JOB = r"""
+import sys, time, torch
+sys.path.insert(0, {here!r})
+from _tiny import tiny_model, tiny_data, space
+from ttach_instance.training.labels import generate_labels
+model = tiny_model()
+fwd = model.forward
+def slow(x):
+    time.sleep({delay})
+    return fwd(x)
+model.forward = slow
+images, labels = tiny_data(12)
+generate_labels(model, images, labels, space(), {out!r}, draws=2, corruption_p=0.5,
+                corruptions=["gaussian_noise", "contrast"], shard_size=3, batch_size=64, progress=False)
+print("finished")
+"""
+
+
+def test_killed_job_resumes_without_loss_or_duplicates(tmp_path):
+    out = str(tmp_path / "cache")
+    proc = subprocess.Popen([sys.executable, "-c", JOB.format(here=HERE, out=out, delay=0.4)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cache = LabelCache(out)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if os.path.isfile(cache.manifest_path) and len(cache.done_shards()) >= 2:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(cache.done_shards())
+    assert 2 <= done_before < 8, proc.stdout.read().decode()[-2000:]
+    # restart: only the missing shards are computed
+    res = subprocess.run([sys.executable, "-c", JOB.format(here=HERE, out=out, delay=0.0)], capture_output=True,
+                         text=True, timeout=120)
+    assert "finished" in res.stdout, res.stderr[-2000:]
+    data = cache.load()
+    assert torch.equal(data["rows"], torch.arange(24))
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    ref = generate_labels(tiny_model(), *tiny_data(12), space(), str(tmp_path / "ref"), draws=2, corruption_p=0.5,
+                          corruptions=["gaussian_noise", "contrast"], shard_size=3, progress=False).load()
+    for key in ref:
+        assert torch.allclose(ref[key].float(), data[key].float(), atol=1e-6), key

@@ -1,0 +1,205 @@
+"""Datasets as in-memory uint8 tensors, and target models from a spec.
+
+Datasets: an ImageFolder directory (``root/<class>/<image>``) or torchvision CIFAR-10/100
+(when ``root`` already holds them; nothing is downloaded). Images come back as a uint8
+tensor ``(N, 3, H, W)`` (resized to ``size`` when given) with int64 labels.
+
+Models: ``timm:<name>`` or a bare timm name, or ``package.module:factory`` (any callable
+returning an ``nn.Module``), optionally with a weights file (safetensors, or a state dict
+read with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageSet:
+    """Images ``(N, 3, H, W)`` uint8, labels ``(N,)`` int64, class names, and where they came from."""
+
+    images: Tensor
+    labels: Tensor
+    classes: List[str]
+    source: str = ""
+    paths: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.images, Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise TypeError(f"images must be a uint8 tensor (N, 3, H, W), got {getattr(self.images, 'dtype', type(self.images))}")
+        if self.images.shape[1] != 3:
+            raise ValueError(f"images must have 3 channels (N, 3, H, W), got shape {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, rows: Sequence[int]) -> "ImageSet":
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        paths = [self.paths[i] for i in rows_t.tolist()] if self.paths else []
+        return ImageSet(self.images[rows_t], self.labels[rows_t], list(self.classes), self.source, paths)
+
+
+def _resize_uint8(img, size: Optional[int]):
+    from PIL import Image
+
+    img = img.convert("RGB")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image_folder(root: str, size: Optional[int] = None, limit_per_class: Optional[int] = None,
+                      progress: bool = True) -> ImageSet:
+    """Every image under ``root/<class>/`` (classes sorted by name, as torchvision's ImageFolder)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    if not os.path.isdir(root):
+        raise ValueError(f"root must be an ImageFolder directory (root/<class>/<image>), {root!r} is not a directory")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"root {root!r} has no class sub-directories (expected root/<class>/<image>)")
+    paths, labels = [], []
+    for ci, cls in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, cls)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if limit_per_class is not None:
+            files = files[:limit_per_class]
+        paths += [os.path.join(root, cls, f) for f in files]
+        labels += [ci] * len(files)
+    if not paths:
+        raise ValueError(f"root {root!r} holds no images with extensions {IMAGE_EXTENSIONS}")
+    arrays = []
+    first_shape = None
+    for p in tqdm(paths, desc=f"loading {os.path.basename(os.path.normpath(root))}", disable=not progress, leave=False):
+        with Image.open(p) as img:
+            arr = _resize_uint8(img, size)
+        if first_shape is None:
+            first_shape = arr.shape
+        elif arr.shape != first_shape:
+            raise ValueError(f"images differ in size ({arr.shape} vs {first_shape}) at {p}; pass size= to resize them all")
+        arrays.append(arr)
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.tensor(labels, dtype=torch.long), classes, source=root, paths=paths)
+
+
+def load_cifar(root: str, name: str = "cifar10", train: bool = False, size: Optional[int] = None) -> ImageSet:
+    """torchvision CIFAR-10/100 already present under ``root`` (never downloads)."""
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}.get(name)
+    if cls is None:
+        raise ValueError(f"name must be 'cifar10' or 'cifar100', got {name!r}")
+    try:
+        ds = cls(root, train=train, download=False)
+    except RuntimeError as exc:
+        raise ValueError(f"root {root!r} does not hold {name} (torchvision's layout; nothing is downloaded): {exc}") from None
+    images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    if size is not None and size != images.shape[-1]:
+        images = resize_uint8(images, size)
+    return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes), source=f"{name}:{root}")
+
+
+def load_dataset(spec: str, split: str = "val", size: Optional[int] = None) -> ImageSet:
+    """``cifar10:ROOT`` / ``cifar100:ROOT`` or an ImageFolder path (``split`` used when it has
+    ``train/`` and ``val/`` sub-directories)."""
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"dataset must be a path or 'cifar10:ROOT', got {spec!r}")
+    for name in ("cifar10", "cifar100"):
+        if spec.startswith(name + ":"):
+            return load_cifar(spec[len(name) + 1:], name, train=(split == "train"), size=size)
+    sub = os.path.join(spec, split)
+    root = sub if os.path.isdir(sub) else spec
+    return load_image_folder(root, size=size)
+
+
+def resize_uint8(images: Tensor, size: int) -> Tensor:
+    """Antialiased bilinear resize of a uint8 batch ``(N, 3, H, W)`` to ``size x size``."""
+    out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                                          align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- models
+def load_state_dict(path: str) -> Dict[str, Tensor]:
+    """A state dict from safetensors or a torch file read with ``weights_only=True`` (no pickle code)."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise ValueError(f"weights must be an existing file (.safetensors or a torch state dict), got {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights {path!r} must hold a state dict, got {type(state).__name__}")
+    return state
+
+
+def build_model(spec: str, num_classes: Optional[int] = None, weights: Optional[str] = None,
+                kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Build a model from ``timm:NAME`` / ``NAME`` (timm, ``pretrained=False``) or ``module:factory``."""
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"model must be a timm name or 'package.module:factory', got {spec!r}")
+    kwargs = dict(kwargs or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if ":" in spec and not spec.startswith("timm:"):
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"model {spec!r}: cannot import module {module_name!r} ({exc})") from None
+        factory = getattr(module, attr, None)
+        if factory is None or not callable(factory):
+            raise ValueError(f"model {spec!r}: module {module_name!r} has no callable {attr!r}")
+        model = factory(**kwargs)
+    else:
+        import timm
+
+        name = spec[5:] if spec.startswith("timm:") else spec
+        if not timm.list_models(name):
+            raise ValueError(f"model {spec!r}: not a timm model name nor 'package.module:factory'")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {spec!r}: the factory returned {type(model).__name__}, expected an nn.Module")
+    if weights:
+        missing, unexpected = model.load_state_dict(load_state_dict(weights), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights {weights!r} do not fit model {spec!r}: missing {list(missing)[:5]}, "
+                             f"unexpected {list(unexpected)[:5]}")
+    return model.eval()
+
+
+def model_mean_std(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The model's input normalisation: ``model.mean/std``, timm's ``pretrained_cfg``, else ImageNet's."""
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    if mean is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def normalizer(model: nn.Module):
+    """``f(pixels in [0,1]) -> model input`` using :func:`model_mean_std`."""
+    mean, std = model_mean_std(model)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+
+    def norm(x: Tensor) -> Tensor:
+        return (x - m.to(x.device, x.dtype)) / s.to(x.device, x.dtype)
+
+    return norm

@@ -1,0 +1,224 @@
+"""Loss labels: the target model's loss under every candidate, for every (possibly corrupted) image.
+
+Rows: ``draws`` passes over the dataset, row ``r`` is image ``r % N`` in draw ``r // N``.
+Each row's corruption (with probability ``corruption_p`` a random corruption from
+``corruptions`` at a random severity) is a pure function of ``(seed, r)``, so any shard can
+be (re)computed independently and identically.
+
+On disk (``directory``): ``manifest.json`` (the configuration; a cache refuses to be
+continued with another one) and ``shard_XXXXX.safetensors`` files, each holding a
+contiguous range of rows: ``images`` (uint8, the model-size input actually used),
+``losses`` (float32 ``(n, |T|)``), ``labels``, ``rows``, ``corruption`` (index into
+:data:`~ttach_instance.training.corruptions.ALL`, -1 for clean) and ``severity``. Shards are
+written to a temporary file then renamed, so a killed job leaves only whole shards;
+restarting computes exactly the missing ones. Under ``torchrun`` rank ``r`` computes the
+shards ``s`` with ``s % world == r``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed as dist
+from .checkpoint import atomic_save_tensors, atomic_write_json
+from .corruptions import ALL, COMMON, SEVERITIES, check_names, corrupt_batch, draw_recipes
+from .tasks import ClassificationTask, Task
+
+FORMAT_VERSION = 1
+
+
+def dataset_fingerprint(images: Tensor, labels: Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(str(tuple(images.shape)).encode())
+    step = max(1, images.shape[0] // 64)
+    h.update(images[::step].contiguous().numpy().tobytes())
+    h.update(labels.contiguous().numpy().tobytes() if labels.dtype != torch.bfloat16 else b"")
+    return h.hexdigest()[:16]
+
+
+class LabelCache:
+    """A label cache directory: its manifest, which shards are done, and loading the rows."""
+
+    def __init__(self, directory: str):
+        if not isinstance(directory, str) or not directory:
+            raise TypeError(f"directory must be a path string, got {directory!r}")
+        self.directory = directory
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.directory, "manifest.json")
+
+    def manifest(self) -> Dict:
+        if not os.path.isfile(self.manifest_path):
+            raise ValueError(f"directory {self.directory!r} is not a label cache (no manifest.json)")
+        with open(self.manifest_path) as f:
+            return json.load(f)
+
+    def shard_path(self, s: int) -> str:
+        return os.path.join(self.directory, f"shard_{s:05d}.safetensors")
+
+    def done_shards(self) -> List[int]:
+        m = self.manifest()
+        return [s for s in range(m["num_shards"]) if os.path.isfile(self.shard_path(s))]
+
+    def missing_shards(self) -> List[int]:
+        m = self.manifest()
+        return [s for s in range(m["num_shards"]) if not os.path.isfile(self.shard_path(s))]
+
+    @property
+    def complete(self) -> bool:
+        return os.path.isfile(self.manifest_path) and not self.missing_shards()
+
+    def load(self, allow_partial: bool = False) -> Dict[str, Tensor]:
+        """All rows (sorted by row id) as a dict of tensors; checks for gaps and duplicates."""
+        from safetensors.torch import load_file
+
+        m = self.manifest()
+        missing = self.missing_shards()
+        if missing and not allow_partial:
+            raise ValueError(f"label cache {self.directory!r} is incomplete: {len(missing)} of {m['num_shards']} "
+                             f"shards missing (first {missing[:5]}); run the labels step again to finish it")
+        parts = [load_file(self.shard_path(s)) for s in self.done_shards()]
+        if not parts:
+            raise ValueError(f"label cache {self.directory!r} has no finished shard")
+        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        order = out["rows"].argsort()
+        out = {k: v[order] for k, v in out.items()}
+        rows = out["rows"]
+        if rows.unique().numel() != rows.numel():
+            raise ValueError(f"label cache {self.directory!r} holds duplicate rows")
+        if not allow_partial and not torch.equal(rows, torch.arange(m["total_rows"])):
+            raise ValueError(f"label cache {self.directory!r}: rows are not exactly 0..{m['total_rows'] - 1}")
+        return out
+
+
+@torch.no_grad()
+def compute_view_outputs(model: nn.Module, pixels: Tensor, targets: Tensor, space, task: Task,
+                         normalize: Callable[[Tensor], Tensor], batch_size: int = 64) -> Dict[str, Tensor]:
+    """``{"losses": (B, |T|), ...}`` for every candidate of pixel images ``(B, 3, H, W)`` in [0, 1].
+
+    ``batch_size`` images at a time, i.e. ``batch_size * |T|`` views per model call.
+    """
+    t = len(space)
+    out: Dict[str, List[Tensor]] = {}
+    for i in range(0, pixels.shape[0], batch_size):
+        x = pixels[i:i + batch_size]
+        index = torch.arange(t, device=x.device).expand(x.shape[0], t)
+        views = normalize(space.apply(x, index))
+        for key, val in task.view_outputs(model, views, targets[i:i + batch_size], space, index).items():
+            out.setdefault(key, []).append(val.float() if key == "losses" else val)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def compute_view_losses(model, pixels, targets, space, task, normalize, batch_size: int = 64) -> Tensor:
+    """``(B, |T|)`` losses of every candidate (see :func:`compute_view_outputs`)."""
+    return compute_view_outputs(model, pixels, targets, space, task, normalize, batch_size)["losses"]
+
+
+def generate_labels(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    space,
+    directory: str,
+    task: Optional[Task] = None,
+    size: Optional[int] = None,
+    draws: int = 1,
+    corruption_p: float = 0.0,
+    corruptions: Sequence[str] = COMMON,
+    severities: Sequence[int] = SEVERITIES,
+    seed: int = 0,
+    shard_size: int = 500,
+    batch_size: int = 64,
+    normalize: Optional[Callable[[Tensor], Tensor]] = None,
+    device: str = "cpu",
+    progress: bool = True,
+    max_shards: Optional[int] = None,
+) -> LabelCache:
+    """Fill (or continue) the label cache in ``directory``; returns it.
+
+    ``images``: uint8 ``(N, 3, H, W)`` at the source resolution (corruptions are applied
+    there), resized to ``size`` for the model when given. ``max_shards`` stops after that many
+    new shards in this process (for tests and time-boxed runs).
+    """
+    from tqdm import tqdm
+
+    from ..data import normalizer, resize_uint8
+
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise TypeError(f"images must be a uint8 tensor (N, 3, H, W), got {getattr(images, 'dtype', type(images))}")
+    if targets.shape[0] != images.shape[0]:
+        raise ValueError(f"targets must have one entry per image ({images.shape[0]}), got {targets.shape[0]}")
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    corruptions = check_names(corruptions)
+    if not 0.0 <= corruption_p <= 1.0:
+        raise ValueError(f"corruption_p must be in [0, 1], got {corruption_p}")
+    task = task or ClassificationTask()
+    normalize = normalize or normalizer(model)
+    n = images.shape[0]
+    total = n * draws
+    config = {
+        "format": FORMAT_VERSION,
+        "space": space.name,
+        "space_fingerprint": space.fingerprint,
+        "candidate_names": space.names,
+        "task": task.spec(),
+        "num_images": n,
+        "draws": draws,
+        "total_rows": total,
+        "shard_size": shard_size,
+        "num_shards": (total + shard_size - 1) // shard_size,
+        "corruption_p": float(corruption_p),
+        "corruptions": list(corruptions),
+        "severities": [int(s) for s in severities],
+        "seed": int(seed),
+        "size": int(size) if size else int(images.shape[-1]),
+        "source_size": [int(images.shape[-2]), int(images.shape[-1])],
+        "dataset": dataset_fingerprint(images, targets),
+    }
+    cache = LabelCache(directory)
+    if os.path.isfile(cache.manifest_path):
+        old = cache.manifest()
+        diff = sorted(k for k in config if old.get(k) != config[k])
+        if diff:
+            raise ValueError(f"directory {directory!r} holds a label cache made with other settings ({diff}); "
+                             f"use another directory or delete it")
+    elif dist.is_main():
+        atomic_write_json(cache.manifest_path, config)
+    dist.barrier()
+    rank, world = dist.rank(), dist.world_size()
+    todo = [s for s in cache.missing_shards() if s % world == rank]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    model = model.to(device).eval()
+    bar = tqdm(todo, desc=f"labels (rank {rank})" if world > 1 else "labels", disable=not progress or not todo)
+    for s in bar:
+        rows = list(range(s * shard_size, min(total, (s + 1) * shard_size)))
+        img_idx = torch.tensor([r % n for r in rows])
+        recipes = draw_recipes(rows, seed, corruption_p, corruptions, severities)
+        batch = corrupt_batch(images[img_idx], [r[0] for r in recipes], [r[1] for r in recipes],
+                              [r[2] for r in recipes])
+        if size is not None and batch.shape[-1] != size:
+            batch = resize_uint8(batch, size)
+        tgt = targets[img_idx]
+        outputs = compute_view_outputs(model, batch.to(device).float() / 255, tgt.to(device), space, task,
+                                       normalize, batch_size)
+        atomic_save_tensors(cache.shard_path(s), {
+            "images": batch,
+            **{k: v.cpu() for k, v in outputs.items()},
+            "labels": tgt,
+            "rows": torch.tensor(rows, dtype=torch.long),
+            "corruption": torch.tensor([ALL.index(r[0]) if r[0] else -1 for r in recipes], dtype=torch.long),
+            "severity": torch.tensor([r[1] for r in recipes], dtype=torch.long),
+        }, {"shard": s})
+    dist.barrier()
+    return cache

@@ -1,0 +1,218 @@
+"""Train a loss predictor on a label cache: ranking losses, cosine LR, EMA, resume, DDP.
+
+The split is by *image* (all draws of one image fall in the same fold), ``val_fraction`` of
+the images (default 20 %, as the paper) are held out; metrics on them after every epoch,
+computed with the EMA weights, which are also what gets saved.
+
+Runs unchanged under ``torchrun``: every rank sees the same global permutation and takes
+its slice of each global batch; gradients are averaged by DistributedDataParallel; rank 0
+writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed as dist
+from .checkpoint import (atomic_save_tensors, atomic_write_json, load_module_tensors, load_tensors,
+                         module_tensors, optimizer_from_tensors, optimizer_to_tensors)
+from .losses import ranking_loss, ranking_metrics
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 60
+    batch_size: int = 128
+    optimizer: str = "rmsprop"  # the paper's: RMSprop (TF-style) lr 0.01, alpha 0.9, momentum 0.9, eps 1e-3
+    lr: float = 0.01
+    weight_decay: float = 1e-5
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    listwise_weight: float = 1.0
+    spearman_weight: float = 1.0
+    tau: float = 1.0
+    rank_temperature: float = 0.1
+    val_fraction: float = 0.2
+    cutout: float = 0.5  # probability of a cutout square (1/4 of the side) on the predictor input
+    seed: int = 0
+    grad_clip: float = 5.0
+
+    def __post_init__(self):
+        if self.optimizer not in ("rmsprop", "adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'rmsprop', 'adamw' or 'sgd', got {self.optimizer!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def split_rows(rows: Tensor, num_images: int, val_fraction: float, seed: int):
+    """Train/val row masks splitting by image id ``rows % num_images``."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    perm = torch.randperm(num_images, generator=g)
+    n_val = int(round(val_fraction * num_images))
+    is_val_image = torch.zeros(num_images, dtype=torch.bool)
+    is_val_image[perm[:n_val]] = True
+    val = is_val_image[rows % num_images]
+    return ~val, val
+
+
+def make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, momentum=0.9, eps=1e-3,
+                                   weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def _cutout(x: Tensor, p: float, g: torch.Generator) -> Tensor:
+    if p <= 0:
+        return x
+    b, _, h, w = x.shape
+    s = max(1, h // 4)
+    cy = torch.randint(0, h, (b,), generator=g)
+    cx = torch.randint(0, w, (b,), generator=g)
+    on = torch.rand(b, generator=g) < p
+    ys = torch.arange(h)[None, :, None]
+    xs = torch.arange(w)[None, None, :]
+    mask = ((ys - cy[:, None, None]).abs() <= s // 2) & ((xs - cx[:, None, None]).abs() <= s // 2) & on[:, None, None]
+    return x.masked_fill(mask[:, None], 0.5)
+
+
+@torch.no_grad()
+def predict_losses(predictor: nn.Module, images: Tensor, batch_size: int = 500, device: str = "cpu") -> Tensor:
+    """Predicted relative losses ``(N, T)`` for uint8 images ``(N, 3, H, W)``."""
+    predictor.eval()
+    out = [predictor(images[i:i + batch_size].to(device).float() / 255).float().cpu()
+           for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.is_floating_point():
+            e.mul_(decay).add_(m.detach(), alpha=1 - decay)
+        else:
+            e.copy_(m)
+
+
+def fit_predictor(
+    predictor: nn.Module,
+    data: Dict[str, Tensor],
+    out_dir: Optional[str] = None,
+    config: Optional[FitConfig] = None,
+    num_images: Optional[int] = None,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    max_epochs_this_run: Optional[int] = None,
+) -> Dict:
+    """Train ``predictor`` (pixels in [0, 1] -> ``(B, T)`` losses) on ``data`` (a loaded label cache).
+
+    With ``out_dir``: ``checkpoint.safetensors`` after every epoch (model, EMA, optimiser, step,
+    history), resumed when present; ``history.json`` with per-epoch metrics; at the end the EMA
+    weights are loaded into ``predictor`` (and saved as ``predictor.safetensors`` through
+    ``predictor.save`` when it has one). Returns ``{"history": [...], "final": metrics}``.
+    """
+    from tqdm import tqdm
+
+    cfg = config or FitConfig()
+    for key in ("images", "losses", "rows"):
+        if key not in data:
+            raise ValueError(f"data must be a loaded label cache with {key!r} (LabelCache(dir).load()), missing {key!r}")
+    images, losses, rows = data["images"], data["losses"].float(), data["rows"]
+    correct = data.get("correct")
+    n_img = int(num_images or (int(rows.max()) + 1 if "num_images" not in data else data["num_images"]))
+    train_mask, val_mask = split_rows(rows, n_img, cfg.val_fraction, cfg.seed)
+    train_idx = train_mask.nonzero().squeeze(1)
+    val_idx = val_mask.nonzero().squeeze(1)
+    if train_idx.numel() == 0:
+        raise ValueError("no training rows left after the validation split; lower val_fraction or add data")
+    rank, world = dist.rank(), dist.world_size()
+    predictor = predictor.to(device)
+    ema = copy.deepcopy(predictor).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    net: nn.Module = predictor
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(predictor, device_ids=None if device == "cpu" else [torch.device(device).index])
+    opt = make_optimizer([p for p in predictor.parameters() if p.requires_grad], cfg)
+    steps_per_epoch = math.ceil(train_idx.numel() / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    start_epoch, step, history = 0, 0, []
+    ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
+    if ckpt and os.path.isfile(ckpt):
+        tensors, meta = load_tensors(ckpt)
+        if meta.get("config") != asdict(cfg):
+            raise ValueError(f"{ckpt} was made with another configuration; use another out_dir or delete it")
+        load_module_tensors(predictor, tensors, "model")
+        load_module_tensors(ema, tensors, "ema")
+        optimizer_from_tensors(opt, tensors, meta["optim"])
+        start_epoch, step, history = meta["epoch"], meta["step"], meta["history"]
+        log(f"resumed predictor training at epoch {start_epoch}/{cfg.epochs}")
+    end_epoch = cfg.epochs if max_epochs_this_run is None else min(cfg.epochs, start_epoch + max_epochs_this_run)
+    for epoch in range(start_epoch, end_epoch):
+        net.train()
+        g = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
+        perm = train_idx[torch.randperm(train_idx.numel(), generator=g)]
+        bar = tqdm(range(steps_per_epoch), desc=f"fit epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress or rank != 0, leave=False)
+        loss_sum, seen = 0.0, 0
+        for s in bar:
+            batch = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            mine = batch[rank::world]
+            lr_scale = min(1.0, (step + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_scale
+            # Augment the whole global batch, then slice: the random stream is the same for any world size.
+            x = _cutout(images[batch].float() / 255, cfg.cutout, g)[rank::world]
+            pred = net(x.to(device))
+            loss = ranking_loss(pred, losses[mine].to(device), cfg.listwise_weight, cfg.spearman_weight, cfg.tau,
+                                cfg.rank_temperature)
+            # DDP averages gradients over ranks: weight each rank's mean by its share of the global batch.
+            scaled = loss * (mine.numel() * world / max(1, batch.numel()))
+            opt.zero_grad(set_to_none=True)
+            scaled.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(predictor.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            _ema_update(ema, predictor, decay)
+            loss_sum += float(loss) * mine.numel()
+            seen += mine.numel()
+            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": cfg.lr * lr_scale}
+        if val_idx.numel():
+            pred_val = predict_losses(ema, images[val_idx], device=device)
+            record.update({f"val_{k}": v for k, v in ranking_metrics(
+                pred_val, losses[val_idx], None if correct is None else correct[val_idx]).items()})
+        history.append(record)
+        if rank == 0:
+            log("fit " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            if ckpt:
+                otensors, ometa = optimizer_to_tensors(opt)
+                atomic_save_tensors(ckpt, {**module_tensors(predictor, "model"), **module_tensors(ema, "ema"), **otensors},
+                                    {"epoch": epoch + 1, "step": step, "history": history, "optim": ometa,
+                                     "config": asdict(cfg)})
+                atomic_write_json(os.path.join(out_dir, "history.json"), history)
+        dist.barrier()
+    predictor.load_state_dict(ema.state_dict())
+    predictor.eval()
+    done = end_epoch >= cfg.epochs
+    if done and out_dir and rank == 0 and hasattr(predictor, "save"):
+        predictor.save(os.path.join(out_dir, "predictor.safetensors"))
+    dist.barrier()
+    return {"history": history, "final": history[-1] if history else {}, "complete": done,
+            "val_rows": val_idx, "train_rows": train_idx}
