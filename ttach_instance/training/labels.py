@@ -219,6 +219,6 @@ def generate_labels(
             "rows": torch.tensor(rows, dtype=torch.long),
             "corruption": torch.tensor([ALL.index(r[0]) if r[0] else -1 for r in recipes], dtype=torch.long),
             "severity": torch.tensor([r[1] for r in recipes], dtype=torch.long),
-        }, {"shard": s})
+        }, {"shard": s, "rank": rank, "world": world})
     dist.barrier()
     return cache

@@ -190,7 +190,7 @@ def fit_predictor(
             step += 1
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             _ema_update(ema, predictor, decay)
-            loss_sum += float(loss) * mine.numel()
+            loss_sum += float(loss.detach()) * mine.numel()
             seen += mine.numel()
             bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": cfg.lr * lr_scale}

@@ -1,0 +1,34 @@
+"""Run under torchrun: labels then one epoch of predictor training, exactly as a single process would."""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tiny import TinyPredictor, space, tiny_data, tiny_model  # noqa: E402
+
+from ttach_instance.training import distributed as dist  # noqa: E402
+from ttach_instance.training.labels import generate_labels  # noqa: E402
+from ttach_instance.training.trainer import FitConfig, fit_predictor  # noqa: E402
+
+LABEL_KW = dict(draws=2, corruption_p=0.5, corruptions=["gaussian_noise", "contrast"], shard_size=3, progress=False)
+FIT = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5)
+
+
+def main(out):
+    rank, world = dist.init_from_env("cpu")
+    torch.set_num_threads(1)
+    cache = generate_labels(tiny_model(), *tiny_data(11), space(), os.path.join(out, "labels"), **LABEL_KW)
+    data = cache.load()
+    pred = TinyPredictor(12)
+    fit_predictor(pred, data, os.path.join(out, "fit"), FIT, num_images=11, progress=False,
+                  max_epochs_this_run=1, log=lambda m: None)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, os.path.join(out, f"weights_rank{rank}.safetensors"))
+    print(f"rank {rank}/{world} ok")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

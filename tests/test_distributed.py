@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _ddp_job import FIT, LABEL_KW  # noqa: E402
+from _tiny import TinyPredictor, space, tiny_data, tiny_model  # noqa: E402
+
+from ttach_instance.training.labels import LabelCache, generate_labels  # noqa: E402
+from ttach_instance.training.trainer import fit_predictor  # noqa: E402
+
+
+def test_torchrun_two_processes_match_and_continue_single_process(tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(HERE, "_ddp_job.py"), out], capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "rank 0/2 ok" in res.stdout and "rank 1/2 ok" in res.stdout
+
+    # labels: shards were split by rank (both ranks wrote some), the cache is complete without duplicates,
+    # and it equals the single-process cache exactly
+    ddp_cache = LabelCache(os.path.join(out, "labels"))
+    ddp = ddp_cache.load()
+    assert torch.equal(ddp["rows"], torch.arange(22))
+    from ttach_instance.training.checkpoint import load_tensors
+
+    writers = {s: load_tensors(ddp_cache.shard_path(s))[1]["rank"] for s in ddp_cache.done_shards()}
+    assert writers == {s: s % 2 for s in range(8)}
+    single = generate_labels(tiny_model(), *tiny_data(11), space(), str(tmp_path / "single_labels"), **LABEL_KW).load()
+    for key in single:
+        assert torch.allclose(single[key].float(), ddp[key].float(), atol=1e-6), key
+
+    # training: both ranks hold the same weights after the first epoch ...
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(os.path.join(out, f"weights_rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    # ... and a single process continuing the DDP checkpoint ends where an uninterrupted single run ends
+    cont = TinyPredictor(12)
+    fit_predictor(cont, ddp, os.path.join(out, "fit"), FIT, num_images=11, progress=False, log=lambda m: None)
+    straight = TinyPredictor(12)
+    fit_predictor(straight, single, str(tmp_path / "single_fit"), FIT, num_images=11, progress=False,
+                  log=lambda m: None)
+    for (k, a), b in zip(straight.state_dict().items(), cont.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k

@@ -1,0 +1,88 @@
+import os
+import sys
+
+import pytest
+import torch
+
+from ttach_instance.training.losses import spearman
+from ttach_instance.training.trainer import FitConfig, _ema_update, fit_predictor, predict_losses, split_rows
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tiny import TinyPredictor  # noqa: E402
+
+
+def synthetic(n=480, t=4, seed=0):
+    """Losses that are a fixed linear function of the channel means: learnable from pixels."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (n, 3, 1, 1), generator=g).float()
+    noise = torch.randint(-20, 21, (n, 3, 8, 8), generator=g).float()
+    images = (base + noise).clamp(0, 255).to(torch.uint8)
+    w = torch.tensor([[1.0, -1.0, 0.5, 0.0], [0.0, 1.0, -1.0, 0.5], [-0.5, 0.0, 1.0, -1.0]])[:, :t]
+    losses = (images.float().mean((2, 3)) / 255) @ w * 4
+    return {"images": images, "losses": losses, "rows": torch.arange(n)}
+
+
+def cfg(**kw):
+    base = dict(epochs=12, batch_size=32, optimizer="adamw", lr=0.01, warmup_steps=10, ema_decay=0.9, cutout=0.0,
+                weight_decay=0.0)
+    base.update(kw)
+    return FitConfig(**base)
+
+
+def test_fit_learns_the_ranking_on_held_out_images(tmp_path):
+    torch.manual_seed(0)
+    data = synthetic()
+    pred = TinyPredictor(4)
+    _, val = split_rows(data["rows"], 480, 0.2, 0)
+    before = spearman(predict_losses(pred, data["images"][val]), data["losses"][val]).mean().item()
+    out = fit_predictor(pred, data, str(tmp_path), cfg(), progress=False, log=lambda m: None)
+    after = out["final"]["val_spearman"]
+    assert after > 0.8 and after > before + 0.3
+    assert out["final"]["val_top1_hit"] > 0.6
+    assert os.path.isfile(tmp_path / "checkpoint.safetensors") and os.path.isfile(tmp_path / "history.json")
+    # the returned module holds the EMA weights, which is what the metrics were computed with
+    again = spearman(predict_losses(pred, data["images"][val]), data["losses"][val]).mean().item()
+    assert again == pytest.approx(after, abs=1e-6)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = synthetic(160)
+    c = cfg(epochs=3, cutout=0.5)
+    a = TinyPredictor(4)
+    fit_predictor(a, data, str(tmp_path / "a"), c, progress=False, log=lambda m: None)
+    b = TinyPredictor(4)
+    first = fit_predictor(b, data, str(tmp_path / "b"), c, progress=False, log=lambda m: None, max_epochs_this_run=2)
+    assert not first["complete"] and len(first["history"]) == 2
+    b2 = TinyPredictor(4)  # a fresh process: everything comes from the checkpoint
+    second = fit_predictor(b2, data, str(tmp_path / "b"), c, progress=False, log=lambda m: None)
+    assert second["complete"] and len(second["history"]) == 3
+    for (k, va), vb in zip(a.state_dict().items(), b2.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+    with pytest.raises(ValueError, match="another configuration"):
+        fit_predictor(TinyPredictor(4), data, str(tmp_path / "b"), cfg(epochs=4), progress=False)
+
+
+def test_ema_update_hand_computed():
+    a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        a.weight.fill_(1.0), a.bias.fill_(0.0), b.weight.fill_(3.0), b.bias.fill_(2.0)
+    _ema_update(a, b, 0.75)
+    assert a.weight.item() == pytest.approx(0.75 * 1 + 0.25 * 3)
+    assert a.bias.item() == pytest.approx(0.5)
+
+
+def test_split_is_by_image():
+    rows = torch.arange(30)  # 3 draws of 10 images
+    train, val = split_rows(rows, 10, 0.2, 0)
+    assert val.sum() == 6
+    val_images = set((rows[val] % 10).tolist())
+    assert len(val_images) == 2 and not val_images & set((rows[train] % 10).tolist())
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="optimizer"):
+        FitConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="val_fraction"):
+        FitConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match="images"):
+        fit_predictor(TinyPredictor(4), {"losses": torch.zeros(2, 4), "rows": torch.arange(2)})
