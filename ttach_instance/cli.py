@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -80,6 +81,229 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- pipeline commands
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="timm model name (timm:NAME or NAME, built with pretrained=False) or package.module:factory")
+    p.add_argument("--weights", default=None, help="model weights: .safetensors or a torch state dict (weights_only)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the model (default: from the data)")
+    p.add_argument("--device", default="cpu")
+
+
+def _load_model(args, num_classes):
+    from .data import build_model
+
+    return build_model(args.model, num_classes=args.num_classes or num_classes, weights=args.weights).to(args.device)
+
+
+def _parse_list(text: str, arg: str):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{arg} must be a comma-separated list, got {text!r}")
+    return items
+
+
+def _corruption_list(text: str, arg: str):
+    from .training.corruptions import check_names
+
+    if text in ("common", "held_out", "all", "none"):
+        return () if text == "none" else check_names(text, arg)
+    return check_names(_parse_list(text, arg), arg)
+
+
+def _cmd_labels(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .registry import get_space
+    from .training import distributed as dist
+    from .training.labels import generate_labels
+
+    dist.init_from_env(args.device)
+    ds = load_dataset(args.data, split=args.split)
+    model = _load_model(args, len(ds.classes))
+    cache = generate_labels(model, ds.images, ds.labels, get_space(args.space), args.out, size=args.size,
+                            draws=args.draws, corruption_p=args.corruption_p,
+                            corruptions=_corruption_list(args.corruptions, "--corruptions"),
+                            severities=[int(s) for s in _parse_list(args.severities, "--severities")], seed=args.seed,
+                            shard_size=args.shard_size, batch_size=args.batch_size, device=args.device)
+    if dist.is_main():
+        print(f"label cache {args.out}: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards, "
+              f"{cache.manifest()['total_rows']} rows")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .predictor import LossPredictor
+    from .registry import get_space
+    from .training import distributed as dist
+    from .training.labels import LabelCache
+    from .training.trainer import FitConfig, fit_predictor
+
+    dist.init_from_env(args.device)
+    cache = LabelCache(args.labels)
+    manifest = cache.manifest()
+    space = get_space(args.space or manifest["space"])
+    if space.fingerprint != manifest["space_fingerprint"]:
+        raise ValueError(f"--space {space.name!r} (fingerprint {space.fingerprint}) is not the space the labels were "
+                         f"made with ({manifest['space']!r}, {manifest['space_fingerprint']})")
+    cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                    ema_decay=args.ema, val_fraction=args.val_fraction, listwise_weight=args.listwise_weight,
+                    spearman_weight=args.spearman_weight, tau=args.tau, seed=args.seed)
+    kwargs = {"input_size": args.input_size or manifest["size"], "pretrained": False}
+    if args.backbone:
+        kwargs["backbone"] = args.backbone
+    predictor = LossPredictor(space, **kwargs)
+    res = fit_predictor(predictor, cache.load(), args.out, cfg, num_images=manifest["num_images"], device=args.device)
+    if dist.is_main():
+        print(f"predictor: {args.out}/predictor.safetensors; held-out " +
+              ", ".join(f"{k[4:]} {v:.4f}" for k, v in res["final"].items() if k.startswith("val_") and isinstance(v, float)))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .evaluation import METHODS, evaluate, markdown_table
+    from .registry import get_space
+
+    ds = load_dataset(args.data, split=args.split)
+    if args.limit:
+        ds = ds.subset(range(0, len(ds), max(1, len(ds) // args.limit)))
+    model = _load_model(args, len(ds.classes))
+    predictor = None
+    space = get_space(args.space)
+    if args.predictor:
+        from .predictor import LossPredictor
+
+        predictor = LossPredictor.load(args.predictor, space=space)
+    methods = METHODS if args.methods == "all" else _parse_list(args.methods, "--methods")
+    res = evaluate(model, ds.images, ds.labels, space, args.out, predictor=predictor, size=args.size,
+                   corruptions=_corruption_list(args.corruptions, "--corruptions"),
+                   held_out=_corruption_list(args.held_out, "--held-out"),
+                   severities=[int(s) for s in _parse_list(args.severities, "--severities")], methods=methods,
+                   seed=args.seed)
+    print(markdown_table(res))
+    print(f"wrote {args.out}/table.md, results.json and plots")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .data import model_mean_std
+    from .predictor import LossPredictor
+    from .wrappers import LossGuidedWrapper
+
+    if not args.images:
+        raise ValueError("images: give at least one image file")
+    predictor = LossPredictor.load(args.predictor)
+    if args.num_classes is None:
+        raise ValueError("--num-classes is required for predict (the classes the model was trained with)")
+    model = _load_model(args, args.num_classes)
+    mean, std = model_mean_std(model)
+    size = args.size or predictor.input_size
+    wrapper = LossGuidedWrapper(model, predictor, k=args.k, mean=mean, std=std, flip=args.flip)
+    classes = None
+    if args.classes:
+        with open(args.classes) as f:
+            classes = [line.strip() for line in f if line.strip()]
+    pixels = []
+    for path in args.images:
+        if not os.path.isfile(path):
+            raise ValueError(f"images: {path!r} is not a file")
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+            pixels.append(torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1))
+    x = torch.stack(pixels).float() / 255
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        scores = predictor(x)
+        probs = torch.softmax(wrapper((x - m) / s).float(), -1)
+    names = predictor.candidate_names
+    for i, path in enumerate(args.images):
+        top = scores[i].argsort()[:args.k].tolist()
+        cls = int(probs[i].argmax())
+        label = classes[cls] if classes and cls < len(classes) else str(cls)
+        print(f"{path}: class {label} (p={float(probs[i, cls]):.3f}); views: {', '.join(names[j] for j in top)}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo_run import run_demo
+
+    run_demo(out_dir=args.out, size=args.size, seed=args.seed)
+    return 0
+
+
+def _add_pipeline_commands(sub) -> None:
+    p = sub.add_parser("labels", help="loss labels: the model's loss under every candidate, cached on disk (resumable)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="ImageFolder root (with train/ val/ or classes directly) or cifar10:ROOT")
+    p.add_argument("--split", default="train")
+    p.add_argument("--space", default="paper12")
+    p.add_argument("--out", required=True, help="label cache directory")
+    p.add_argument("--size", type=int, default=None, help="resize to the model's input size (after corruption)")
+    p.add_argument("--draws", type=int, default=1, help="passes over the data (different corruption draws)")
+    p.add_argument("--corruption-p", type=float, default=0.4)
+    p.add_argument("--corruptions", default="common", help="common | all | none | comma-separated names")
+    p.add_argument("--severities", default="1,2,3,4,5")
+    p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (x |T| views)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_labels)
+
+    p = sub.add_parser("fit", help="train a loss predictor on a label cache (resumable; torchrun-ready)")
+    p.add_argument("--labels", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--space", default=None, help="default: the labels' space")
+    p.add_argument("--backbone", default=None, help="predictor backbone (timm name or module:factory)")
+    p.add_argument("--input-size", type=int, default=None, help="predictor input size (default: the labels' size)")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw", "sgd"])
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--listwise-weight", type=float, default=1.0)
+    p.add_argument("--spearman-weight", type=float, default=1.0)
+    p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("eval", help="Table 1: methods x clean / corrupted data (markdown, JSON, plots)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--predictor", default=None, help="predictor .safetensors (without it: baselines only)")
+    p.add_argument("--space", default="paper12")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--corruptions", default="common")
+    p.add_argument("--held-out", default="held_out")
+    p.add_argument("--severities", default="1,2,3,4,5")
+    p.add_argument("--methods", default="all")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on about this many images (evenly spaced)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="classify image files with loss-guided TTA")
+    _add_model_args(p)
+    p.add_argument("--predictor", required=True)
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--flip", action="store_true", help="also average the horizontally flipped views")
+    p.add_argument("--size", type=int, default=None, help="resize images to this (default: the predictor's size)")
+    p.add_argument("--classes", default=None, help="text file with one class name per line")
+    p.add_argument("images", nargs="*")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="train a small model and predictor on bundled photos and print the methods table")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttach-instance", description="Instance-aware test-time augmentation (Learning Loss for TTA) on ttach."
@@ -100,13 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--output", default="outputs/space_grid.png")
     p.set_defaults(func=_cmd_render)
+    _add_pipeline_commands(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError) as exc:
+        if os.environ.get("TTACH_INSTANCE_TRACEBACK"):
+            raise
+        parser.exit(2, f"ttach-instance {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":
