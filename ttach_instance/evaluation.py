@@ -109,11 +109,9 @@ def evaluate_arrays(model: nn.Module, images: Tensor, labels: Tensor, space, pre
         best = true.argmin(1)
         merged["oracle_k1"] = p_all[torch.arange(b), best]
         if predictor is not None:
-            from .selection import select_topk
-
             pred = predictor(x).float()
             preds.append(pred)
-            top = select_topk(pred, min(2, t))
+            top = pred.topk(min(2, t), dim=1, largest=False).indices  # lowest predicted loss first
             choices += torch.bincount(top[:, 0], minlength=t)
             gathered = p_all.gather(1, top[:, :, None].expand(-1, -1, p_all.shape[2]))
             merged["ours_k1"] = gathered[:, 0]
