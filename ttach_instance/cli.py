@@ -179,7 +179,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    corruptions=_corruption_list(args.corruptions, "--corruptions"),
                    held_out=_corruption_list(args.held_out, "--held-out"),
                    severities=[int(s) for s in _parse_list(args.severities, "--severities")], methods=methods,
-                   seed=args.seed)
+                   seed=args.seed, cost_images=args.cost_images)
     print(markdown_table(res))
     print(f"wrote {args.out}/table.md, results.json and plots")
     return 0
@@ -284,6 +284,7 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--severities", default="1,2,3,4,5")
     p.add_argument("--methods", default="all")
     p.add_argument("--limit", type=int, default=None, help="evaluate on about this many images (evenly spaced)")
+    p.add_argument("--cost-images", type=int, default=256, help="images for timing the real wrappers (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_eval)
 

@@ -175,7 +175,10 @@ def build_model(spec: str, num_classes: Optional[int] = None, weights: Optional[
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {spec!r}: the factory returned {type(model).__name__}, expected an nn.Module")
     if weights:
-        missing, unexpected = model.load_state_dict(load_state_dict(weights), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(load_state_dict(weights), strict=False)
+        except RuntimeError as exc:
+            raise ValueError(f"weights {weights!r} do not fit model {spec!r}: {str(exc).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise ValueError(f"weights {weights!r} do not fit model {spec!r}: missing {list(missing)[:5]}, "
                              f"unexpected {list(unexpected)[:5]}")

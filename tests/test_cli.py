@@ -1,0 +1,107 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ttach_instance.cli import main
+from ttach_instance.data import build_model, load_dataset, load_image_folder
+from ttach_instance.training.labels import LabelCache
+
+FACTORY = "ttach_instance.models:small_resnet"
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 3)):
+        for c, cls in enumerate(("ants", "bees")):
+            d = tmp_path / "ds" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((32, 32, 3)) * 120 + 100 * c).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return str(tmp_path / "ds")
+
+
+@pytest.fixture()
+def weights(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(FACTORY, num_classes=2, kwargs={"width": 4})
+    path = str(tmp_path / "w.pt")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_image_folder_loading(folder):
+    ds = load_dataset(folder, split="val")
+    assert ds.classes == ["ants", "bees"] and ds.images.shape == (6, 3, 32, 32) and ds.labels.tolist() == [0] * 3 + [1] * 3
+    arr = np.asarray(Image.open(os.path.join(folder, "val", "bees", "0.png")))
+    assert torch.equal(ds.images[3].permute(1, 2, 0), torch.from_numpy(arr))
+    assert load_image_folder(os.path.join(folder, "train"), size=16).images.shape == (8, 3, 16, 16)
+    with pytest.raises(ValueError, match="root"):
+        load_image_folder(os.path.join(folder, "missing"))
+
+
+def test_weights_formats_and_model_specs(tmp_path, weights):
+    torch.manual_seed(1)
+    a = build_model(FACTORY, num_classes=2, weights=weights, kwargs={"width": 4})
+    from safetensors.torch import save_file
+
+    st = str(tmp_path / "w.safetensors")
+    save_file(a.state_dict(), st)
+    b = build_model(FACTORY, num_classes=2, weights=st, kwargs={"width": 4})
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(a(x), b(x))
+    assert build_model("resnet18", num_classes=3)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(ValueError, match="cannot import"):
+        build_model("no_such_module:f")
+    with pytest.raises(ValueError, match="timm"):
+        build_model("definitely_not_a_model")
+    with pytest.raises(ValueError, match="do not fit"):
+        build_model(FACTORY, num_classes=5, weights=weights, kwargs={"width": 4})
+
+
+def test_labels_command_and_resume(folder, tmp_path, capsys):
+    # small_resnet's default width (16) does not match the width-4 weights: use a width-16 file
+    torch.manual_seed(0)
+    w = str(tmp_path / "w16.pt")
+    torch.save(build_model(FACTORY, num_classes=2).state_dict(), w)
+    out = str(tmp_path / "labels")
+    args = ["labels", "--model", FACTORY, "--weights", w, "--data", folder, "--out", out, "--draws", "2",
+            "--corruption-p", "0.5", "--corruptions", "contrast,fog", "--shard-size", "5"]
+    assert main(args) == 0
+    assert "4/4 shards, 16 rows" in capsys.readouterr().out
+    data = LabelCache(out).load()
+    assert data["losses"].shape == (16, 12)
+    os.remove(LabelCache(out).shard_path(2))
+    assert main(args) == 0
+    again = LabelCache(out).load()
+    assert torch.equal(again["losses"], data["losses"])
+
+
+def test_eval_command_baselines(folder, tmp_path, weights, capsys):
+    torch.manual_seed(0)
+    w = str(tmp_path / "w16.pt")
+    torch.save(build_model(FACTORY, num_classes=2).state_dict(), w)
+    out = str(tmp_path / "eval")
+    assert main(["eval", "--model", FACTORY, "--weights", w, "--data", folder, "--out", out, "--corruptions",
+                 "contrast", "--held-out", "saturate", "--severities", "1", "--methods",
+                 "identity,hflip,full_mean,oracle_k1", "--cost-images", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "| Identity |" in text and "| H-Flip |" in text
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert set(res["methods"]) == {"identity", "hflip", "full_mean", "oracle_k1"}
+
+
+def test_cli_errors_name_the_argument(folder, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["labels", "--model", FACTORY, "--data", folder, "--out", "x", "--corruptions", "lava"])
+    assert exc.value.code == 2
+    assert "--corruptions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", FACTORY, "--data", folder, "--out", "x", "--methods", "magic"])
+    assert "methods" in capsys.readouterr().err
