@@ -81,6 +81,108 @@ def stage_labels(args, sets, model):
     return cache
 
 
+class StandInPredictor(torch.nn.Module):
+    """A ~3 M-MAC CNN predictor (pixels in [0,1] -> (B, |T|) relative losses), used when
+    ``ttach_instance.predictor.LossPredictor`` is not available in this checkout."""
+
+    def __init__(self, t: int, width: int = 8):
+        super().__init__()
+        from ttach_instance.models import SmallResNet
+
+        self.net = SmallResNet(t, (width, 2 * width, 4 * width))
+        self.register_buffer("mean", torch.tensor(self.net.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(self.net.std).view(1, 3, 1, 1))
+        self.width = width
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+    def save(self, path):
+        atomic_save_tensors(path, self.state_dict(), {"kind": "stand-in", "t": self.net.head.out_features,
+                                                      "width": self.width})
+
+    @classmethod
+    def load(cls, path, space=None):
+        tensors, meta = load_tensors(path)
+        p = cls(meta["t"], meta["width"])
+        p.load_state_dict(tensors)
+        return p.eval()
+
+
+def predictor_class():
+    try:
+        from ttach_instance.predictor import LossPredictor
+
+        return LossPredictor
+    except ImportError:
+        return StandInPredictor
+
+
+def make_predictor(args, space):
+    cls = predictor_class()
+    if cls is StandInPredictor:
+        log("ttach_instance.predictor is not available: using the benchmark's stand-in CNN predictor")
+        return StandInPredictor(len(space), args.pred_width)
+    return cls(space, backbone=args.pred_backbone, input_size=args.pred_size, pretrained=False)
+
+
+def load_label_caches(args, n_images):
+    """The main cache plus any extra complete caches (other seeds), rows offset to stay unique."""
+    from ttach_instance.training.labels import LabelCache
+
+    parts, offset = [], 0
+    for name in ["labels"] + [d for d in sorted(os.listdir(args.out)) if d.startswith("labels_seed")]:
+        cache = LabelCache(os.path.join(args.out, name))
+        if not cache.complete:
+            log(f"skipping incomplete label cache {name}")
+            continue
+        data = cache.load()
+        data["rows"] = data["rows"] + offset
+        offset += cache.manifest()["total_rows"]
+        assert offset % n_images == 0
+        parts.append(data)
+        log(f"label cache {name}: {cache.manifest()['total_rows']} rows")
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def stage_fit(args, sets, model):
+    from ttach_instance.registry import get_space
+    from ttach_instance.training.trainer import FitConfig, fit_predictor, flip_permutation
+
+    space = get_space("paper12")
+    out = os.path.join(args.out, "fit")
+    final = os.path.join(out, "predictor.safetensors")
+    if os.path.isfile(final):
+        return predictor_class().load(final, space=space)
+    data = load_label_caches(args, len(sets["train"]))
+    cfg = FitConfig(epochs=args.fit_epochs, batch_size=128, optimizer=args.optimizer, lr=args.lr,
+                    weight_decay=args.weight_decay, warmup_steps=200, ema_decay=args.ema, seed=args.seed,
+                    flip_permutation=flip_permutation(space), clean_tolerance=args.clean_tolerance)
+    pred = make_predictor(args, space)
+    res = fit_predictor(pred, data, out, cfg, num_images=len(sets["train"]), log=log)
+    log(f"fit done: {res['final']}")
+    return pred
+
+
+def stage_eval(args, sets, model):
+    from ttach_instance.evaluation import evaluate, markdown_table
+    from ttach_instance.registry import get_space
+    from ttach_instance.training.corruptions import COMMON, HELD_OUT
+
+    space = get_space("paper12")
+    pred = predictor_class().load(os.path.join(args.out, "fit", "predictor.safetensors"), space=space)
+    val = sets["val"]
+    if args.val_limit:
+        val = val.subset(range(0, len(val), max(1, len(val) // args.val_limit)))
+    sev = [int(s) for s in args.severities.split(",")]
+    res = evaluate(model, val.images, val.labels, space, os.path.join(args.out, f"eval_sev{''.join(map(str, sev))}_n{len(val)}"),
+                   predictor=pred, size=args.size, corruptions=COMMON, held_out=HELD_OUT, severities=sev,
+                   seed=args.seed, log=log)
+    if res:
+        print(markdown_table(res))
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join(os.path.dirname(HERE), "..", "shared", "data", "tinyimagenet-dev20"))
@@ -90,7 +192,16 @@ def main(argv=None):
     p.add_argument("--target-epochs", type=int, default=25)
     p.add_argument("--draws", type=int, default=3, help="corruption draws per training image for the labels")
     p.add_argument("--corruption-p", type=float, default=0.4)
-    p.add_argument("--fit-epochs", type=int, default=30)
+    p.add_argument("--fit-epochs", type=int, default=6)
+    p.add_argument("--pred-backbone", default="ttach_instance.models:small_resnet")
+    p.add_argument("--pred-size", type=int, default=32)
+    p.add_argument("--pred-width", type=int, default=8, help="stand-in predictor width")
+    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--clean-tolerance", type=float, default=0.3,
+                   help="identity margin calibrated so held-out clean k=1 accuracy stays within this many points")
     p.add_argument("--severities", default="1,2,3,4,5")
     p.add_argument("--val-limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
@@ -98,6 +209,9 @@ def main(argv=None):
     p.add_argument("--stages", default="data,target,labels,fit,eval")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from ttach_instance.training import distributed as dist
+
+    dist.init_from_env("cpu")  # under torchrun: labels shards and eval sets are split by rank
     os.makedirs(args.out, exist_ok=True)
     stages = args.stages.split(",")
     t0 = time.time()

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ttach_instance.data import normalizer
-from ttach_instance.evaluation import (METHODS, corrupted_set, evaluate, evaluate_arrays, markdown_table)
+from ttach_instance.evaluation import (METHODS, corrupted_set, evaluate, evaluate_arrays, markdown_table,
+                                         measure_cost)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tiny import space, tiny_data, tiny_model  # noqa: E402
@@ -112,3 +113,25 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="severities"):
         evaluate(model, images, labels, space(), str(tmp_path), severities=[7])
     assert len(METHODS) == 13
+
+
+def test_measure_cost_counts_model_calls_and_matches_errors():
+    model = tiny_model(3)
+    images, labels = tiny_data(10, size=32)
+    pred = FixedPredictor(12, 4, 7)
+    cost = measure_cost(model, pred, space(), images, repeats=1, batch_size=4)
+    expected = {"identity": 1, "hflip": 2, "five_crops": 5, "ten_crops": 10, "random_k1": 1, "random_k2": 2,
+                "random_k4": 4, "full_mean": 12, "ours_k1": 1, "ours_k2": 2, "ours_k1_hflip": 2, "ours_k2_hflip": 4,
+                "oracle_k1": 12}
+    assert {m: c["model_calls_per_image"] for m, c in cost.items()} == expected
+    assert cost["identity"]["relative_time"] == 1.0
+    # the deployable forwards give the same predictions as the shared-view evaluation
+    from ttach_instance.data import normalizer
+    from ttach_instance.evaluation import _method_forward
+    from ttach_instance.registry import get_space
+
+    res = evaluate_arrays(model, images, labels, space(), pred)
+    for m in ("identity", "hflip", "five_crops", "ten_crops", "full_mean", "ours_k1", "ours_k2", "ours_k2_hflip"):
+        probs = _method_forward(m, model, pred, space(), get_space("ten_crops"), normalizer(model),
+                                images.float() / 255, torch.Generator())
+        assert err(probs, labels) == pytest.approx(res["errors"][m]), m

@@ -5,8 +5,9 @@ union of the views the methods need — all candidates of the space, the horizon
 ten crops, and the flipped versions of the predictor's top-2 choices — and every method is
 a selection + mean of softmax outputs over those views (the paper merges chosen views'
 softmax outputs with equal weights). Results are identical to running each method's
-wrapper separately but cost one pass; the *cost* columns are measured by timing the real
-wrappers (``measure_cost``), in model calls per image and wall time relative to Identity.
+method separately but cost one pass; the *cost* columns are measured by timing each method's
+deployable batched inference (``measure_cost``: selection, views, one model call, merge), in
+model calls per image and wall time relative to Identity.
 
 Corrupted validation sets are generated on the fly from the source-resolution images
 (corruption first, then resized to the model size) and cached on disk; per-set results
@@ -158,30 +159,52 @@ def corrupted_set(images: Tensor, name: Optional[str], severity: int, size: Opti
     return out
 
 
+def _method_forward(method: str, model: nn.Module, predictor: Optional[nn.Module], space, crops, normalize,
+                    x: Tensor, gen: torch.Generator) -> Tensor:
+    """One method's full inference on pixels ``x``: selection, views, model, merge (mean of softmax)."""
+    b, t = x.shape[0], len(space)
+
+    def run(views, k):
+        return torch.softmax(model(normalize(views)).float(), -1).view(b, k, -1).mean(1)
+
+    if method == "identity":
+        return run(x, 1)
+    if method == "hflip":
+        return run(torch.stack([x, _hflip(x)], 1).flatten(0, 1), 2)
+    if method in ("five_crops", "ten_crops"):
+        sub = crops if method == "ten_crops" else crops.subset(range(5))
+        return run(sub.apply_all(x), len(sub))
+    if method == "full_mean":
+        return run(space.apply_all(x), t)
+    if method.startswith("random_k"):
+        k = int(method[len("random_k"):])
+        return run(space.apply(x, torch.rand(b, t, generator=gen).argsort(1)[:, :k]), k)
+    if method.startswith("ours_k"):
+        k = int(method[len("ours_k")])
+        top = predictor(x).float().topk(k, dim=1, largest=False).indices
+        if method.endswith("hflip"):
+            views = torch.stack([space.apply(x, top).view(b, k, *x.shape[1:]),
+                                 space.apply(_hflip(x), top).view(b, k, *x.shape[1:])], 1).flatten(0, 2)
+            return run(views, 2 * k)
+        return run(space.apply(x, top), k)
+    raise ValueError(f"method {method!r} has no deployable forward (the oracle needs the labels)")
+
+
 def measure_cost(model: nn.Module, predictor: Optional[nn.Module], space, images: Tensor,
-                 methods: Sequence[str] = METHODS, repeats: int = 3, batch_size: int = 64) -> Dict[str, Dict]:
-    """Wall time of each method's real wrapper on ``images`` (uint8, model size), relative to Identity.
+                 methods: Sequence[str] = METHODS, repeats: int = 3, batch_size: int = 64,
+                 normalize: Optional[Callable] = None) -> Dict[str, Dict]:
+    """Wall time of each method's deployable inference on ``images`` (uint8, model size), relative
+    to Identity (best of ``repeats``), and model calls per image counted by a forward hook.
 
-    Best of ``repeats`` runs; model calls per image counted by a forward hook.
+    Each method runs as it would be deployed (batched: selection, view generation, one model call
+    on all views, mean of softmax), predictor included for Ours.
     """
-    from .data import model_mean_std
+    from .data import normalizer
     from .registry import get_space
-    from .wrappers import FullSpaceWrapper, LossGuidedWrapper, RandomKWrapper
 
-    mean, std = model_mean_std(model)
-    norm_m, norm_s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    x_all = (images.float() / 255 - norm_m) / norm_s
-    wrappers: Dict[str, Callable] = {"identity": model,
-                                     "hflip": FullSpaceWrapper(model, get_space("hflip"), "mean"),
-                                     "five_crops": FullSpaceWrapper(model, get_space("five_crops"), "mean"),
-                                     "ten_crops": FullSpaceWrapper(model, get_space("ten_crops"), "mean"),
-                                     "full_mean": FullSpaceWrapper(model, space, "mean")}
-    for k in (1, 2, 4):
-        wrappers[f"random_k{k}"] = RandomKWrapper(model, space, k, seed=0)
-    if predictor is not None:
-        for k in (1, 2):
-            wrappers[f"ours_k{k}"] = LossGuidedWrapper(model, predictor, k=k, mean=mean, std=std)
-            wrappers[f"ours_k{k}_hflip"] = LossGuidedWrapper(model, predictor, k=k, mean=mean, std=std, flip=True)
+    normalize = normalize or normalizer(model)
+    crops = get_space("ten_crops")
+    x_all = images.float() / 255
     calls = {"n": 0}
 
     def hook(_m, inputs, _o):
@@ -192,14 +215,15 @@ def measure_cost(model: nn.Module, predictor: Optional[nn.Module], space, images
     try:
         with torch.no_grad():
             for m in methods:
-                if m not in wrappers:
+                if m == "oracle_k1" or (m in PREDICTOR_METHODS and predictor is None):
                     continue
                 best = float("inf")
                 for _ in range(repeats):
                     calls["n"] = 0
+                    gen = torch.Generator().manual_seed(0)
                     t0 = time.perf_counter()
                     for i in range(0, x_all.shape[0], batch_size):
-                        wrappers[m](x_all[i:i + batch_size])
+                        _method_forward(m, model, predictor, space, crops, normalize, x_all[i:i + batch_size], gen)
                     best = min(best, time.perf_counter() - t0)
                 out[m] = {"seconds": best, "model_calls_per_image": calls["n"] / x_all.shape[0]}
     finally:
@@ -232,13 +256,14 @@ def evaluate(model: nn.Module, val_images: Tensor, val_labels: Tensor, space, ou
     os.makedirs(os.path.join(out_dir, "sets"), exist_ok=True)
     jobs = [(None, 0)] + [(c, s) for c in tuple(corruptions) + tuple(held_out) for s in severities]
     per_set: Dict[str, Dict] = {}
-    scatter_pred, scatter_true = [], []
-    for name, sev in tqdm(jobs, desc="eval sets", disable=not progress):
+    from .training import distributed as dist
+
+    rank, world = dist.rank(), dist.world_size()
+    # Under torchrun every rank evaluates its share of the sets; rank 0 then summarises.
+    for j, (name, sev) in enumerate(tqdm(jobs, desc="eval sets", disable=not progress or rank != 0)):
         key = f"{name or 'clean'}_{sev}"
         path = os.path.join(out_dir, "sets", key + ".json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                per_set[key] = json.load(f)
+        if os.path.isfile(path) or j % world != rank:
             continue
         imgs = corrupted_set(val_images, name, sev, size, os.path.join(out_dir, "data"), seed)
         res = evaluate_arrays(model, imgs, val_labels, space, predictor, methods, batch_size=batch_size, seed=seed)
@@ -250,7 +275,13 @@ def evaluate(model: nn.Module, val_images: Tensor, val_labels: Tensor, space, ou
             keep = torch.arange(0, res["n"], max(1, res["n"] // 50))
             rec["scatter"] = {"pred": res["pred"][keep].tolist(), "true": res["true"][keep].tolist()}
         atomic_write_json(path, rec)
-        per_set[key] = rec
+    dist.barrier()
+    if rank != 0:
+        return {}
+    for name, sev in jobs:
+        key = f"{name or 'clean'}_{sev}"
+        with open(os.path.join(out_dir, "sets", key + ".json")) as f:
+            per_set[key] = json.load(f)
     cost = measure_cost(model, predictor, space,
                         corrupted_set(val_images[:cost_images], None, 0, size, None), methods) if cost_images else {}
     results = summarize(per_set, methods, corruptions, held_out, severities, space.names, cost)

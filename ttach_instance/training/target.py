@@ -81,7 +81,7 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(rows)
+            loss_sum += float(loss.detach()) * len(rows)
             correct += float((logits.argmax(1) == labels[rows]).sum())
         log(f"target epoch {epoch + 1}/{epochs}: loss {loss_sum / n:.3f} train acc {correct / n:.3f}")
         if checkpoint:

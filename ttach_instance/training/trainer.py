@@ -15,7 +15,7 @@ import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,13 @@ class FitConfig:
     cutout: float = 0.5  # probability of a cutout square (1/4 of the side) on the predictor input
     seed: int = 0
     grad_clip: float = 5.0
+    #: Horizontal-flip augmentation of the predictor input: candidate ``j`` of a flipped image has
+    #: the loss of candidate ``flip_permutation[j]`` of the original (see :func:`flip_permutation`).
+    flip_permutation: Optional[List[int]] = None
+    #: After training, pick a margin by which the identity's predicted loss must be beaten, on the
+    #: held-out fold: the best k=1 accuracy whose clean-image accuracy stays within this many
+    #: points of the identity's (``None``: no calibration).
+    clean_tolerance: Optional[float] = None
 
     def __post_init__(self):
         if self.optimizer not in ("rmsprop", "adamw", "sgd"):
@@ -53,6 +60,36 @@ class FitConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.flip_permutation is not None and sorted(self.flip_permutation) != list(range(len(self.flip_permutation))):
+            raise ValueError(f"flip_permutation must be a permutation of 0..T-1, got {self.flip_permutation}")
+
+
+def _mirrored(spec: dict) -> dict:
+    ops = []
+    for op in spec["ops"]:
+        op = dict(op)
+        if op.get("op") == "rotate":
+            op["angle"] = -op["angle"]
+        elif op.get("op") not in ("hflip", "vflip", "zoom", "autocontrast", "sharpness", "color", "identity", "rot90"):
+            return {}
+        if op.get("op") == "rot90":
+            op["k"] = (-op["k"]) % 4
+        ops.append(op)
+    return {"ops": ops}
+
+
+def flip_permutation(space) -> Optional[List[int]]:
+    """``perm`` with ``loss(candidate j, flip(x)) ~ loss(candidate perm[j], x)`` (rotations swap
+    sign under a horizontal flip; photometric ops and zoom commute with it), or ``None`` when some
+    candidate has no mirror in the space."""
+    specs = [{"ops": c["ops"]} for c in space.spec()]
+    perm = []
+    for spec in specs:
+        m = _mirrored(spec)
+        if m not in specs:
+            return None
+        perm.append(specs.index(m))
+    return perm
 
 
 def split_rows(rows: Tensor, num_images: int, val_fraction: float, seed: int):
@@ -176,9 +213,15 @@ def fit_predictor(
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_scale
             # Augment the whole global batch, then slice: the random stream is the same for any world size.
-            x = _cutout(images[batch].float() / 255, cfg.cutout, g)[rank::world]
+            x = _cutout(images[batch].float() / 255, cfg.cutout, g)
+            target = losses[batch]
+            if cfg.flip_permutation is not None:
+                flip = torch.rand(batch.numel(), generator=g) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                target = torch.where(flip[:, None], target[:, cfg.flip_permutation], target)
+            x, target = x[rank::world], target[rank::world]
             pred = net(x.to(device))
-            loss = ranking_loss(pred, losses[mine].to(device), cfg.listwise_weight, cfg.spearman_weight, cfg.tau,
+            loss = ranking_loss(pred, target.to(device), cfg.listwise_weight, cfg.spearman_weight, cfg.tau,
                                 cfg.rank_temperature)
             # DDP averages gradients over ranks: weight each rank's mean by its share of the global batch.
             scaled = loss * (mine.numel() * world / max(1, batch.numel()))
@@ -211,8 +254,58 @@ def fit_predictor(
     predictor.load_state_dict(ema.state_dict())
     predictor.eval()
     done = end_epoch >= cfg.epochs
+    margin = None
+    if done and cfg.clean_tolerance is not None and correct is not None and "corruption" in data and val_idx.numel():
+        pred_val = predict_losses(predictor, images[val_idx], device=device)
+        margin, info = calibrate_identity_margin(pred_val, correct[val_idx], data["corruption"][val_idx] < 0,
+                                                 cfg.clean_tolerance)
+        apply_identity_margin(predictor, margin)
+        if rank == 0:
+            log(f"identity margin {margin:.3f}: held-out k=1 accuracy {info['accuracy']:.4f} "
+                f"(clean {info['clean']:.4f} vs identity {info['identity_clean']:.4f})")
+        if history:
+            history[-1]["identity_margin"] = margin
+            if ckpt and rank == 0:
+                atomic_write_json(os.path.join(out_dir, "history.json"), history)
     if done and out_dir and rank == 0 and hasattr(predictor, "save"):
         predictor.save(os.path.join(out_dir, "predictor.safetensors"))
     dist.barrier()
-    return {"history": history, "final": history[-1] if history else {}, "complete": done,
+    return {"history": history, "final": history[-1] if history else {}, "complete": done, "identity_margin": margin,
             "val_rows": val_idx, "train_rows": train_idx}
+
+
+def calibrate_identity_margin(pred: Tensor, correct: Tensor, clean: Tensor, tolerance: float = 0.0,
+                              identity: int = 0, grid: Optional[Sequence[float]] = None):
+    """Margin ``m`` >= 0 such that choosing ``argmin(pred - m * e_identity)`` maximises held-out k=1
+    accuracy while accuracy on clean rows stays >= identity's clean accuracy - ``tolerance`` points.
+
+    Small predicted differences on clean images are mostly noise; the margin keeps the identity
+    unless another candidate is predicted clearly better. Returns ``(margin, info)``.
+    """
+    if grid is None:
+        spread = float((pred.max(1).values - pred.min(1).values).median())
+        grid = [spread * f for f in (0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 100.0)]
+    c = correct.float()
+    id_clean = float(c[clean, identity].mean()) if clean.any() else 0.0
+    best = None
+    for m in grid:
+        q = pred.clone()
+        q[:, identity] -= m
+        acc = c.gather(1, q.argmin(1, keepdim=True)).squeeze(1)
+        clean_acc = float(acc[clean].mean()) if clean.any() else 1.0
+        ok = clean_acc >= id_clean - tolerance / 100
+        cand = (ok, float(acc.mean()), -m)
+        if best is None or cand > best[0]:
+            best = (cand, m, {"accuracy": float(acc.mean()), "clean": clean_acc, "identity_clean": id_clean})
+    return float(best[1]), best[2]
+
+
+@torch.no_grad()
+def apply_identity_margin(predictor: nn.Module, margin: float, identity: int = 0) -> None:
+    """Fold the margin into the predictor: lower the identity's output bias (its last ``nn.Linear``)."""
+    if not margin:
+        return
+    last = [m for m in predictor.modules() if isinstance(m, nn.Linear)]
+    if not last or last[-1].bias is None:
+        raise ValueError("predictor must end in an nn.Linear with a bias to take an identity margin")
+    last[-1].bias[identity] -= margin
