@@ -86,3 +86,31 @@ def test_bad_config():
         FitConfig(val_fraction=1.0)
     with pytest.raises(ValueError, match="images"):
         fit_predictor(TinyPredictor(4), {"losses": torch.zeros(2, 4), "rows": torch.arange(2)})
+
+
+def test_flip_permutation_swaps_rotations_only():
+    from ttach_instance.registry import get_space
+    from ttach_instance.training.trainer import flip_permutation
+
+    assert flip_permutation(get_space("paper12")) == [0, 2, 1] + list(range(3, 12))
+    assert flip_permutation(get_space("five_crops")) is None  # left crops have no mirror in the space
+
+
+def test_identity_margin_hand_computed():
+    from ttach_instance.training.trainer import apply_identity_margin, calibrate_identity_margin
+
+    # rows 0,1 clean, row 2 corrupted; candidate 1 is predicted slightly better on clean rows (wrongly)
+    # and much better on the corrupted row (rightly)
+    pred = torch.tensor([[0.10, 0.05], [0.10, 0.08], [1.00, 0.00]])
+    correct = torch.tensor([[1, 0], [1, 0], [0, 1]])
+    clean = torch.tensor([True, True, False])
+    m, info = calibrate_identity_margin(pred, correct, clean, 0.0, grid=[0.0, 0.03, 0.06, 2.0])
+    assert m == 0.06 and info["accuracy"] == 1.0 and info["clean"] == 1.0
+    m0, _ = calibrate_identity_margin(pred, correct, clean, 100.0, grid=[0.0, 0.03, 0.06, 2.0])
+    assert m0 == 0.06  # ties broken towards the smaller margin only at equal accuracy; here 0.06 is strictly best
+    p = TinyPredictor(2)
+    x = torch.rand(3, 3, 8, 8)
+    before = p(x)
+    apply_identity_margin(p, 0.5)
+    after = p(x)
+    assert torch.allclose(after[:, 0], before[:, 0] - 0.5) and torch.equal(after[:, 1], before[:, 1])
