@@ -105,3 +105,28 @@ def test_cli_errors_name_the_argument(folder, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", FACTORY, "--data", folder, "--out", "x", "--methods", "magic"])
     assert "methods" in capsys.readouterr().err
+
+
+def test_fit_and_predict_commands(folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    w = str(tmp_path / "w16.pt")
+    torch.save(build_model(FACTORY, num_classes=2).state_dict(), w)
+    labels = str(tmp_path / "labels")
+    assert main(["labels", "--model", FACTORY, "--weights", w, "--data", folder, "--out", labels, "--draws", "3",
+                 "--corruptions", "none", "--corruption-p", "0"]) == 0
+    fit = str(tmp_path / "fit")
+    assert main(["fit", "--labels", labels, "--out", fit, "--epochs", "2", "--batch-size", "8", "--optimizer", "adamw",
+                 "--lr", "0.001", "--val-fraction", "0.25", "--flip", "--clean-tolerance", "0.5"]) == 0
+    assert "held-out spearman" in capsys.readouterr().out
+    pred = os.path.join(fit, "predictor.safetensors")
+    assert os.path.isfile(pred)
+    img = os.path.join(folder, "val", "bees", "0.png")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("ants\nbees\n")
+    assert main(["predict", "--model", FACTORY, "--weights", w, "--num-classes", "2", "--predictor", pred,
+                 "--k", "2", "--classes", str(classes), img]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(img) and ("class ants" in line or "class bees" in line) and line.count(",") >= 1
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", FACTORY, "--weights", w, "--num-classes", "2", "--predictor", pred, "--k", "13", img])
+    assert "--k" in capsys.readouterr().err

@@ -132,11 +132,14 @@ def _cmd_labels(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from .predictor import LossPredictor
+    try:
+        from .predictor import LossPredictor
+    except ImportError:  # the light built-in CNN predictor then
+        LossPredictor = None
     from .registry import get_space
     from .training import distributed as dist
     from .training.labels import LabelCache
-    from .training.trainer import FitConfig, fit_predictor
+    from .training.trainer import FitConfig, fit_predictor, flip_permutation
 
     dist.init_from_env(args.device)
     cache = LabelCache(args.labels)
@@ -147,11 +150,19 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                          f"made with ({manifest['space']!r}, {manifest['space_fingerprint']})")
     cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                     ema_decay=args.ema, val_fraction=args.val_fraction, listwise_weight=args.listwise_weight,
-                    spearman_weight=args.spearman_weight, tau=args.tau, seed=args.seed)
-    kwargs = {"input_size": args.input_size or manifest["size"], "pretrained": False}
-    if args.backbone:
-        kwargs["backbone"] = args.backbone
-    predictor = LossPredictor(space, **kwargs)
+                    spearman_weight=args.spearman_weight, tau=args.tau, seed=args.seed,
+                    flip_permutation=flip_permutation(space) if args.flip else None,
+                    clean_tolerance=args.clean_tolerance)
+    input_size = args.input_size or manifest["size"]
+    if LossPredictor is None:
+        from .models import SmallLossPredictor
+
+        predictor = SmallLossPredictor(space, input_size=input_size)
+    else:
+        kwargs = {"input_size": input_size, "pretrained": False}
+        if args.backbone:
+            kwargs["backbone"] = args.backbone
+        predictor = LossPredictor(space, **kwargs)
     res = fit_predictor(predictor, cache.load(), args.out, cfg, num_images=manifest["num_images"], device=args.device)
     if dist.is_main():
         print(f"predictor: {args.out}/predictor.safetensors; held-out " +
@@ -171,9 +182,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     predictor = None
     space = get_space(args.space)
     if args.predictor:
-        from .predictor import LossPredictor
+        from .models import load_predictor
 
-        predictor = LossPredictor.load(args.predictor, space=space)
+        predictor = load_predictor(args.predictor, space=space)
     methods = METHODS if args.methods == "all" else _parse_list(args.methods, "--methods")
     res = evaluate(model, ds.images, ds.labels, space, args.out, predictor=predictor, size=args.size,
                    corruptions=_corruption_list(args.corruptions, "--corruptions"),
@@ -190,19 +201,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from .data import model_mean_std
-    from .predictor import LossPredictor
-    from .wrappers import LossGuidedWrapper
+    from .data import normalizer
+    from .evaluation import _method_forward
+    from .models import load_predictor
 
     if not args.images:
         raise ValueError("images: give at least one image file")
-    predictor = LossPredictor.load(args.predictor)
     if args.num_classes is None:
         raise ValueError("--num-classes is required for predict (the classes the model was trained with)")
+    if not 1 <= args.k <= 9:
+        raise ValueError(f"--k must be in 1..9, got {args.k}")
+    predictor = load_predictor(args.predictor)
+    space = predictor.space
+    if args.k > len(space):
+        raise ValueError(f"--k must be at most the number of candidates ({len(space)}), got {args.k}")
     model = _load_model(args, args.num_classes)
-    mean, std = model_mean_std(model)
     size = args.size or predictor.input_size
-    wrapper = LossGuidedWrapper(model, predictor, k=args.k, mean=mean, std=std, flip=args.flip)
     classes = None
     if args.classes:
         with open(args.classes) as f:
@@ -213,12 +227,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise ValueError(f"images: {path!r} is not a file")
         with Image.open(path) as img:
             img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-            pixels.append(torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1))
+            pixels.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
     x = torch.stack(pixels).float() / 255
-    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    method = f"ours_k{args.k}" + ("_hflip" if args.flip else "")
     with torch.no_grad():
         scores = predictor(x)
-        probs = torch.softmax(wrapper((x - m) / s).float(), -1)
+        probs = _method_forward(method, model, predictor, space, None, normalizer(model), x, torch.Generator())
     names = predictor.candidate_names
     for i, path in enumerate(args.images):
         top = scores[i].argsort()[:args.k].tolist()
@@ -267,6 +281,9 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--listwise-weight", type=float, default=1.0)
     p.add_argument("--spearman-weight", type=float, default=1.0)
     p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--flip", action="store_true", help="flip augmentation (candidates permuted to their mirrors)")
+    p.add_argument("--clean-tolerance", type=float, default=None,
+                   help="calibrate an identity margin keeping held-out clean accuracy within this many points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_fit)

@@ -57,6 +57,17 @@ def photo_patch_task(n_train: int = 150, n_val: int = 40, size: int = 64, photos
     return sets[0], sets[1]
 
 
+def make_predictor(space, size: int):
+    """The library's ``LossPredictor`` when present, else the light :class:`SmallLossPredictor`."""
+    try:
+        from .predictor import LossPredictor
+    except ImportError:
+        from .models import SmallLossPredictor
+
+        return SmallLossPredictor(space, width=8, input_size=size)
+    return LossPredictor(space, input_size=size, pretrained=False)
+
+
 def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8, fit_epochs: int = 12,
              corruptions: Sequence[str] = ("gaussian_noise", "defocus_blur", "contrast", "fog", "jpeg_compression"),
              held_out: Sequence[str] = ("speckle_noise", "gaussian_blur"), severities: Sequence[int] = (3,),
@@ -64,12 +75,11 @@ def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8,
     """Train target + predictor on the photo-crop task and evaluate; returns the results dict."""
     from .data import build_model, normalizer, resize_uint8
     from .evaluation import evaluate, markdown_table
-    from .predictor import LossPredictor
     from .registry import get_space
     from .training.checkpoint import atomic_save_tensors
     from .training.labels import generate_labels
     from .training.target import accuracy, train_classifier
-    from .training.trainer import FitConfig, fit_predictor
+    from .training.trainer import FitConfig, fit_predictor, flip_permutation
 
     t0 = time.time()
     torch.manual_seed(seed)
@@ -89,9 +99,9 @@ def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8,
     cache = generate_labels(model, train.images, train.labels, space, os.path.join(out_dir, "labels"), size=size,
                             draws=1, corruption_p=0.5, seed=seed, shard_size=500, progress=progress)
     log(f"labels: {cache.manifest()['total_rows']} rows x {len(space)} candidates ({time.time() - t0:.0f}s)")
-    predictor = LossPredictor(space, backbone="ttach_instance.models:small_resnet", input_size=size, pretrained=False)
-    cfg = FitConfig(epochs=fit_epochs, batch_size=64, optimizer="adamw", lr=3e-3, warmup_steps=20, ema_decay=0.98,
-                    seed=seed)
+    predictor = make_predictor(space, size)
+    cfg = FitConfig(epochs=fit_epochs, batch_size=64, optimizer="adamw", lr=3e-3, weight_decay=0.05, warmup_steps=20,
+                    ema_decay=0.98, seed=seed, flip_permutation=flip_permutation(space), clean_tolerance=0.5)
     res = fit_predictor(predictor, cache.load(), os.path.join(out_dir, "fit"), cfg, num_images=len(train),
                         progress=progress, log=log)
     log(f"predictor: held-out Spearman {res['final'].get('val_spearman', float('nan')):.3f} ({time.time() - t0:.0f}s)")

@@ -68,3 +68,73 @@ class SmallResNet(nn.Module):
 def small_resnet(num_classes: int = 10, width: int = 16, blocks: int = 1) -> SmallResNet:
     """Factory for :class:`SmallResNet` with widths ``(w, 2w, 4w)``."""
     return SmallResNet(num_classes, widths=(width, 2 * width, 4 * width), blocks=blocks)
+
+
+class SmallLossPredictor(nn.Module):
+    """A ~3 M-MAC CNN loss predictor: pixels in [0, 1] ``(B, 3, H, W)`` -> ``(B, |T|)`` relative
+    losses (lower = better), resized to ``input_size`` first.
+
+    A light stand-in for :class:`ttach_instance.predictor.LossPredictor` where that module is
+    not available; same call convention and safetensors + JSON ``save``/``load``.
+    """
+
+    kind = "small-loss-predictor"
+
+    def __init__(self, space, width: int = 8, input_size: int = 32):
+        super().__init__()
+        self.space = space
+        self.space_fingerprint = space.fingerprint
+        self.candidate_names = list(space.names)
+        self.input_size = int(input_size)
+        self.width = int(width)
+        self.net = SmallResNet(len(space), (width, 2 * width, 4 * width))
+        self.register_buffer("pix_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pix_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+        return self.net((x - self.pix_mean) / self.pix_std)
+
+    def save(self, path: str) -> None:
+        from .training.checkpoint import atomic_save_tensors
+
+        atomic_save_tensors(path, self.state_dict(), {
+            "kind": self.kind, "space": self.space.name, "space_params": self.space.params,
+            "space_fingerprint": self.space_fingerprint, "candidate_names": self.candidate_names,
+            "width": self.width, "input_size": self.input_size})
+
+    @classmethod
+    def load(cls, path: str, space=None) -> "SmallLossPredictor":
+        from .registry import get_space
+        from .training.checkpoint import load_tensors
+
+        tensors, meta = load_tensors(path)
+        if meta.get("kind") != cls.kind:
+            raise ValueError(f"{path!r} is not a {cls.__name__} checkpoint (kind {meta.get('kind')!r})")
+        space = space or get_space(meta["space"], **meta.get("space_params", {}))
+        if space.fingerprint != meta["space_fingerprint"]:
+            raise ValueError(f"space {space.name!r} (fingerprint {space.fingerprint}) is not the space the predictor "
+                             f"was trained for ({meta['space']!r}, {meta['space_fingerprint']})")
+        p = cls(space, meta["width"], meta["input_size"])
+        p.load_state_dict(tensors)
+        return p.eval()
+
+
+def load_predictor(path: str, space=None) -> nn.Module:
+    """Load a predictor checkpoint: :class:`SmallLossPredictor` or ``LossPredictor``, by its metadata."""
+    from .training.checkpoint import load_tensors
+
+    if not isinstance(path, str) or not path.endswith(".safetensors"):
+        raise ValueError(f"predictor must be a .safetensors checkpoint, got {path!r}")
+    from safetensors import safe_open
+    import json
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    if meta.get("kind") == SmallLossPredictor.kind:
+        return SmallLossPredictor.load(path, space)
+    from .predictor import LossPredictor
+
+    return LossPredictor.load(path, space=space)
