@@ -38,7 +38,7 @@ def weights(tmp_path):
 def test_image_folder_loading(folder):
     ds = load_dataset(folder, split="val")
     assert ds.classes == ["ants", "bees"] and ds.images.shape == (6, 3, 32, 32) and ds.labels.tolist() == [0] * 3 + [1] * 3
-    arr = np.asarray(Image.open(os.path.join(folder, "val", "bees", "0.png")))
+    arr = np.array(Image.open(os.path.join(folder, "val", "bees", "0.png")))
     assert torch.equal(ds.images[3].permute(1, 2, 0), torch.from_numpy(arr))
     assert load_image_folder(os.path.join(folder, "train"), size=16).images.shape == (8, 3, 16, 16)
     with pytest.raises(ValueError, match="root"):
@@ -130,3 +130,29 @@ def test_fit_and_predict_commands(folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--model", FACTORY, "--weights", w, "--num-classes", "2", "--predictor", pred, "--k", "13", img])
     assert "--k" in capsys.readouterr().err
+
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyimagenet-dev20")
+
+
+@pytest.mark.skipif(not os.path.isdir(TINY), reason="shared Tiny ImageNet dev split not present")
+def test_tinyimagenet_folder_loads():
+    ds = load_image_folder(os.path.join(TINY, "val"), limit_per_class=2, progress=False)
+    assert len(ds.classes) == 20 and ds.images.shape == (40, 3, 64, 64)
+    assert ds.labels.tolist() == [c for c in range(20) for _ in range(2)]
+
+
+def test_small_predictor_round_trip_and_space_check(tmp_path):
+    from ttach_instance.models import SmallLossPredictor, load_predictor
+    from ttach_instance.registry import get_space
+
+    p = SmallLossPredictor(get_space("paper12"), width=4, input_size=16)
+    x = torch.rand(2, 3, 32, 32)
+    path = str(tmp_path / "p.safetensors")
+    p.eval().save(path)
+    q = load_predictor(path)
+    assert torch.equal(p(x), q(x)) and q.candidate_names == get_space("paper12").names and q.input_size == 16
+    with pytest.raises(ValueError, match="not the space"):
+        load_predictor(path, space=get_space("flips"))
+    with pytest.raises(ValueError, match="safetensors"):
+        load_predictor(str(tmp_path / "p.pt"))
