@@ -74,39 +74,13 @@ def stage_labels(args, sets, model):
     from ttach_instance.registry import get_space
     from ttach_instance.training.labels import generate_labels
 
-    cache = generate_labels(model, sets["train"].images, sets["train"].labels, get_space("paper12"),
-                            os.path.join(args.out, "labels"), size=args.size, draws=args.draws,
-                            corruption_p=args.corruption_p, seed=args.seed, shard_size=1000, batch_size=64)
-    log(f"labels: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards")
-    return cache
-
-
-class StandInPredictor(torch.nn.Module):
-    """A ~3 M-MAC CNN predictor (pixels in [0,1] -> (B, |T|) relative losses), used when
-    ``ttach_instance.predictor.LossPredictor`` is not available in this checkout."""
-
-    def __init__(self, t: int, width: int = 8):
-        super().__init__()
-        from ttach_instance.models import SmallResNet
-
-        self.net = SmallResNet(t, (width, 2 * width, 4 * width))
-        self.register_buffer("mean", torch.tensor(self.net.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(self.net.std).view(1, 3, 1, 1))
-        self.width = width
-
-    def forward(self, x):
-        return self.net((x - self.mean) / self.std)
-
-    def save(self, path):
-        atomic_save_tensors(path, self.state_dict(), {"kind": "stand-in", "t": self.net.head.out_features,
-                                                      "width": self.width})
-
-    @classmethod
-    def load(cls, path, space=None):
-        tensors, meta = load_tensors(path)
-        p = cls(meta["t"], meta["width"])
-        p.load_state_dict(tensors)
-        return p.eval()
+    # seed 0 -> labels/, every extra seed s -> labels_seed<s>/ (independent corruption draws)
+    for seed in [args.seed] + [int(x) for x in args.extra_label_seeds.split(",") if x.strip()]:
+        name = "labels" if seed == args.seed else f"labels_seed{seed}"
+        cache = generate_labels(model, sets["train"].images, sets["train"].labels, get_space("paper12"),
+                                os.path.join(args.out, name), size=args.size, draws=args.draws,
+                                corruption_p=args.corruption_p, seed=seed, shard_size=1000, batch_size=64)
+        log(f"{name}: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards")
 
 
 def predictor_class():
@@ -115,15 +89,23 @@ def predictor_class():
 
         return LossPredictor
     except ImportError:
-        return StandInPredictor
+        from ttach_instance.models import SmallLossPredictor
+
+        return SmallLossPredictor
 
 
 def make_predictor(args, space):
     cls = predictor_class()
-    if cls is StandInPredictor:
-        log("ttach_instance.predictor is not available: using the benchmark's stand-in CNN predictor")
-        return StandInPredictor(len(space), args.pred_width)
+    if cls.__name__ == "SmallLossPredictor":
+        log("ttach_instance.predictor is not available: using ttach_instance.models.SmallLossPredictor")
+        return cls(space, width=args.pred_width, input_size=args.pred_size)
     return cls(space, backbone=args.pred_backbone, input_size=args.pred_size, pretrained=False)
+
+
+def load_fitted_predictor(path, space):
+    from ttach_instance.models import load_predictor
+
+    return load_predictor(path, space=space)
 
 
 def load_label_caches(args, n_images):
@@ -153,7 +135,7 @@ def stage_fit(args, sets, model):
     out = os.path.join(args.out, "fit")
     final = os.path.join(out, "predictor.safetensors")
     if os.path.isfile(final):
-        return predictor_class().load(final, space=space)
+        return load_fitted_predictor(final, space)
     data = load_label_caches(args, len(sets["train"]))
     cfg = FitConfig(epochs=args.fit_epochs, batch_size=128, optimizer=args.optimizer, lr=args.lr,
                     weight_decay=args.weight_decay, warmup_steps=200, ema_decay=args.ema, seed=args.seed,
@@ -170,12 +152,21 @@ def stage_eval(args, sets, model):
     from ttach_instance.training.corruptions import COMMON, HELD_OUT
 
     space = get_space("paper12")
-    pred = predictor_class().load(os.path.join(args.out, "fit", "predictor.safetensors"), space=space)
+    pred = load_fitted_predictor(os.path.join(args.out, "fit", "predictor.safetensors"), space)
+    tag = ""
+    if args.uncalibrated:  # undo the identity margin calibrated after training: the plain predictor
+        from ttach_instance.training.trainer import apply_identity_margin
+
+        with open(os.path.join(args.out, "fit", "history.json")) as f:
+            margin = json.load(f)[-1].get("identity_margin") or 0.0
+        apply_identity_margin(pred, -margin)
+        tag = "_uncalibrated"
+        log(f"evaluating without the identity margin ({margin:.3f})")
     val = sets["val"]
     if args.val_limit:
         val = val.subset(range(0, len(val), max(1, len(val) // args.val_limit)))
     sev = [int(s) for s in args.severities.split(",")]
-    res = evaluate(model, val.images, val.labels, space, os.path.join(args.out, f"eval_sev{''.join(map(str, sev))}_n{len(val)}"),
+    res = evaluate(model, val.images, val.labels, space, os.path.join(args.out, f"eval_sev{''.join(map(str, sev))}_n{len(val)}{tag}"),
                    predictor=pred, size=args.size, corruptions=COMMON, held_out=HELD_OUT, severities=sev,
                    seed=args.seed, log=log)
     if res:
@@ -192,10 +183,11 @@ def main(argv=None):
     p.add_argument("--target-epochs", type=int, default=25)
     p.add_argument("--draws", type=int, default=3, help="corruption draws per training image for the labels")
     p.add_argument("--corruption-p", type=float, default=0.4)
+    p.add_argument("--extra-label-seeds", default="1", help="more label caches with these seeds (comma list)")
     p.add_argument("--fit-epochs", type=int, default=6)
     p.add_argument("--pred-backbone", default="ttach_instance.models:small_resnet")
     p.add_argument("--pred-size", type=int, default=32)
-    p.add_argument("--pred-width", type=int, default=8, help="stand-in predictor width")
+    p.add_argument("--pred-width", type=int, default=8, help="SmallLossPredictor width (when LossPredictor is absent)")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -204,6 +196,7 @@ def main(argv=None):
                    help="identity margin calibrated so held-out clean k=1 accuracy stays within this many points")
     p.add_argument("--severities", default="1,2,3,4,5")
     p.add_argument("--val-limit", type=int, default=None)
+    p.add_argument("--uncalibrated", action="store_true", help="evaluate the predictor without its identity margin")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", default="data,target,labels,fit,eval")
