@@ -156,3 +156,14 @@ def test_small_predictor_round_trip_and_space_check(tmp_path):
         load_predictor(path, space=get_space("flips"))
     with pytest.raises(ValueError, match="safetensors"):
         load_predictor(str(tmp_path / "p.pt"))
+
+
+def test_demo_task_from_bundled_photos():
+    from ttach_instance.demo_run import DEMO_PHOTOS, photo_patch_task
+
+    train, val = photo_patch_task(n_train=3, n_val=2, size=40, seed=1)
+    assert train.images.shape == (3 * len(DEMO_PHOTOS), 3, 40, 40) and val.images.shape == (2 * len(DEMO_PHOTOS), 3, 40, 40)
+    assert train.labels.tolist() == [c for c in range(len(DEMO_PHOTOS)) for _ in range(3)]
+    assert train.classes == list(DEMO_PHOTOS)
+    again, _ = photo_patch_task(n_train=3, n_val=2, size=40, seed=1)
+    assert torch.equal(again.images, train.images)  # reproducible, nothing downloaded

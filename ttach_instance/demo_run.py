@@ -68,7 +68,7 @@ def make_predictor(space, size: int):
     return LossPredictor(space, input_size=size, pretrained=False)
 
 
-def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8, fit_epochs: int = 12,
+def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8, fit_epochs: int = 20, draws: int = 3,
              corruptions: Sequence[str] = ("gaussian_noise", "defocus_blur", "contrast", "fog", "jpeg_compression"),
              held_out: Sequence[str] = ("speckle_noise", "gaussian_blur"), severities: Sequence[int] = (3,),
              seed: int = 0, progress: bool = True, log: Callable[[str], None] = print) -> Dict:
@@ -97,7 +97,7 @@ def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8,
     log(f"target model: clean val error {100 * (1 - acc):.1f}% ({time.time() - t0:.0f}s)")
     space = get_space("paper12")
     cache = generate_labels(model, train.images, train.labels, space, os.path.join(out_dir, "labels"), size=size,
-                            draws=1, corruption_p=0.5, seed=seed, shard_size=500, progress=progress)
+                            draws=draws, corruption_p=0.5, seed=seed, shard_size=500, progress=progress)
     log(f"labels: {cache.manifest()['total_rows']} rows x {len(space)} candidates ({time.time() - t0:.0f}s)")
     predictor = make_predictor(space, size)
     cfg = FitConfig(epochs=fit_epochs, batch_size=64, optimizer="adamw", lr=3e-3, weight_decay=0.05, warmup_steps=20,
