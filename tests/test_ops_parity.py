@@ -1,0 +1,69 @@
+"""Fidelity of the batched tensor ops to the paper's PIL pipeline (tests/pil_reference.py)
+on real photos at 32, 64 and 224 px.
+
+Mean absolute difference in 8-bit units (x255). Targets of issue #2: <= 1 at 224 px and
+<= 2 at 32/64 px for every op. Measured (docs/BENCHMARKS.md, "Transform ops"): rotate is the
+loosest (0.7-0.9 at 224, up to 1.92 at 32) because torch's bicubic uses a = -0.75 where PIL's
+affine transform uses a = -1; the others stay below 0.75.
+"""
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+import pil_reference as R
+from ttach_instance.spaces import paper12
+
+PHOTOS = ("astronaut", "chelsea", "coffee")
+SIZES = (32, 64, 224)
+# Per-op bounds (x255) a little above the measured worst case, so a regression shows up.
+BOUND = {"rotate": {32: 2.0, 64: 1.7, 224: 1.0}}
+DEFAULT_BOUND = 0.8
+
+
+def photo(name: str, size: int) -> Image.Image:
+    img = Image.fromarray(getattr(skimage.data, name)())
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return {size: [photo(n, size) for n in PHOTOS] for size in SIZES}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("cand", paper12().names)
+def test_op_matches_pil(cand, size, batches):
+    space = paper12()
+    imgs = batches[size]
+    x = torch.cat([to_tensor(i) for i in imgs])
+    out = space[cand].apply(x) * 255
+    diffs = []
+    for row, img in zip(out, imgs):
+        ref = np.asarray(R.apply(cand, img)).astype(np.float64)
+        diffs.append(np.abs(row.permute(1, 2, 0).double().numpy() - ref).mean())
+    bound = BOUND.get(cand.split("(")[0], {}).get(size, DEFAULT_BOUND)
+    assert max(diffs) <= bound, f"{cand} at {size}px: mean abs diff x255 {diffs} > {bound}"
+    if cand == "identity":
+        assert max(diffs) < 1e-4
+
+
+def test_reference_distinguishes_ops(batches):
+    # The comparison above can fail: ops differ from each other by far more than the bounds.
+    imgs = batches[64]
+    ref_a = np.asarray(R.apply("sharpness(0.2)", imgs[0])).astype(np.float64)
+    ref_b = np.asarray(R.apply("sharpness(4.0)", imgs[0])).astype(np.float64)
+    assert np.abs(ref_a - ref_b).mean() > 5 * DEFAULT_BOUND
+    x = to_tensor(imgs[0])
+    rotated = paper12()["rotate(20)"].apply(x)[0].permute(1, 2, 0).double().numpy() * 255
+    wrong_way = np.asarray(R.apply("rotate(-20)", imgs[0])).astype(np.float64)
+    assert np.abs(rotated - wrong_way).mean() > 5 * BOUND["rotate"][64]
