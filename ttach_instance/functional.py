@@ -237,6 +237,7 @@ def rotate(images: Tensor, angle: Param) -> Tensor:
     image (``grid_sample`` reflection padding with ``align_corners=False`` is numpy's
     ``symmetric`` padding), so no black corners are introduced.
     """
+    check_images(images, check_range=False)
     n, _, h, w = images.shape
     if isinstance(angle, Tensor):
         theta = rotation_theta(row_param(angle, n, images, "angle"), h, w)
@@ -291,10 +292,13 @@ def zoom(images: Tensor, scale: Param) -> Tensor:
     Antialiased bicubic like ``PIL.Image.resize`` (the paper resizes the mirror-expanded
     canvas and crops its centre); applied as two small matrix products per image.
     """
+    check_images(images, check_range=False)
     n, _, h, w = images.shape
     scale_rows = row_param(scale, n, images, "scale") if isinstance(scale, Tensor) else None
-    if scale_rows is None and float(scale) <= 0:
+    if scale_rows is None and not float(scale) > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
+    if scale_rows is not None and scale_rows.device.type == "cpu" and not bool((scale_rows > 0).all()):
+        raise ValueError(f"scale must be > 0 in every row, got min {float(scale_rows.min()):.4g}")
     base = scale_rows if scale_rows is not None else torch.tensor([float(scale)], device=images.device)
     work = _work_dtype(images)
     mh = zoom_matrix(base, h).to(work.dtype)
@@ -314,6 +318,7 @@ def autocontrast(images: Tensor, enabled: Optional[Tensor] = None) -> Tensor:
     One reduction pass for the extrema and one fused multiply-add pass (``amin``/``amax``
     are measured 20x faster than ``aminmax`` on CPU).
     """
+    check_images(images, check_range=False)
     work = _work_dtype(images)
     flat = work.flatten(2)
     lo, hi = flat.amin(-1), flat.amax(-1)  # (N, C)
@@ -336,6 +341,7 @@ def sharpness(images: Tensor, factor: Param) -> Tensor:
     too, over mirrored pixels, as on the paper's mirror-expanded canvas (PIL alone copies the
     ring unfiltered); a one-pixel symmetric pad is a replicate pad.
     """
+    check_images(images, check_range=False)
     n = images.shape[0]
     work = _work_dtype(images)
     padded = F.pad(work, (1, 1, 1, 1), mode="replicate")
@@ -358,6 +364,7 @@ def color(images: Tensor, factor: Param) -> Tensor:
     ``f * x + (1 - f) * gray(x)`` is a 3x3 colour matrix, applied as one matrix product over
     the pixels. Single-channel images are returned unchanged.
     """
+    check_images(images, check_range=False)
     n, c, h, w = images.shape
     if c == 1:
         return images.clone()
@@ -419,6 +426,18 @@ def five_crop_boxes(height: int, width: int, crop_height: int, crop_width: int) 
 # --------------------------------------------------------------------------- de-augmentation
 
 
+def _check_theta(theta: Tensor, n: int, name: str = "theta") -> Tensor:
+    if not isinstance(theta, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, 2, 3) or (2, 3), got {type(theta).__name__}")
+    if theta.dim() == 2:
+        theta = theta.unsqueeze(0)
+    if theta.dim() != 3 or theta.shape[-2:] != (2, 3) or theta.shape[0] not in (1, n):
+        raise ValueError(f"{name} must have shape ({n}, 2, 3), (1, 2, 3) or (2, 3), got {tuple(theta.shape)}")
+    if not theta.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {theta.dtype}")
+    return theta.expand(n, 2, 3)
+
+
 def deaugment_dense(
     outputs: Tensor,
     theta: Tensor,
@@ -426,34 +445,56 @@ def deaugment_dense(
 ) -> Tuple[Tensor, Tensor]:
     """Bring dense view outputs ``(N, K, h, w)`` back to the input frame.
 
-    ``theta`` is the view->input map of each row (``(N, 2, 3)``). Returns the de-augmented
-    outputs and a validity map ``(N, 1, h, w)``: 1 where the input pixel was seen by the view,
-    0 where it was not (outside a crop, a zoomed-in border, a rotated corner). Invalid pixels
-    hold 0. Works at the outputs' own resolution (normalised coordinates), on their device.
+    ``theta`` is the view->input map of each row (``(N, 2, 3)``, or one ``(2, 3)`` map for all
+    rows). Returns the de-augmented outputs and a validity map ``(N, 1, h, w)``: 1 where the
+    input pixel was seen by the view, 0 where it was not (outside a crop, a zoomed-in border,
+    a rotated corner). Invalid pixels hold 0. Works at the outputs' own resolution
+    (normalised coordinates), on their device.
+
+    Floating outputs keep their dtype (half types are resampled in float32 on CPU); the
+    validity map has the outputs' dtype. Integer outputs are label maps: they are always
+    resampled with ``nearest`` (blending class ids is meaningless), keep their dtype, and
+    their validity map is float32.
     """
-    inverse = invert_theta(theta.to(outputs.device))
+    if not isinstance(outputs, Tensor) or outputs.dim() != 4:
+        raise ValueError(
+            f"outputs must be a dense (N, K, h, w) tensor, got {tuple(getattr(outputs, 'shape', ())) or type(outputs).__name__}"
+        )
+    if mode not in ("bilinear", "nearest", "bicubic"):
+        raise ValueError(f"mode must be 'bilinear', 'nearest' or 'bicubic', got {mode!r}")
     n, _, h, w = outputs.shape
-    work = outputs if outputs.is_floating_point() else outputs.float()
+    theta = _check_theta(theta, n)
+    inverse = invert_theta(theta.to(device=outputs.device, dtype=torch.float64))
+    integer = not outputs.is_floating_point()
+    if integer:
+        mode = "nearest"
+        work = outputs.to(torch.float32)
+    else:
+        work = _work_dtype(outputs)
     grid_dtype = torch.float32 if work.dtype in _HALF_TYPES else work.dtype
     grid = F.affine_grid(inverse.to(grid_dtype), [n, 1, h, w], align_corners=False)
-    sample_input = _work_dtype(work)
-    back = F.grid_sample(sample_input, grid.to(sample_input.dtype), mode=mode, padding_mode="zeros", align_corners=False)
+    back = F.grid_sample(work, grid.to(work.dtype), mode=mode, padding_mode="zeros", align_corners=False)
     # A pixel is covered when its centre falls inside the view; the tolerance absorbs the
     # rounding of exact pixel-centre maps (flips, integer crops).
     tol = 1e-4
     valid = ((grid.abs() <= 1 + tol).all(-1)).unsqueeze(1)
     back = back * valid.to(back.dtype)
-    if not outputs.is_floating_point():
-        back = back.round()
-    return back.to(outputs.dtype), valid.to(back.dtype if back.is_floating_point() else torch.float32)
+    if integer:
+        return back.round().to(outputs.dtype), valid.to(torch.float32)
+    return back.to(outputs.dtype), valid.to(outputs.dtype)
 
 
 def deaugment_keypoints(keypoints: Tensor, theta: Tensor) -> Tensor:
     """Map keypoints ``(N, P, 2)`` given as ``(x, y)`` in ``[0, 1]`` (ttach's convention)
-    from view coordinates back to input coordinates."""
-    theta = theta.to(device=keypoints.device, dtype=torch.float64)
-    if theta.dim() == 2:
-        theta = theta.unsqueeze(0)
+    from view coordinates back to input coordinates. ``theta``: ``(N, 2, 3)`` or ``(2, 3)``."""
+    if not isinstance(keypoints, Tensor) or keypoints.dim() != 3 or keypoints.shape[-1] != 2:
+        raise ValueError(
+            f"keypoints must be a tensor of shape (N, P, 2) holding (x, y) in [0, 1], "
+            f"got {tuple(getattr(keypoints, 'shape', ())) or type(keypoints).__name__}"
+        )
+    if not keypoints.is_floating_point():
+        raise TypeError(f"keypoints must be a floating-point tensor, got dtype {keypoints.dtype}")
+    theta = _check_theta(theta, keypoints.shape[0]).to(device=keypoints.device, dtype=torch.float64)
     u = keypoints.to(torch.float64) * 2 - 1
     x = torch.einsum("nij,npj->npi", theta[..., :2], u) + theta[..., None, :, 2]
     return ((x + 1) / 2).to(keypoints.dtype)
