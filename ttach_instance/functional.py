@@ -473,7 +473,9 @@ def deaugment_dense(
         work = _work_dtype(outputs)
     grid_dtype = torch.float32 if work.dtype in _HALF_TYPES else work.dtype
     grid = F.affine_grid(inverse.to(grid_dtype), [n, 1, h, w], align_corners=False)
-    back = F.grid_sample(work, grid.to(work.dtype), mode=mode, padding_mode="zeros", align_corners=False)
+    # Border padding: a covered pixel within half a pixel of the view's edge reads the edge
+    # value instead of blending with zeros; uncovered pixels are zeroed below.
+    back = F.grid_sample(work, grid.to(work.dtype), mode=mode, padding_mode="border", align_corners=False)
     # A pixel is covered when its centre falls inside the view; the tolerance absorbs the
     # rounding of exact pixel-centre maps (flips, integer crops).
     tol = 1e-4

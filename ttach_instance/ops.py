@@ -71,7 +71,10 @@ class Op:
     @property
     def invertible(self) -> bool:
         """Dense outputs of this op's views can be brought back to the input frame."""
-        return not self.geometric or self.theta(8, 8) is not None or type(self).deaugment_dense is not Op.deaugment_dense
+        # Decided from the class, not by evaluating ``theta`` at some size: a crop of fixed
+        # pixel size has no map on an image smaller than the crop.
+        cls = type(self)
+        return not self.geometric or cls.theta is not Op.theta or cls.deaugment_dense is not Op.deaugment_dense
 
     def deaugment_dense(self, outputs: Tensor, mode: str = "bilinear") -> Tuple[Tensor, Tensor]:
         """De-augment dense outputs ``(N, K, h, w)``: returns outputs and validity ``(N, 1, h, w)``."""

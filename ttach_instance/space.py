@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .ops import Identity, Op
+from .ops import Identity, Op, _ExactGeometric
 
 IndexLike = Union[Tensor, Sequence[int], Sequence[Sequence[int]]]
 
@@ -70,40 +70,74 @@ class Candidate:
 
     def theta(self, height: int, width: int, device: Union[str, torch.device] = "cpu") -> Optional[Tensor]:
         """Composed view->input map ``(2, 3)``, or ``None`` if some geometric op has none."""
-        total = F.identity_theta(1, device)[0]
-        for op in self.ops:
-            if not op.geometric:
-                continue
-            theta = op.theta(height, width, device)
-            if theta is None:
-                return None
-            total = F.compose_theta(theta.to(device), total)
-        return total
+        return _compose_thetas(self.ops, height, width, device)
 
     def deaugment(self, outputs: Tensor, mode: str = "bilinear") -> Tuple[Tensor, Tensor]:
-        """Bring dense outputs ``(N, K, h, w)`` of this view back: ``(outputs, validity)``."""
+        """Bring dense outputs ``(N, K, h, w)`` of this view back: ``(outputs, validity)``.
+
+        Exact inverses (flips, quarter turns) at either end of the chain are applied as pixel
+        permutations, so flip/rot90 candidates and their compositions come back bit-exact;
+        the geometric ops between them are undone with one resampling through their composed
+        affine map (no compounding interpolation error), or op by op when some op has no map.
+        """
         geometric = [op for op in self.ops if op.geometric]
         ones = torch.ones_like(outputs[:, :1], dtype=outputs.dtype if outputs.is_floating_point() else torch.float32)
         if not geometric:
             return outputs, ones
-        if len(geometric) == 1:
-            return geometric[0].deaugment_dense(outputs, mode=mode)
-        theta = self.theta(outputs.shape[-2], outputs.shape[-1], outputs.device)
-        if theta is not None:
-            # One resampling for the whole chain: no compounding interpolation error.
-            return F.deaugment_dense(outputs, theta.expand(outputs.shape[0], 2, 3), mode=mode)
-        # Chain of op-specific inverses; validity travels with the outputs as an extra channel.
-        valid = ones.to(outputs.dtype) if outputs.is_floating_point() else ones
-        for op in reversed(geometric):
-            stacked = torch.cat([outputs.to(valid.dtype), valid], 1)
-            stacked, op_valid = op.deaugment_dense(stacked, mode=mode)
-            outputs, valid = stacked[:, :-1].to(outputs.dtype), stacked[:, -1:] * op_valid
-        return outputs, (valid > 0.5).to(valid.dtype)
+        lead = 0
+        while lead < len(geometric) and isinstance(geometric[lead], _ExactGeometric):
+            lead += 1
+        trail = len(geometric)
+        while trail > lead and isinstance(geometric[trail - 1], _ExactGeometric):
+            trail -= 1
+        for op in reversed(geometric[trail:]):
+            outputs = op.inverse(outputs)
+        middle = geometric[lead:trail]
+        valid = ones
+        if len(middle) == 1:
+            outputs, valid = middle[0].deaugment_dense(outputs, mode=mode)
+        elif middle:
+            theta = _compose_thetas(middle, outputs.shape[-2], outputs.shape[-1], outputs.device)
+            if theta is not None:
+                outputs, valid = F.deaugment_dense(outputs, theta, mode=mode)
+            else:
+                outputs, valid = _deaugment_chain(middle, outputs, ones, mode)
+        for op in reversed(geometric[:lead]):
+            outputs, valid = op.inverse(outputs), op.inverse(valid)
+        return outputs, valid
 
     def deaugment_keypoints(self, keypoints: Tensor, height: int, width: int) -> Tensor:
         for op in reversed(self.ops):
             keypoints = op.deaugment_keypoints(keypoints, height, width)
         return keypoints
+
+
+def _compose_thetas(ops: Sequence[Op], height: int, width: int, device: Union[str, torch.device]) -> Optional[Tensor]:
+    total = F.identity_theta(1, device)[0]
+    for op in ops:
+        if not op.geometric:
+            continue
+        theta = op.theta(height, width, device)
+        if theta is None:
+            return None
+        total = F.compose_theta(theta.to(device), total)
+    return total
+
+
+def _deaugment_chain(ops: Sequence[Op], outputs: Tensor, ones: Tensor, mode: str) -> Tuple[Tensor, Tensor]:
+    """Op-specific inverses in reverse order; validity travels with the outputs as a channel."""
+    integer = not outputs.is_floating_point()
+    if integer:
+        mode = "nearest"  # label maps: never blend class ids
+    work, valid = outputs.to(ones.dtype), ones
+    for op in reversed(ops):
+        stacked, op_valid = op.deaugment_dense(torch.cat([work, valid], 1), mode=mode)
+        work, valid = stacked[:, :-1], stacked[:, -1:] * op_valid.to(stacked.dtype)
+    valid = (valid > 0.5).to(ones.dtype)
+    work = work * valid
+    if integer:
+        work = work.round()
+    return work.to(outputs.dtype), valid
 
 
 def _as_candidate(item: Any) -> Candidate:
