@@ -397,23 +397,56 @@ def rot90(images: Tensor, k: int) -> Tensor:
 def crop_resize(images: Tensor, box: Union[Sequence[float], Tensor], mode: str = "bilinear") -> Tensor:
     """Crop ``box = (x0, y0, x1, y1)`` (pixels, end exclusive; ``(4,)`` or ``(N, 4)``) and
     resize the crop back to the image size, so every view of a crop space has the input's
-    shape and one model call fits them all."""
+    shape and one model call fits them all.
+
+    The result is exactly "crop, then ``F.interpolate(..., align_corners=False)``": samples
+    near the crop's edge are clamped to the crop (no pixels from outside the box leak in),
+    which is what resizing ttach's ``FiveCrops`` output gives. ``mode``: ``"bilinear"`` or
+    ``"nearest"``.
+    """
+    check_images(images, check_range=False)
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
     n, _, h, w = images.shape
     box_t = torch.as_tensor(box, dtype=torch.float64, device=images.device)
     if box_t.dim() == 1:
         box_t = box_t[None]
-    theta = crop_theta(box_t, h, w)
-    return warp(images, theta, mode=mode, padding_mode="border").to(images.dtype)
+    if box_t.dim() != 2 or box_t.shape[-1] != 4 or box_t.shape[0] not in (1, n):
+        raise ValueError(f"box must have shape (4,), (1, 4) or ({n}, 4) as (x0, y0, x1, y1), got {tuple(box_t.shape)}")
+    if box_t.device.type == "cpu":
+        x0, y0, x1, y1 = box_t.unbind(-1)
+        if not bool(((0 <= x0) & (x0 < x1) & (x1 <= w) & (0 <= y0) & (y0 < y1) & (y1 <= h)).all()):
+            raise ValueError(f"box must satisfy 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}, got {box_t.tolist()}")
+        if box_t.shape[0] == 1 and bool((box_t == box_t.round()).all()):
+            # One integer box: slice and resize (the fast path).
+            bx0, by0, bx1, by1 = (int(v) for v in box_t[0].tolist())
+            crop = _work_dtype(images)[..., by0:by1, bx0:bx1]
+            kwargs = {"align_corners": False} if mode == "bilinear" else {}
+            return F.interpolate(crop, size=(h, w), mode=mode, **kwargs).to(images.dtype)
+    # Per-row boxes: one grid_sample, sampling positions clamped to the box's pixel centres.
+    theta = crop_theta(box_t, h, w).expand(n, 2, 3)
+    work = _work_dtype(images)
+    grid_dtype = torch.float32 if work.dtype in _HALF_TYPES else work.dtype
+    grid = F.affine_grid(theta.to(grid_dtype), [n, 1, h, w], align_corners=False)
+    size = torch.tensor([w, h], dtype=grid.dtype, device=grid.device)
+    lo = (2 * box_t[:, :2].to(grid.dtype) + 1) / size - 1  # first pixel centre, normalised
+    hi = (2 * box_t[:, 2:].to(grid.dtype) - 1) / size - 1  # last pixel centre
+    grid = torch.maximum(torch.minimum(grid, hi.expand(n, 2)[:, None, None]), lo.expand(n, 2)[:, None, None])
+    out = F.grid_sample(work, grid.to(work.dtype), mode=mode, padding_mode="border", align_corners=False)
+    return out.to(images.dtype)
 
 
 def five_crop_boxes(height: int, width: int, crop_height: int, crop_width: int) -> list:
-    """Boxes of ttach's FiveCrops order: left-top, left-bottom, right-bottom, right-top, centre."""
+    """Boxes of ttach's FiveCrops order: left-top, left-bottom, right-bottom, right-top, centre.
+
+    The centre box starts at ``H // 2 - crop_height // 2`` as ``ttach.functional.center_crop``
+    (one pixel off ``(H - crop_height) // 2`` when the parities differ)."""
     if not (0 < crop_height <= height and 0 < crop_width <= width):
         raise ValueError(
             f"crop size must be positive and at most the image size {height}x{width}, "
             f"got {crop_height}x{crop_width}"
         )
-    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    top, left = height // 2 - crop_height // 2, width // 2 - crop_width // 2
     return [
         (0, 0, crop_width, crop_height),
         (0, height - crop_height, crop_width, height),
