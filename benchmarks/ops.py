@@ -1,0 +1,137 @@
+"""Transform ops: batched tensor kernels vs the paper's PIL per-image loop.
+
+    python benchmarks/ops.py [--batch 32] [--size 224] [--threads 1] [--repeats 7] [--device cpu]
+
+For a batch of RGB photos (scikit-image's astronaut/chelsea/coffee, centre-cropped and
+resized, cycled to fill the batch) it times, per op of the paper's space:
+- tensor: the op on the float (B, 3, H, W) batch in [0, 1] (ttach_instance ops);
+- PIL: for each image, tensor -> uint8 PIL, the PIL reference op (tests/pil_reference.py:
+  3x mirror-expanded canvas for geometric ops, as the paper), PIL -> float tensor, stacked.
+Then ``space.apply`` with a random candidate per sample against the single slowest op applied
+to the whole batch. Repeats are interleaved (every method once per round) and the median is
+reported. Goals (issue #2): the 11 non-identity ops together >= 6x faster than PIL, no op
+under 1.5x, and space.apply <= 1.2x the slowest op. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import pil_reference as R  # noqa: E402
+
+from ttach_instance.spaces import paper12  # noqa: E402
+
+
+def photos(batch: int, size: int) -> torch.Tensor:
+    import skimage.data
+
+    imgs = []
+    for name in ("astronaut", "chelsea", "coffee"):
+        img = Image.fromarray(getattr(skimage.data, name)())
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)
+        imgs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255)
+    return torch.stack([imgs[i % 3] for i in range(batch)])
+
+
+def pil_loop(images: torch.Tensor, name: str) -> torch.Tensor:
+    arrays = (images * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for arr in arrays:
+        res = R.apply(name, Image.fromarray(arr))
+        out.append(torch.from_numpy(np.array(res)))
+    return torch.stack(out).permute(0, 3, 1, 2).float().div_(255)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = getattr(torch, args.dtype)
+
+    space = paper12()
+    images_cpu = photos(args.batch, args.size)
+    images = images_cpu.to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, len(space), (args.batch,), generator=g).to(device)
+
+    def tensor_fn(cand):
+        def run():
+            cand.apply(images)
+            sync()
+
+        return run
+
+    methods = {}
+    for cand in space:
+        if cand.is_identity:
+            continue
+        methods[("tensor", cand.name)] = tensor_fn(cand)
+        methods[("pil", cand.name)] = lambda n=cand.name: pil_loop(images_cpu, n)
+
+    def apply_space():
+        space.apply(images, index)
+        sync()
+
+    methods[("space", "apply")] = apply_space
+    for fn in methods.values():  # warm-up
+        fn()
+    times = {k: [] for k in methods}
+    for _ in range(args.repeats):
+        for k, fn in methods.items():
+            times[k].append(timed(fn))
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+    names = [c.name for c in space if not c.is_identity]
+    print(
+        f"batch {args.batch}x3x{args.size}x{args.size} {args.dtype} on {device}, {args.threads} thread(s), "
+        f"median of {args.repeats} interleaved repeats, torch {torch.__version__}\n"
+    )
+    print("| op | tensor ms | PIL loop ms | PIL / tensor |")
+    print("|---|---:|---:|---:|")
+    for n in names:
+        t, pl = med[("tensor", n)], med[("pil", n)]
+        print(f"| {n} | {t:.1f} | {pl:.1f} | {pl / t:.1f}x |")
+    tot_t = sum(med[("tensor", n)] for n in names)
+    tot_p = sum(med[("pil", n)] for n in names)
+    worst = min(names, key=lambda n: med[("pil", n)] / med[("tensor", n)])
+    print(f"| **all 11 ops** | {tot_t:.1f} | {tot_p:.1f} | **{tot_p / tot_t:.1f}x** |")
+    slowest = max(names, key=lambda n: med[("tensor", n)])
+    sa = med[("space", "apply")]
+    print()
+    print(f"lowest ratio: {worst} {med[('pil', worst)] / med[('tensor', worst)]:.1f}x (goal >= 1.5x); all ops together goal >= 6x")
+    print(
+        f"space.apply, random candidate per sample: {sa:.1f} ms vs slowest op {slowest} on the whole batch "
+        f"{med[('tensor', slowest)]:.1f} ms: {sa / med[('tensor', slowest)]:.2f}x (goal <= 1.2x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
