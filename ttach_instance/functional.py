@@ -97,6 +97,13 @@ def _work_dtype(images: Tensor) -> Tensor:
     return images
 
 
+def _sample_dtype(images: Tensor) -> Tensor:
+    # grid_sample needs the grid in the input's dtype; a half-precision grid places samples
+    # up to ~1 px off at 224 px (bfloat16 keeps 8 bits), so resampling always runs in float32
+    # for half types, on every device.
+    return images.float() if images.dtype in _HALF_TYPES else images
+
+
 def symmetric_indices(index: Tensor, size: int) -> Tensor:
     """Map integer indices into ``[0, size)`` the way numpy's ``symmetric`` padding does
     (the edge pixel is repeated: ..., 1, 0 | 0, 1, ..., n-1 | n-1, n-2, ...)."""
@@ -212,12 +219,12 @@ def warp(
     padding_mode: str = "reflection",
 ) -> Tensor:
     """Sample ``images`` through ``theta`` (``(N, 2, 3)`` or ``(2, 3)``)."""
-    images = _work_dtype(images)
+    images = _sample_dtype(images)
     n = images.shape[0]
     theta = theta.to(device=images.device)
     if theta.dim() == 2:
         theta = theta.unsqueeze(0)
-    grid_dtype = images.dtype if images.dtype not in _HALF_TYPES else torch.float32
+    grid_dtype = images.dtype
     if theta.shape[0] == 1 and n > 1:
         # One map for the whole batch: build the grid once and broadcast it.
         grid = F.affine_grid(theta.to(grid_dtype), [1, 1, *images.shape[-2:]], align_corners=False)
@@ -300,7 +307,9 @@ def zoom(images: Tensor, scale: Param) -> Tensor:
     if scale_rows is not None and scale_rows.device.type == "cpu" and not bool((scale_rows > 0).all()):
         raise ValueError(f"scale must be > 0 in every row, got min {float(scale_rows.min()):.4g}")
     base = scale_rows if scale_rows is not None else torch.tensor([float(scale)], device=images.device)
-    work = _work_dtype(images)
+    # Resampling weights in half precision would bias every output by their rounding (bfloat16:
+    # ~0.4 %); the two small matrix products run in float32 for half types on every device.
+    work = _sample_dtype(images)
     mh = zoom_matrix(base, h).to(work.dtype)
     mw = zoom_matrix(base, w).to(work.dtype)
     if scale_rows is None:
@@ -425,9 +434,8 @@ def crop_resize(images: Tensor, box: Union[Sequence[float], Tensor], mode: str =
             return F.interpolate(crop, size=(h, w), mode=mode, **kwargs).to(images.dtype)
     # Per-row boxes: one grid_sample, sampling positions clamped to the box's pixel centres.
     theta = crop_theta(box_t, h, w).expand(n, 2, 3)
-    work = _work_dtype(images)
-    grid_dtype = torch.float32 if work.dtype in _HALF_TYPES else work.dtype
-    grid = F.affine_grid(theta.to(grid_dtype), [n, 1, h, w], align_corners=False)
+    work = _sample_dtype(images)
+    grid = F.affine_grid(theta.to(work.dtype), [n, 1, h, w], align_corners=False)
     size = torch.tensor([w, h], dtype=grid.dtype, device=grid.device)
     lo = (2 * box_t[:, :2].to(grid.dtype) + 1) / size - 1  # first pixel centre, normalised
     hi = (2 * box_t[:, 2:].to(grid.dtype) - 1) / size - 1  # last pixel centre
@@ -503,9 +511,8 @@ def deaugment_dense(
         mode = "nearest"
         work = outputs.to(torch.float32)
     else:
-        work = _work_dtype(outputs)
-    grid_dtype = torch.float32 if work.dtype in _HALF_TYPES else work.dtype
-    grid = F.affine_grid(inverse.to(grid_dtype), [n, 1, h, w], align_corners=False)
+        work = _sample_dtype(outputs)
+    grid = F.affine_grid(inverse.to(work.dtype), [n, 1, h, w], align_corners=False)
     # Border padding: a covered pixel within half a pixel of the view's edge reads the edge
     # value instead of blending with zeros; uncovered pixels are zeroed below.
     back = F.grid_sample(work, grid.to(work.dtype), mode=mode, padding_mode="border", align_corners=False)
