@@ -1,6 +1,7 @@
 """Transform ops: batched tensor kernels vs the paper's PIL per-image loop.
 
     python benchmarks/ops.py [--batch 32] [--size 224] [--threads 1] [--repeats 7] [--device cpu]
+    python benchmarks/ops.py --parity     # fidelity table: mean |tensor - PIL| x255 per op and size
 
 For a batch of RGB photos (scikit-image's astronaut/chelsea/coffee, centre-cropped and
 resized, cycled to fill the batch) it times, per op of the paper's space:
@@ -56,6 +57,22 @@ def pil_loop(images: torch.Tensor, name: str) -> torch.Tensor:
     return torch.stack(out).permute(0, 3, 1, 2).float().div_(255)
 
 
+def parity(sizes=(32, 64, 224)) -> None:
+    """Worst (over the three photos) mean absolute difference to PIL, in 8-bit units."""
+    space = paper12()
+    print("| op | " + " | ".join(f"{s} px" for s in sizes) + " |")
+    print("|---|" + "---:|" * len(sizes))
+    batches = {s: photos(3, s) for s in sizes}
+    for cand in space:
+        cells = []
+        for s in sizes:
+            x = batches[s]
+            ours = cand.apply(x) * 255
+            ref = pil_loop(x, cand.name) * 255
+            cells.append(f"{float((ours - ref).abs().mean((1, 2, 3)).max()):.2f}")
+        print(f"| {cand.name} | " + " | ".join(cells) + " |")
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -70,8 +87,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--parity", action="store_true", help="print the PIL fidelity table instead of timings")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.parity:
+        parity()
+        return
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = getattr(torch, args.dtype)

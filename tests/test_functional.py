@@ -87,8 +87,9 @@ def test_theta_matches_forward_op(ops, h, w):
     inner[:, :2] = inner[:, -2:] = False
     assert inner.sum() > 0.1 * h * w
     err_px = ((out - (mapped + 1) / 2).abs() * torch.tensor([w, h])).amax(-1)[inner]
-    # Bicubic (a = -0.75) reproduces a linear ramp to within ~0.08 px; resizes and crops exactly.
-    bound = 0.1 if any(isinstance(op, Rotate) for op in ops) else 0.03
+    # PIL's affine bicubic (Keys a = -1, which rotate reproduces) follows a linear ramp only to
+    # ~0.13 px (only a = -0.5 reproduces linear functions); resizes and crops to < 0.03 px.
+    bound = 0.15 if any(isinstance(op, Rotate) for op in ops) else 0.03
     assert err_px.max() < bound
 
 
@@ -131,6 +132,32 @@ def test_crop_resize_hand_computed():
     inner = slice(1, 15)
     assert torch.allclose(out[0, 8, inner] * 16, (4 + (j + 0.5) / 2)[inner], atol=1e-4)
     assert torch.allclose(out[1, inner, 8] * 16, (2 + (j + 0.5) / 2)[inner], atol=1e-4)
+
+
+def test_rotate_paths_agree():
+    # CPU: one cached sparse matrix per distinct angle; accelerators: 16-tap gather with per-row
+    # maps. Same PIL kernel, so the same pixels; angle 0 is the identity exactly.
+    x = torch.rand(5, 3, 20, 28)
+    angles = torch.tensor([-20.0, 0.0, 20.0, 33.0, -20.0])
+    sparse = F.rotate(x, angles)
+    gathered = F._rotate_gather(x, F.rotation_theta(angles, 20, 28)).clamp(0, 1)
+    assert torch.allclose(sparse, gathered, atol=1e-6)
+    assert torch.equal(sparse[1], x[1])
+    assert torch.allclose(F.rotate(x[:1], -20.0), sparse[:1], atol=1e-6)
+
+
+def test_rotate_pil_kernel_hand_computed():
+    # A lone bright pixel rotated by 90 degrees about the centre of a 5x5 image moves exactly
+    # (integer source positions: the a = -1 cubic is 1 at 0 and 0 at +-1, +-2).
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 1, 2] = 1.0  # above the centre
+    out = F.rotate(x, 90.0)
+    expected = torch.zeros(1, 1, 5, 5)
+    expected[0, 0, 2, 1] = 1.0  # counter-clockwise: top goes to the left
+    assert torch.allclose(out, expected, atol=1e-6)
+    # Half-pixel source position: weights of Keys a = -1 at 0.5 / 1.5 are 0.625 / -0.125.
+    w = F._pil_cubic(torch.tensor([0.5, 1.5], dtype=torch.float64), -1.0)
+    assert torch.allclose(w, torch.tensor([0.625, -0.125], dtype=torch.float64))
 
 
 def test_five_crop_boxes_ttach_order():
@@ -322,7 +349,7 @@ def test_keypoints_follow_pixels(ops):
     shown = view[:, py, px].T  # the ramp value = input coordinate seen at that view pixel
     inside = ((shown > 0.05) & (shown < 0.95)).all(-1)  # not on a mirrored fold
     err_px = ((back - shown).abs() * torch.tensor([w, h]))[inside]
-    assert inside.sum() >= 10 and err_px.max() < 0.1
+    assert inside.sum() >= 10 and err_px.max() < 0.15  # a = -1 bicubic, see test_theta_matches_forward_op
 
 
 def test_keypoints_round_trip_through_theta():

@@ -2,9 +2,10 @@
 on real photos at 32, 64 and 224 px.
 
 Mean absolute difference in 8-bit units (x255). Targets of issue #2: <= 1 at 224 px and
-<= 2 at 32/64 px for every op. Measured (docs/BENCHMARKS.md, "Transform ops"): rotate is the
-loosest (0.7-0.9 at 224, up to 1.92 at 32) because torch's bicubic uses a = -0.75 where PIL's
-affine transform uses a = -1; the others stay below 0.75.
+<= 2 at 32/64 px for every op. Measured (docs/BENCHMARKS.md, "Transform ops"): 0.23-0.50 for
+every op except sharpness(4.0) (0.74), at every size. The floor is PIL's 8-bit output (rounding
+costs ~0.25 on average, truncation ~0.5: autocontrast's LUT, rotate); sharpness(f) blends with
+an 8-bit smoothed image, whose rounding is amplified by |1 - f| (x3 at f = 4).
 """
 
 import numpy as np
@@ -19,8 +20,8 @@ from ttach_instance.spaces import paper12
 PHOTOS = ("astronaut", "chelsea", "coffee")
 SIZES = (32, 64, 224)
 # Per-op bounds (x255) a little above the measured worst case, so a regression shows up.
-BOUND = {"rotate": {32: 2.0, 64: 1.7, 224: 1.0}}
-DEFAULT_BOUND = 0.8
+BOUND = {"sharpness": {32: 0.8, 64: 0.8, 224: 0.8}}
+DEFAULT_BOUND = 0.6
 
 
 def photo(name: str, size: int) -> Image.Image:
@@ -66,4 +67,4 @@ def test_reference_distinguishes_ops(batches):
     x = to_tensor(imgs[0])
     rotated = paper12()["rotate(20)"].apply(x)[0].permute(1, 2, 0).double().numpy() * 255
     wrong_way = np.asarray(R.apply("rotate(-20)", imgs[0])).astype(np.float64)
-    assert np.abs(rotated - wrong_way).mean() > 5 * BOUND["rotate"][64]
+    assert np.abs(rotated - wrong_way).mean() > 5 * DEFAULT_BOUND

@@ -23,6 +23,7 @@ a dense output samples it with the inverse map.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -238,24 +239,113 @@ def warp(
 
 
 def rotate(images: Tensor, angle: Param) -> Tensor:
-    """Rotate by ``angle`` degrees (counter-clockwise), bicubic, mirrored fill.
+    """Rotate by ``angle`` degrees (counter-clockwise) about the centre, mirrored fill.
 
-    The corners that a rotation brings in from outside the frame are read from the mirror
-    image (``grid_sample`` reflection padding with ``align_corners=False`` is numpy's
-    ``symmetric`` padding), so no black corners are introduced.
+    The paper rotates a 3x mirror-expanded canvas with ``PIL.Image.rotate(..., BICUBIC)``;
+    PIL's affine bicubic (``Geometry.c``) is Keys' cubic with ``a = -1`` over the 4x4
+    neighbours, which we reproduce exactly (torch's ``grid_sample`` bicubic uses
+    ``a = -0.75`` and lands 0.7-1.9 / 255 away from PIL). Taps outside the frame read the
+    mirror image (numpy ``symmetric``), so no black corners appear.
+
+    On CPU each distinct angle becomes a sparse ``(H*W, H*W)`` matrix with 16 entries a row
+    (cached for the last few angle/size pairs) applied to the batch in one sparse product,
+    which is faster than ``grid_sample``. On accelerators the 16 taps are gathered directly
+    with per-row maps (no host synchronisation).
     """
     check_images(images, check_range=False)
-    n, _, h, w = images.shape
-    if isinstance(angle, Tensor):
-        theta = rotation_theta(row_param(angle, n, images, "angle"), h, w)
+    n, c, h, w = images.shape
+    angles = row_param(angle, n, images, "angle") if isinstance(angle, Tensor) else None
+    work = _sample_dtype(images)
+    if images.device.type == "cpu":
+        if angles is None:
+            out = _sparse_apply(_rotation_matrix(float(angle), h, w, work.dtype), work)
+        else:
+            out = torch.empty_like(work)
+            values = angles.tolist()
+            for value in sorted(set(values)):
+                rows = torch.tensor([i for i, v in enumerate(values) if v == value])
+                out[rows] = _sparse_apply(_rotation_matrix(value, h, w, work.dtype), work[rows])
     else:
-        theta = rotation_theta(torch.tensor([float(angle)], device=images.device), h, w)
-    out = warp(images, theta, mode="bicubic", padding_mode="reflection")
+        base = angles if angles is not None else torch.tensor([float(angle)], device=images.device)
+        out = _rotate_gather(work, rotation_theta(base, h, w))
     return out.clamp_(0, 1).to(images.dtype)
 
 
+def _bicubic_taps(theta: Tensor, height: int, width: int, a: float = -1.0) -> Tuple[Tensor, Tensor]:
+    """Source pixel indices and weights ``(N, H*W, 16)`` of bicubic sampling through the
+    view->input maps ``theta`` ``(N, 2, 3)``, taps mirrored into the frame (numpy
+    ``symmetric``)."""
+    device = theta.device
+    theta = theta.to(torch.float64)
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64, device=device),
+        torch.arange(width, dtype=torch.float64, device=device),
+        indexing="ij",
+    )
+    u = torch.stack([(2 * xs + 1) / width - 1, (2 * ys + 1) / height - 1], -1).reshape(-1, 2)
+    mapped = torch.einsum("nij,pj->npi", theta[..., :2], u) + theta[:, None, :, 2]  # (N, HW, 2)
+    sx = (mapped[..., 0] + 1) * (width / 2) - 0.5  # source coordinates, pixel centres at integers
+    sy = (mapped[..., 1] + 1) * (height / 2) - 0.5
+    x0, y0 = torch.floor(sx), torch.floor(sy)
+    offsets = torch.arange(-1, 3, dtype=torch.float64, device=device)
+    wx = _pil_cubic((sx - x0)[..., None] - offsets, a)  # (N, HW, 4)
+    wy = _pil_cubic((sy - y0)[..., None] - offsets, a)
+    ix = symmetric_indices((x0[..., None] + offsets).long(), width)
+    iy = symmetric_indices((y0[..., None] + offsets).long(), height)
+    index = (iy[..., :, None] * width + ix[..., None, :]).flatten(-2)
+    weight = (wy[..., :, None] * wx[..., None, :]).flatten(-2)
+    return index, weight
+
+
+_ROTATION_CACHE: "dict[tuple, Tensor]" = {}
+_ROTATION_CACHE_SIZE = 8
+
+
+def _rotation_matrix(angle: float, height: int, width: int, dtype: torch.dtype) -> Tensor:
+    """Sparse CSR ``(H*W, H*W)`` matrix of :func:`rotate` by ``angle`` on CPU (cached)."""
+    key = (float(angle), height, width, dtype)
+    matrix = _ROTATION_CACHE.pop(key, None)
+    if matrix is None:
+        theta = rotation_theta(torch.tensor([float(angle)]), height, width)
+        index, weight = _bicubic_taps(theta, height, width)
+        size = height * width
+        crow = torch.arange(0, 16 * size + 1, 16, dtype=torch.int64)
+        # Folded taps may repeat a column within a row; the sparse product sums them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            matrix = torch.sparse_csr_tensor(
+                crow, index[0].reshape(-1), weight[0].reshape(-1).to(dtype), (size, size), check_invariants=False
+            )
+    _ROTATION_CACHE[key] = matrix  # most recently used last
+    while len(_ROTATION_CACHE) > _ROTATION_CACHE_SIZE:
+        _ROTATION_CACHE.pop(next(iter(_ROTATION_CACHE)))
+    return matrix
+
+
+def _sparse_apply(matrix: Tensor, images: Tensor) -> Tensor:
+    n, c, h, w = images.shape
+    flat = images.reshape(n * c, h * w).t()
+    return torch.sparse.mm(matrix, flat).t().reshape(n, c, h, w)
+
+
+def _rotate_gather(images: Tensor, theta: Tensor) -> Tensor:
+    """Bicubic (``a = -1``) sampling of ``images`` through ``theta`` by gathering the 16 taps
+    (per-row maps, no host synchronisation); the accelerator path of :func:`rotate`."""
+    n, c, h, w = images.shape
+    index, weight = _bicubic_taps(theta, h, w)
+    index = index.expand(n, -1, -1)
+    weight = weight.to(images.dtype).expand(n, -1, -1)
+    flat = images.reshape(n, c, h * w)
+    out = torch.zeros_like(flat)
+    for k in range(16):
+        taps = flat.gather(2, index[:, None, :, k].expand(n, c, h * w))
+        out.addcmul_(taps, weight[:, None, :, k])
+    return out.reshape(n, c, h, w)
+
+
 def _pil_cubic(x: Tensor, a: float = -0.5) -> Tensor:
-    # PIL's bicubic filter (a = -0.5; torch's grid_sample/interpolate use a = -0.75).
+    # Keys' cubic: PIL's resize uses a = -0.5, its affine transforms a = -1; torch's
+    # grid_sample / interpolate use a = -0.75.
     x = x.abs()
     near = ((a + 2) * x - (a + 3)) * x * x + 1
     far = (((x - 5) * x + 8) * x - 4) * a
