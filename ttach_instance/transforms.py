@@ -5,6 +5,9 @@ Each class is a ``ttach`` ``DualTransform`` (geometric) or ``ImageOnlyTransform`
 the identity parameter is always included. Unlike ttach's ``FiveCrops``, our crops resize the
 crop back to the input size and de-augment masks (pixels outside the crop come back as 0).
 
+Images must be in pixel range [0, 1] (the ops reproduce PIL's 8-bit pipeline and clip to
+[0, 1]); with ttach's wrappers, wrap a model that normalises its input itself.
+
 Keypoint de-augmentation needs the image size for aspect-dependent maps (rotations, crops);
 the transform remembers the size of the last image it augmented, as ttach's wrappers always
 augment before they de-augment.
