@@ -271,9 +271,11 @@ def rotate(images: Tensor, angle: Param) -> Tensor:
     return out.clamp_(0, 1).to(images.dtype)
 
 
-def _bicubic_taps(theta: Tensor, height: int, width: int, a: float = -1.0) -> Tuple[Tensor, Tensor]:
-    """Source pixel indices and weights ``(N, H*W, 16)`` of bicubic sampling through the
-    view->input maps ``theta`` ``(N, 2, 3)``, taps mirrored into the frame (numpy
+def _bicubic_factors(theta: Tensor, height: int, width: int, a: float = -1.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Separable factors of bicubic sampling through the view->input maps ``theta``
+    ``(N, 2, 3)``: column and row source indices ``ix``, ``iy`` and weights ``wx``, ``wy``,
+    each ``(N, H*W, 4)``; the 16 taps of output pixel ``p`` are ``iy[p, j] * W + ix[p, i]``
+    with weight ``wy[p, j] * wx[p, i]``. Taps outside the frame are mirrored in (numpy
     ``symmetric``)."""
     device = theta.device
     theta = theta.to(torch.float64)
@@ -288,10 +290,16 @@ def _bicubic_taps(theta: Tensor, height: int, width: int, a: float = -1.0) -> Tu
     sy = (mapped[..., 1] + 1) * (height / 2) - 0.5
     x0, y0 = torch.floor(sx), torch.floor(sy)
     offsets = torch.arange(-1, 3, dtype=torch.float64, device=device)
-    wx = _pil_cubic((sx - x0)[..., None] - offsets, a)  # (N, HW, 4)
+    wx = _pil_cubic((sx - x0)[..., None] - offsets, a)
     wy = _pil_cubic((sy - y0)[..., None] - offsets, a)
     ix = symmetric_indices((x0[..., None] + offsets).long(), width)
     iy = symmetric_indices((y0[..., None] + offsets).long(), height)
+    return ix, iy, wx, wy
+
+
+def _bicubic_taps(theta: Tensor, height: int, width: int, a: float = -1.0) -> Tuple[Tensor, Tensor]:
+    """Source pixel indices and weights ``(N, H*W, 16)`` (see :func:`_bicubic_factors`)."""
+    ix, iy, wx, wy = _bicubic_factors(theta, height, width, a)
     index = (iy[..., :, None] * width + ix[..., None, :]).flatten(-2)
     weight = (wy[..., :, None] * wx[..., None, :]).flatten(-2)
     return index, weight
@@ -330,16 +338,20 @@ def _sparse_apply(matrix: Tensor, images: Tensor) -> Tensor:
 
 def _rotate_gather(images: Tensor, theta: Tensor) -> Tensor:
     """Bicubic (``a = -1``) sampling of ``images`` through ``theta`` by gathering the 16 taps
-    (per-row maps, no host synchronisation); the accelerator path of :func:`rotate`."""
+    (per-row maps, no host synchronisation); the accelerator path of :func:`rotate`. Taps are
+    formed one at a time from the separable factors, so memory stays at a few ``(N, H*W)``
+    tensors."""
     n, c, h, w = images.shape
-    index, weight = _bicubic_taps(theta, h, w)
-    index = index.expand(n, -1, -1)
-    weight = weight.to(images.dtype).expand(n, -1, -1)
+    ix, iy, wx, wy = _bicubic_factors(theta, h, w)
+    wx, wy = wx.to(images.dtype), wy.to(images.dtype)
     flat = images.reshape(n, c, h * w)
     out = torch.zeros_like(flat)
-    for k in range(16):
-        taps = flat.gather(2, index[:, None, :, k].expand(n, c, h * w))
-        out.addcmul_(taps, weight[:, None, :, k])
+    for j in range(4):
+        row = iy[..., j] * w
+        for i in range(4):
+            index = (row + ix[..., i]).expand(n, -1)
+            taps = flat.gather(2, index[:, None, :].expand(n, c, h * w))
+            out.addcmul_(taps, (wy[..., j] * wx[..., i]).expand(n, -1)[:, None, :])
     return out.reshape(n, c, h, w)
 
 
