@@ -385,3 +385,22 @@ def test_photometric_pass_through():
         if not cand.geometric:
             back, valid = cand.deaugment(y)
             assert torch.equal(back, y) and torch.all(valid == 1)
+
+
+def test_deaugment_outputs_at_lower_resolution():
+    # A stride-2 head: 16x16 outputs of 32x32 views. Pixel crops (24 px) are defined on the
+    # image, so the maps must be built for image_size and applied at the outputs' size.
+    from ttach_instance.spaces import five_crops as crops
+
+    space = crops(24)
+    x = smooth(1, 32, 32)
+    views = space.apply_all(x)
+    outputs = torch.nn.functional.avg_pool2d(views, 2)
+    for grouped in (True, False):
+        back, valid = space.deaugment(outputs, torch.arange(5)[None], image_size=(32, 32), grouped=grouped)
+        assert valid[:, 0].sum((-1, -2)).tolist() == [144.0] * 5  # 24/32 of 16 px = 12x12
+        expected = torch.nn.functional.avg_pool2d(x, 2)
+        inside = valid.bool().expand_as(back)
+        assert (back - expected.expand_as(back)).abs()[inside].max() < 0.06
+    with pytest.raises(ValueError, match="crop size"):
+        space.deaugment(outputs, torch.arange(5)[None])  # 24 px crop of a 16 px "image"

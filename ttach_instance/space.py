@@ -72,8 +72,14 @@ class Candidate:
         """Composed view->input map ``(2, 3)``, or ``None`` if some geometric op has none."""
         return _compose_thetas(self.ops, height, width, device)
 
-    def deaugment(self, outputs: Tensor, mode: str = "bilinear") -> Tuple[Tensor, Tensor]:
+    def deaugment(
+        self, outputs: Tensor, mode: str = "bilinear", image_size: Optional[Tuple[int, int]] = None
+    ) -> Tuple[Tensor, Tensor]:
         """Bring dense outputs ``(N, K, h, w)`` of this view back: ``(outputs, validity)``.
+
+        ``image_size``: ``(H, W)`` of the images the view was made from, when the outputs have
+        another resolution (a strided head): maps are built for the image (pixel-exact crop
+        boxes, zoom rounding) and, in normalised coordinates, applied at the outputs' size.
 
         Exact inverses (flips, quarter turns) at either end of the chain are applied as pixel
         permutations, so flip/rot90 candidates and their compositions come back bit-exact;
@@ -94,12 +100,13 @@ class Candidate:
             outputs = op.inverse(outputs)
         middle = geometric[lead:trail]
         valid = ones
-        if len(middle) == 1:
-            outputs, valid = middle[0].deaugment_dense(outputs, mode=mode)
-        elif middle:
-            theta = _compose_thetas(middle, outputs.shape[-2], outputs.shape[-1], outputs.device)
+        if middle:
+            h, w = image_size if image_size is not None else outputs.shape[-2:]
+            theta = _compose_thetas(middle, int(h), int(w), outputs.device)
             if theta is not None:
                 outputs, valid = F.deaugment_dense(outputs, theta, mode=mode)
+            elif len(middle) == 1:
+                outputs, valid = middle[0].deaugment_dense(outputs, mode=mode)
             else:
                 outputs, valid = _deaugment_chain(middle, outputs, ones, mode)
         for op in reversed(geometric[:lead]):
@@ -370,6 +377,7 @@ class TransformSpace:
         index: IndexLike,
         mode: str = "bilinear",
         grouped: Optional[bool] = None,
+        image_size: Optional[Tuple[int, int]] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Bring dense view outputs ``(B * k, K, h, w)`` (rows as :meth:`apply` made them)
         back to the input frame. Returns ``(outputs, validity)``, validity ``(B * k, 1, h, w)``
@@ -378,6 +386,8 @@ class TransformSpace:
         ``mode``: ``"bilinear"`` for logits/probabilities, ``"nearest"`` for label maps.
         ``grouped=False`` (default on accelerators when every candidate has an affine map)
         de-augments all rows in one ``grid_sample`` with per-row maps, without host sync.
+        ``image_size``: ``(H, W)`` of the input images when the outputs have another
+        resolution (see :meth:`Candidate.deaugment`).
         """
         if not isinstance(outputs, Tensor) or outputs.dim() != 4:
             raise ValueError(f"outputs must be a dense (N, K, h, w) tensor, got {getattr(outputs, 'shape', type(outputs))}")
@@ -391,11 +401,15 @@ class TransformSpace:
         if outputs.shape[0] != b * k:
             raise ValueError(f"outputs has {outputs.shape[0]} rows but index selects B*k = {b}*{k} = {b * k} views")
         h, w = outputs.shape[-2:]
+        if image_size is not None:
+            if len(image_size) != 2 or not all(isinstance(v, int) and v > 0 for v in image_size):
+                raise ValueError(f"image_size must be (height, width) in pixels, got {image_size!r}")
+        ih, iw = image_size if image_size is not None else (h, w)
         if grouped is None:
             grouped = outputs.device.type == "cpu"
         flat = idx.reshape(-1)
         if not grouped:
-            table = self.thetas(h, w, outputs.device)
+            table = self.thetas(ih, iw, outputs.device)
             if table is None:
                 grouped = True
             else:
@@ -411,7 +425,7 @@ class TransformSpace:
         valid = torch.ones((outputs.shape[0], 1, h, w), dtype=vdtype, device=outputs.device)
         for c in torch.unique(flat).tolist():
             rows = (flat == c).nonzero().squeeze(1)
-            out_c, valid_c = self.candidates[c].deaugment(outputs[rows], mode=mode)
+            out_c, valid_c = self.candidates[c].deaugment(outputs[rows], mode=mode, image_size=image_size)
             back[rows] = out_c
             valid[rows] = valid_c.to(vdtype)
         return back, valid
