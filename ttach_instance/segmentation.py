@@ -38,12 +38,16 @@ Measured on the Tiny ImageNet box-segmentation example (docs/BENCHMARKS.md, "Seg
 default keeps the cost at ``k`` forwards.
 
 **Devices.** Everything after the model call stays on the output's device: no ``.cpu()``,
-``.item()``, ``.tolist()``, NumPy or data-dependent shapes. On accelerators the views are
-built with ``space.apply(..., grouped=False)`` (per-row family kernels) when the space
-supports it, selection is ``torch.topk``, and de-augmentation uses cached per-candidate
-inverse maps indexed on the device. Spaces whose ops have no per-row form (e.g. the crop
-op of ``five_crops``) or no affine map (user ``CallableOp``) still work, through the
-grouped path, which reads the selected candidates on the host.
+``.item()``, ``.tolist()``, NumPy or data-dependent shapes in this module's forward path.
+On accelerators, views are built by :func:`apply_views`: ``space.apply(..., grouped=False)``
+(per-row family kernels) when the space has a row plan, otherwise every candidate on every
+image and a device-side gather (flips, quarter turns, crops); selection is ``torch.topk``;
+de-augmentation indexes per-candidate inverse maps cached on the device. On CPU the grouped
+paths are used (each candidate once on its own images: less work). The sync-free claim for
+the view-building step rests on ``ttach_instance.functional``'s per-row kernels; the test
+``test_cuda_forward_does_not_synchronise`` checks the whole forward under
+``torch.cuda.set_sync_debug_mode("error")`` where a GPU is present (none was available when
+this was written: it is skipped on CPU-only machines).
 """
 
 from __future__ import annotations
