@@ -1,0 +1,233 @@
+"""LossPredictor: contract (shape, dtype, lower = better), resize, level drop, checkpoints, errors."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from ttach_instance.predictor import DEFAULT_BACKBONE, LossPredictor
+from ttach_instance.registry import get_space
+
+TINY = dict(backbone="mobilenetv3_small_050", input_size=32)
+
+
+def tiny_features(pretrained=False, width=4):
+    """A ``module:factory`` backbone: two levels, no timm ``feature_info``."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, width, 3, 2, 1)
+            self.b = nn.Conv2d(width, 2 * width, 3, 2, 1)
+
+        def forward(self, x):
+            a = torch.relu(self.a(x))
+            return [a, torch.relu(self.b(a))]
+
+    return Two()
+
+
+@pytest.fixture(scope="module")
+def space():
+    return get_space("paper12")
+
+
+@pytest.fixture(scope="module")
+def predictor(space):
+    torch.manual_seed(0)
+    return LossPredictor(space, **TINY).eval()
+
+
+def test_output_contract(predictor, space):
+    x = torch.rand(3, 3, 32, 32)
+    out = predictor(x)
+    assert out.shape == (3, len(space)) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert predictor.kind == "loss-predictor" and predictor.candidate_names == space.names
+    assert predictor.space_fingerprint == space.fingerprint and predictor.input_size == 32
+    assert predictor.backbone_name == "mobilenetv3_small_050"
+    assert "lower = better" in LossPredictor.__doc__
+    # the final registered module is the scoring nn.Linear with a bias (apply_identity_margin relies on it)
+    last = list(predictor.modules())[-1]
+    assert isinstance(last, nn.Linear) and last.bias is not None and last.out_features == len(space)
+    assert predictor(x.double()).dtype == torch.float32
+    half = predictor(x.half())
+    assert half.dtype == torch.float32 and torch.allclose(half, out, atol=1e-2)
+
+
+def test_default_backbone_and_space_by_name(space):
+    p = LossPredictor("paper12", input_size=32)
+    assert p.backbone_name == DEFAULT_BACKBONE and p.space_fingerprint == space.fingerprint
+    assert p.mean == (0.485, 0.456, 0.406) and p.std == (0.229, 0.224, 0.225)  # the backbone's own normalisation
+
+
+def test_resize_path(predictor, monkeypatch):
+    for shape in ((2, 3, 16, 16), (2, 3, 64, 48), (1, 3, 224, 224)):
+        out = predictor(torch.rand(shape))
+        assert out.shape == (shape[0], 12) and torch.isfinite(out).all()
+    x = torch.rand(2, 3, 64, 64)
+    small = nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(predictor(x), predictor(small), atol=1e-5)
+    calls = []
+    real = nn.functional.interpolate
+    monkeypatch.setattr(nn.functional, "interpolate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    predictor(torch.rand(2, 3, 32, 32))
+    assert calls == []  # already at input_size: untouched
+    predictor(torch.rand(2, 3, 40, 40))
+    assert calls and calls[0]["antialias"] is True and calls[0]["mode"] == "bilinear"
+
+
+def test_32px_last_level_is_1x1(space):
+    p = LossPredictor(space, backbone="mobilenetv3_small_050", input_size=32).eval()
+    feats = p.backbone(torch.rand(1, 3, 32, 32))
+    assert feats[-1].shape[-2:] == (1, 1)
+    assert torch.isfinite(p(torch.rand(2, 3, 32, 32))).all()
+
+
+def test_level_drop_only_in_training(space):
+    torch.manual_seed(0)
+    p = LossPredictor(space, **TINY, level_drop=0.9, dropout=0.0)
+    x = torch.rand(4, 3, 32, 32)
+    p.eval()
+    assert torch.equal(p(x), p(x))
+    p.train()  # batch norm uses batch statistics (deterministic); only the level drop is random
+    torch.manual_seed(1)
+    a = p(x)
+    torch.manual_seed(2)
+    b = p(x)
+    assert not torch.allclose(a, b)
+    p.level_drop = 0.0
+    assert torch.equal(p(x), p(x))
+    p.level_drop = 1.0  # every level dropped: only the final bias is left
+    assert torch.allclose(p(x), p.head.bias.expand(4, -1))
+    vectors = [torch.ones(1000, 5), torch.ones(1000, 3)]
+    p.level_drop = 0.25
+    dropped = p._drop_levels(vectors)
+    for v in dropped:  # whole vectors dropped per sample, kept ones rescaled by 1 / (1 - p)
+        rows = v[:, 0]
+        assert ((rows == 0) | torch.isclose(rows, torch.tensor(1 / 0.75))).all() and (v == rows[:, None]).all()
+        assert 0.15 < float((rows == 0).float().mean()) < 0.35
+
+
+def test_round_trip(tmp_path, predictor, space):
+    path = str(tmp_path / "p.safetensors")
+    predictor.save(path)
+    q = LossPredictor.load(path)
+    x = torch.rand(2, 3, 32, 32)
+    assert not q.training and torch.equal(predictor(x), q(x))
+    assert q.candidate_names == space.names and q.backbone_name == predictor.backbone_name
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    assert meta["kind"] == "loss-predictor" and meta["space"] == "paper12" and meta["space_params"] == {}
+    assert meta["space_fingerprint"] == space.fingerprint and meta["input_size"] == 32
+    assert meta["config"]["level_drop"] == 0.2 and meta["config"]["mean"] == [0.485, 0.456, 0.406]
+    assert {"ttach_instance", "torch", "timm"} <= set(meta["versions"])
+    from ttach_instance.models import load_predictor
+
+    r = load_predictor(path)
+    assert isinstance(r, LossPredictor) and torch.equal(r(x), q(x))
+    assert LossPredictor.load(path, space="paper12").space_fingerprint == space.fingerprint
+
+
+def test_module_factory_backbone(tmp_path, space):
+    p = LossPredictor(space, backbone="test_predictor:tiny_features", input_size=16,
+                      backbone_kwargs={"width": 3}, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).eval()
+    assert p.channels == [3, 6]
+    path = str(tmp_path / "f.safetensors")
+    p.save(path)
+    x = torch.rand(2, 3, 20, 20)
+    assert torch.equal(LossPredictor.load(path)(x), p(x))
+
+
+def test_load_errors(tmp_path, predictor, space):
+    path = str(tmp_path / "p.safetensors")
+    predictor.save(path)
+    flips = get_space("flips")
+    with pytest.raises(ValueError, match="flips") as e:
+        LossPredictor.load(path, space=flips)
+    assert space.fingerprint in str(e.value) and flips.fingerprint in str(e.value) and "paper12" in str(e.value)
+
+    data = open(path, "rb").read()
+    cut = str(tmp_path / "cut.safetensors")
+    open(cut, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        LossPredictor.load(cut)
+    with pytest.raises(ValueError, match="does not exist"):
+        LossPredictor.load(str(tmp_path / "absent.safetensors"))
+
+    from safetensors import safe_open
+    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+
+    tensors, meta = load_tensors(path)
+    altered = dict(tensors, **{"head.weight": torch.zeros(12, 3)})
+    bad = str(tmp_path / "bad.safetensors")
+    atomic_save_tensors(bad, altered, meta)
+    with pytest.raises(ValueError, match=r"head\.weight"):
+        LossPredictor.load(bad)
+    missing = {k: v for k, v in tensors.items() if k != "head.bias"}
+    atomic_save_tensors(bad, missing, meta)
+    with pytest.raises(ValueError, match=r"missing keys \['head.bias'\]"):
+        LossPredictor.load(bad)
+    atomic_save_tensors(bad, dict(tensors, extra=torch.zeros(1)), meta)
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
+        LossPredictor.load(bad)
+    atomic_save_tensors(bad, tensors, dict(meta, kind="small-loss-predictor"))
+    with pytest.raises(ValueError, match="not a LossPredictor checkpoint"):
+        LossPredictor.load(bad)
+    atomic_save_tensors(bad, tensors, dict(meta, space_fingerprint="0" * 16))
+    with pytest.raises(ValueError, match="0000000000000000"):
+        LossPredictor.load(bad)
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        predictor.save(str(tmp_path / "p.pt"))
+    del safe_open
+
+
+def test_small_predictor_checkpoint_rejected(tmp_path, space):
+    from ttach_instance.models import SmallLossPredictor
+
+    path = str(tmp_path / "s.safetensors")
+    SmallLossPredictor(space, width=4, input_size=16).save(path)
+    with pytest.raises(ValueError, match="small-loss-predictor"):
+        LossPredictor.load(path)
+
+
+def test_identity_margin_lowers_only_identity(predictor, space):
+    import copy
+
+    from ttach_instance.training.trainer import apply_identity_margin
+
+    p = copy.deepcopy(predictor)
+    x = torch.rand(2, 3, 32, 32)
+    before = p(x)
+    apply_identity_margin(p, 0.75)
+    expected = before.clone()
+    expected[:, space.index_of("identity")] -= 0.75
+    assert space.index_of("identity") == 0
+    assert torch.allclose(p(x), expected, atol=1e-6)
+    assert torch.equal(p(x)[:, 1:], before[:, 1:])
+
+
+def test_bad_inputs(predictor, space):
+    with pytest.raises(TypeError, match="pixels must be a torch.Tensor"):
+        predictor([[0.0]])
+    with pytest.raises(TypeError, match="pixels must be a floating tensor.*uint8"):
+        predictor(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"pixels must have shape \(B, 3, H, W\).*\(3, 32, 32\)"):
+        predictor(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match=r"pixels must have shape.*\(1, 1, 32, 32\)"):
+        predictor(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="input_size"):
+        LossPredictor(space, input_size=4)
+    with pytest.raises(ValueError, match="level_drop"):
+        LossPredictor(space, level_drop=1.5)
+    with pytest.raises(ValueError, match="not a timm model"):
+        LossPredictor(space, backbone="no_such_net")
+    with pytest.raises(ValueError, match="std"):
+        LossPredictor(space, **TINY, std=(0.2, 0.0, 0.2))
+    with pytest.raises(TypeError, match="space must be"):
+        LossPredictor(12)
+    with pytest.raises(ValueError, match="backbone 'nope:thing'"):
+        LossPredictor(space, backbone="nope:thing")
