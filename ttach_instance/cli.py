@@ -103,12 +103,27 @@ def _parse_list(text: str, arg: str):
     return items
 
 
-def _corruption_list(text: str, arg: str):
+def _corruption_list(text: str, arg: str, task: str = "classification"):
+    """Corruption names; for segmentation the named groups leave out those that move pixels
+    (``elastic_transform``: the mask would no longer match the image)."""
     from .training.corruptions import check_names
 
     if text in ("common", "held_out", "all", "none"):
-        return () if text == "none" else check_names(text, arg)
+        names = () if text == "none" else check_names(text, arg)
+        if task == "segmentation":
+            from .evaluation import GEOMETRIC_CORRUPTIONS
+
+            names = tuple(n for n in names if n not in GEOMETRIC_CORRUPTIONS)
+        return names
     return check_names(_parse_list(text, arg), arg)
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="classification", choices=["classification", "segmentation"],
+                   help="segmentation: --data holds boxes.tsv (box masks) or images/ + masks/ (PNG class maps)")
+    p.add_argument("--seg-loss", default="ce", choices=["ce", "dice"],
+                   help="segmentation: per-image loss (mean pixel cross-entropy, or 1 - mean soft Dice)")
+    p.add_argument("--ignore-index", type=int, default=255, help="segmentation: mask value of unlabelled pixels")
 
 
 def _cmd_labels(args: argparse.Namespace) -> int:
@@ -118,11 +133,20 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     from .training.labels import generate_labels
 
     dist.init_from_env(args.device)
-    ds = load_dataset(args.data, split=args.split)
+    if args.task == "segmentation":
+        from .data import load_segmentation_dataset
+        from .training.tasks import SegmentationLossTask
+
+        ds = load_segmentation_dataset(args.data, split=args.split, num_classes=args.num_classes,
+                                       ignore_index=args.ignore_index, progress=False)
+        targets, task = ds.masks, SegmentationLossTask(loss=args.seg_loss, ignore_index=args.ignore_index)
+    else:
+        ds = load_dataset(args.data, split=args.split)
+        targets, task = ds.labels, None
     model = _load_model(args, len(ds.classes))
-    cache = generate_labels(model, ds.images, ds.labels, get_space(args.space), args.out, size=args.size,
+    cache = generate_labels(model, ds.images, targets, get_space(args.space), args.out, task=task, size=args.size,
                             draws=args.draws, corruption_p=args.corruption_p,
-                            corruptions=_corruption_list(args.corruptions, "--corruptions"),
+                            corruptions=_corruption_list(args.corruptions, "--corruptions", args.task),
                             severities=[int(s) for s in _parse_list(args.severities, "--severities")], seed=args.seed,
                             shard_size=args.shard_size, batch_size=args.batch_size, device=args.device)
     if dist.is_main():
@@ -175,6 +199,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import METHODS, evaluate, markdown_table
     from .registry import get_space
 
+    if args.task == "segmentation":
+        return _eval_segmentation(args)
     ds = load_dataset(args.data, split=args.split)
     if args.limit:
         ds = ds.subset(range(0, len(ds), max(1, len(ds) // args.limit)))
@@ -193,6 +219,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    seed=args.seed, cost_images=args.cost_images)
     print(markdown_table(res))
     print(f"wrote {args.out}/table.md, results.json and plots")
+    return 0
+
+
+def _eval_segmentation(args: argparse.Namespace) -> int:
+    from .data import load_segmentation_dataset
+    from .evaluation import SEG_METHODS, evaluate_segmentation, segmentation_markdown_table
+    from .registry import get_space
+
+    ds = load_segmentation_dataset(args.data, split=args.split, num_classes=args.num_classes,
+                                   ignore_index=args.ignore_index, progress=False)
+    if args.limit:
+        ds = ds.subset(range(0, len(ds), max(1, len(ds) // args.limit)))
+    model = _load_model(args, ds.num_classes)
+    space = get_space(args.space)
+    predictor = None
+    if args.predictor:
+        from .models import load_predictor
+
+        predictor = load_predictor(args.predictor, space=space)
+    methods = SEG_METHODS if args.methods == "all" else _parse_list(args.methods, "--methods")
+    res = evaluate_segmentation(model, ds.images, ds.masks, space, args.out, ds.num_classes, predictor=predictor,
+                                size=args.size, corruptions=_corruption_list(args.corruptions, "--corruptions", "segmentation"),
+                                held_out=_corruption_list(args.held_out, "--held-out", "segmentation"),
+                                severities=[int(s) for s in _parse_list(args.severities, "--severities")],
+                                methods=methods, loss=args.seg_loss, ignore_index=args.ignore_index,
+                                batch_size=args.batch_size, seed=args.seed, cost_images=args.cost_images,
+                                cost_repeats=args.cost_repeats, progress=False)
+    print(segmentation_markdown_table(res))
+    print(f"wrote {args.out}/table.md and results.json")
     return 0
 
 
@@ -264,6 +319,7 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (x |T| views)")
     p.add_argument("--seed", type=int, default=0)
+    _add_task_args(p)
     p.set_defaults(func=_cmd_labels)
 
     p = sub.add_parser("fit", help="train a loss predictor on a label cache (resumable; torchrun-ready)")
@@ -302,7 +358,10 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--methods", default="all")
     p.add_argument("--limit", type=int, default=None, help="evaluate on about this many images (evenly spaced)")
     p.add_argument("--cost-images", type=int, default=256, help="images for timing the real wrappers (0: skip)")
+    p.add_argument("--batch-size", type=int, default=32, help="segmentation: images per batch (x |T| views)")
+    p.add_argument("--cost-repeats", type=int, default=3, help="segmentation: timing repeats (best of)")
     p.add_argument("--seed", type=int, default=0)
+    _add_task_args(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="classify image files with loss-guided TTA")

@@ -23,6 +23,13 @@ from torch import Tensor, nn
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
 
+def _check_uint8_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        raise TypeError(f"images must be a uint8 tensor (N, 3, H, W), got {getattr(images, 'dtype', type(images))}")
+    if images.shape[1] != 3:
+        raise ValueError(f"images must have 3 channels (N, 3, H, W), got shape {tuple(images.shape)}")
+
+
 @dataclass
 class ImageSet:
     """Images ``(N, 3, H, W)`` uint8, labels ``(N,)`` int64, class names, and where they came from."""
@@ -34,10 +41,7 @@ class ImageSet:
     paths: List[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if not isinstance(self.images, Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise TypeError(f"images must be a uint8 tensor (N, 3, H, W), got {getattr(self.images, 'dtype', type(self.images))}")
-        if self.images.shape[1] != 3:
-            raise ValueError(f"images must have 3 channels (N, 3, H, W), got shape {tuple(self.images.shape)}")
+        _check_uint8_images(self.images)
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
 
@@ -206,3 +210,154 @@ def normalizer(model: nn.Module):
         return (x - m.to(x.device, x.dtype)) / s.to(x.device, x.dtype)
 
     return norm
+
+
+# ----------------------------------------------------------------------------- segmentation data
+@dataclass
+class SegmentationSet:
+    """Images ``(N, 3, H, W)`` uint8 with per-pixel class masks ``(N, H, W)`` (uint8, or int32 for
+    more than 255 classes; ``ignore_index`` pixels carry no label), ``num_classes`` and names."""
+
+    images: Tensor
+    masks: Tensor
+    classes: List[str]
+    source: str = ""
+    paths: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check_uint8_images(self.images)
+        n, _, h, w = self.images.shape
+        if not isinstance(self.masks, Tensor) or self.masks.shape != (n, h, w) or self.masks.is_floating_point():
+            raise ValueError(f"masks must be integer labels of shape ({n}, {h}, {w}), got "
+                             f"{getattr(self.masks, 'dtype', type(self.masks))} {tuple(getattr(self.masks, 'shape', ()))}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, rows: Sequence[int]) -> "SegmentationSet":
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        paths = [self.paths[i] for i in rows_t.tolist()] if self.paths else []
+        return SegmentationSet(self.images[rows_t], self.masks[rows_t], list(self.classes), self.source, paths)
+
+
+def resize_masks(masks: Tensor, size: int) -> Tensor:
+    """Nearest-neighbour resize of label maps ``(N, H, W)`` to ``size x size`` (labels stay labels)."""
+    out = torch.nn.functional.interpolate(masks[:, None].float(), size=(size, size), mode="nearest-exact")
+    return out[:, 0].round().to(masks.dtype)
+
+
+def _stack_masks(arrays: List[np.ndarray]) -> Tensor:
+    m = np.stack(arrays)
+    return torch.from_numpy(m.astype(np.uint8 if m.max(initial=0) <= 255 else np.int32))
+
+
+def _load_boxes(root: str, split: str, progress: bool) -> Tuple[List[np.ndarray], List[np.ndarray], List[str]]:
+    """``root/boxes.tsv`` (columns split, path, x0, y0, x1, y1; inclusive pixel boxes): mask 1 inside."""
+    import csv
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    with open(os.path.join(root, "boxes.tsv")) as f:
+        rows = [r for r in csv.DictReader(f, delimiter="\t")]
+    need = {"split", "path", "x0", "y0", "x1", "y1"}
+    if rows and not need <= set(rows[0]):
+        raise ValueError(f"{root}/boxes.tsv must have columns {sorted(need)}, got {sorted(rows[0])}")
+    rows = [r for r in rows if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{root}/boxes.tsv has no rows with split {split!r}")
+    images, masks, paths = [], [], []
+    for r in tqdm(rows, desc=f"loading {split} boxes", disable=not progress, leave=False):
+        path = os.path.join(root, r["path"])
+        with Image.open(path) as img:
+            arr = np.array(img.convert("RGB"), dtype=np.uint8)
+        mask = np.zeros(arr.shape[:2], np.uint8)
+        x0, y0, x1, y1 = (int(r[k]) for k in ("x0", "y0", "x1", "y1"))
+        mask[y0:y1 + 1, x0:x1 + 1] = 1
+        images.append(arr)
+        masks.append(mask)
+        paths.append(path)
+    return images, masks, paths
+
+
+def _load_mask_folder(root: str, progress: bool) -> Tuple[List[np.ndarray], List[np.ndarray], List[str]]:
+    """``root/images/<name>.<ext>`` with ``root/masks/<name>.png`` (class index per pixel)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    img_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+    files = sorted(f for f in os.listdir(img_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"{img_dir!r} holds no images with extensions {IMAGE_EXTENSIONS}")
+    images, masks, paths = [], [], []
+    for name in tqdm(files, desc=f"loading {os.path.basename(os.path.normpath(root))}", disable=not progress, leave=False):
+        mpath = os.path.join(mask_dir, os.path.splitext(name)[0] + ".png")
+        if not os.path.isfile(mpath):
+            raise ValueError(f"image {name!r} has no mask {mpath!r} (masks are PNGs named like their image)")
+        with Image.open(os.path.join(img_dir, name)) as img:
+            arr = np.array(img.convert("RGB"), dtype=np.uint8)
+        with Image.open(mpath) as m:
+            if m.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"mask {mpath!r} must be a single-channel PNG of class indices, got mode {m.mode}")
+            mask = np.array(m)
+        if mask.shape != arr.shape[:2]:
+            raise ValueError(f"mask {mpath!r} is {mask.shape[::-1]} but its image is {arr.shape[1::-1]} (W x H)")
+        images.append(arr)
+        masks.append(mask)
+        paths.append(os.path.join(img_dir, name))
+    return images, masks, paths
+
+
+def load_segmentation_dataset(spec: str, split: str = "val", size: Optional[int] = None,
+                              num_classes: Optional[int] = None, ignore_index: int = 255,
+                              progress: bool = True) -> SegmentationSet:
+    """Images with per-pixel masks, in one of two layouts:
+
+    * ``spec/boxes.tsv`` (Tiny ImageNet style: columns ``split path x0 y0 x1 y1``, paths
+      relative to ``spec``, inclusive pixel boxes): foreground/background masks, 1 inside the
+      box; rows of ``split``.
+    * ``spec/<split>/images/`` + ``spec/<split>/masks/`` (or ``spec/images`` + ``spec/masks``):
+      a mask PNG ``<name>.png`` of class indices for every image ``<name>.<ext>``;
+      ``ignore_index`` marks unlabelled pixels.
+
+    ``size``: images resized (antialiased bilinear) and masks resized (nearest) to ``size x size``.
+    ``num_classes``: default 2 for boxes, else the largest label (not ``ignore_index``) + 1.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"dataset must be a directory path, got {spec!r}")
+    if not os.path.isdir(spec):
+        raise ValueError(f"segmentation data {spec!r} is not a directory")
+    if os.path.isfile(os.path.join(spec, "boxes.tsv")):
+        images, masks, paths = _load_boxes(spec, split, progress)
+        default_classes = ["background", "object"]
+    else:
+        root = os.path.join(spec, split) if os.path.isdir(os.path.join(spec, split, "images")) else spec
+        if not (os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "masks"))):
+            raise ValueError(f"segmentation data {spec!r} must hold boxes.tsv, or images/ and masks/ "
+                             f"(directly or under {split}/)")
+        images, masks, paths = _load_mask_folder(root, progress)
+        default_classes = None
+    if size is None and len({a.shape for a in images}) > 1:
+        raise ValueError(f"images of {spec!r} differ in size; pass size= to resize them all")
+    if size is not None:
+        img_t = torch.cat([resize_uint8(torch.from_numpy(a).permute(2, 0, 1)[None].contiguous(), size) for a in images])
+        mask_t = torch.cat([resize_masks(_stack_masks([m]), size) for m in masks])
+    else:
+        img_t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        mask_t = _stack_masks(masks)
+    if num_classes is None:
+        if default_classes is not None:
+            num_classes = len(default_classes)
+        else:
+            labelled = mask_t[mask_t != ignore_index]
+            num_classes = int(labelled.max()) + 1 if labelled.numel() else 1
+    labelled = mask_t[mask_t != ignore_index]
+    if labelled.numel() and int(labelled.max()) >= num_classes:
+        raise ValueError(f"masks of {spec!r} hold label {int(labelled.max())} but num_classes is {num_classes}")
+    classes = default_classes if default_classes is not None and num_classes == len(default_classes) else \
+        [f"class{i}" for i in range(num_classes)]
+    return SegmentationSet(img_t, mask_t, classes, source=spec, paths=paths)

@@ -404,3 +404,296 @@ def plot_scatter(per_set: Dict[str, Dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ============================================================================ segmentation
+SEG_METHODS = ("identity", "hflip", "d4_ttach", "full_mean", "random_k1", "random_k2", "ours_k1", "ours_k2",
+               "oracle_k1")
+SEG_LABELS = {
+    "identity": "Identity", "hflip": "H-Flip", "d4_ttach": "D4 (ttach)", "full_mean": "Full-space mean",
+    "random_k1": "Random k=1", "random_k2": "Random k=2", "ours_k1": "Ours k=1", "ours_k2": "Ours k=2",
+    "oracle_k1": "Oracle k=1",
+}
+#: Corruptions that move pixels: the mask would no longer match the image.
+GEOMETRIC_CORRUPTIONS = ("elastic_transform",)
+
+
+def check_seg_methods(methods: Sequence[str]) -> List[str]:
+    bad = [m for m in methods if m not in SEG_METHODS]
+    if bad:
+        raise ValueError(f"methods must be among {list(SEG_METHODS)} for segmentation, got unknown {bad}")
+    return list(methods)
+
+
+def _seg_logits(model: nn.Module, x: Tensor, output_key: Optional[str]) -> Tensor:
+    from .segmentation import _split_output
+
+    return _split_output(model(x), output_key)
+
+
+@torch.no_grad()
+def evaluate_segmentation_arrays(model: nn.Module, images: Tensor, masks: Tensor, space, num_classes: int,
+                                 predictor: Optional[nn.Module] = None, methods: Sequence[str] = SEG_METHODS,
+                                 normalize: Optional[Callable] = None, loss: str = "ce", ignore_index: int = 255,
+                                 output_key: Optional[str] = None, batch_size: int = 32, seed: int = 0) -> Dict:
+    """mIoU and pixel accuracy of every method on one uint8 set ``(N, 3, H, W)`` with masks ``(N, H, W)``.
+
+    The model runs once on every candidate of ``space`` (:class:`SegmentationTTAWrapper`); each
+    method selects and merges those de-augmented views exactly as its wrapper would (validity
+    weighted mean of logits, uncovered pixels extrapolated), so the numbers equal the wrappers'
+    outputs at one pass's cost. H-Flip and ttach's D4 run as their own wrappers.
+    Returns ``{"n", "miou": {m}, "pixel_acc": {m}, "choices", "pred", "true"}``.
+    """
+    import ttach as tta
+
+    from .data import normalizer
+    from .segmentation import (ConfusionMatrix, SegmentationTTAWrapper, merge_views, segmentation_loss)
+
+    methods = check_seg_methods(methods)
+    if predictor is None:
+        methods = [m for m in methods if not m.startswith("ours")]
+    normalize = normalize or normalizer(model)
+    model.eval()
+    if predictor is not None:
+        predictor.eval()
+    t = len(space)
+    ident = next((i for i, c in enumerate(space.candidates) if c.is_identity), None)
+
+    def net(x):
+        return model(normalize(x))
+
+    full = SegmentationTTAWrapper(net, space, output_mask_key=output_key)
+    hflip = SegmentationTTAWrapper(net, "hflip", output_mask_key=output_key)
+    d4 = tta.SegmentationTTAWrapper(net, tta.aliases.d4_transform(), merge_mode="mean", output_mask_key=output_key)
+    gen = torch.Generator().manual_seed(seed)
+    cms = {m: ConfusionMatrix(num_classes, ignore_index) for m in methods}
+    choices = torch.zeros(t, dtype=torch.long)
+    preds, trues = [], []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size].float() / 255
+        y = masks[i:i + batch_size].long()
+        b = x.shape[0]
+        r = full.run(x)
+        views, valid = r["views"], r["validity"]  # (B, T, K, H, W), (B, T, 1, H, W)
+        true = segmentation_loss(views.flatten(0, 1), y.repeat_interleave(t, 0), kind=loss,
+                                 ignore_index=ignore_index).view(b, t)
+        trues.append(true)
+
+        def pick(idx):
+            rows = torch.arange(b)[:, None]
+            v = views[rows, idx]
+            return merge_views(v, valid[rows, idx], fallback=v.mean(1))[0]
+
+        out: Dict[str, Tensor] = {"full_mean": r["output"]}
+        if "identity" in methods:
+            out["identity"] = views[:, ident] if ident is not None else _seg_logits(net, x, output_key)
+        if "hflip" in methods:
+            out["hflip"] = hflip(x) if output_key is None else hflip(x)[output_key]
+        if "d4_ttach" in methods:
+            out["d4_ttach"] = d4(x) if output_key is None else d4(x)[output_key]
+        for k in (1, 2):
+            if f"random_k{k}" in methods:
+                out[f"random_k{k}"] = pick(torch.rand(b, t, generator=gen).argsort(1)[:, :min(k, t)])
+        if "oracle_k1" in methods:
+            out["oracle_k1"] = pick(true.argmin(1, keepdim=True))
+        if predictor is not None:
+            pred = predictor(x).float()
+            preds.append(pred)
+            top = pred.topk(min(2, t), dim=1, largest=False, sorted=True).indices
+            choices += torch.bincount(top[:, 0], minlength=t)
+            out["ours_k1"] = pick(top[:, :1])
+            out["ours_k2"] = pick(top)
+        for m in methods:
+            cms[m].update(out[m].argmax(1), y)
+    metrics = {m: cms[m].metrics() for m in methods}
+    return {
+        "n": int(images.shape[0]),
+        "miou": {m: 100.0 * metrics[m]["miou"] for m in methods},
+        "pixel_acc": {m: 100.0 * metrics[m]["pixel_acc"] for m in methods},
+        "choices": choices.tolist(),
+        "pred": torch.cat(preds) if preds else None,
+        "true": torch.cat(trues),
+    }
+
+
+def _seg_method_wrapper(method: str, net: Callable, space, predictor, output_key: Optional[str]):
+    """The deployable inference of ``method`` as a callable on pixels (selection, views, one model
+    call, de-augmentation, merge)."""
+    import ttach as tta
+
+    from .segmentation import LossGuidedSegmentationWrapper, RandomKSegmentationWrapper, SegmentationTTAWrapper
+
+    kw = {"output_mask_key": output_key}
+    if method == "identity":
+        return net
+    if method == "hflip":
+        return SegmentationTTAWrapper(net, "hflip", **kw)
+    if method == "d4_ttach":
+        return tta.SegmentationTTAWrapper(net, tta.aliases.d4_transform(), merge_mode="mean", output_mask_key=output_key)
+    if method == "full_mean":
+        return SegmentationTTAWrapper(net, space, **kw)
+    if method.startswith("random_k"):
+        return RandomKSegmentationWrapper(net, space, k=int(method[-1]), generator=torch.Generator().manual_seed(0), **kw)
+    if method.startswith("ours_k"):
+        return LossGuidedSegmentationWrapper(net, predictor, space=space, k=int(method[-1]), **kw)
+    raise ValueError(f"method {method!r} has no deployable forward (the oracle needs the labels)")
+
+
+def measure_segmentation_cost(model: nn.Module, predictor: Optional[nn.Module], space, images: Tensor,
+                              methods: Sequence[str] = SEG_METHODS, repeats: int = 3, batch_size: int = 32,
+                              normalize: Optional[Callable] = None, output_key: Optional[str] = None) -> Dict[str, Dict]:
+    """Wall time of each method's deployable segmentation inference on ``images`` (uint8), relative
+    to Identity (best of ``repeats``), and model forwards per image counted by a forward hook."""
+    from .data import normalizer
+
+    normalize = normalize or normalizer(model)
+    x_all = images.float() / 255
+    calls = {"n": 0}
+
+    def hook(_m, inputs, _o):
+        calls["n"] += inputs[0].shape[0]
+
+    def net(x):
+        return model(normalize(x))
+
+    handle = model.register_forward_hook(hook)
+    out: Dict[str, Dict] = {}
+    try:
+        with torch.no_grad():
+            for m in methods:
+                if m == "oracle_k1" or (m.startswith("ours") and predictor is None):
+                    continue
+                fn = _seg_method_wrapper(m, net, space, predictor, output_key)
+                fn(x_all[:min(2, x_all.shape[0])])  # warm-up (cached inverse maps)
+                best = float("inf")
+                for _ in range(repeats):
+                    calls["n"] = 0
+                    t0 = time.perf_counter()
+                    for i in range(0, x_all.shape[0], batch_size):
+                        fn(x_all[i:i + batch_size])
+                    best = min(best, time.perf_counter() - t0)
+                out[m] = {"seconds": best, "model_calls_per_image": calls["n"] / x_all.shape[0]}
+    finally:
+        handle.remove()
+    base = out.get("identity", {}).get("seconds")
+    for rec in out.values():
+        rec["relative_time"] = rec["seconds"] / base if base else None
+    if "oracle_k1" in methods:
+        out["oracle_k1"] = {"model_calls_per_image": float(len(space)), "relative_time": None, "seconds": None}
+    return out
+
+
+def evaluate_segmentation(model: nn.Module, val_images: Tensor, val_masks: Tensor, space, out_dir: str,
+                          num_classes: int, predictor: Optional[nn.Module] = None, size: Optional[int] = None,
+                          corruptions: Sequence[str] = tuple(c for c in COMMON if c not in GEOMETRIC_CORRUPTIONS),
+                          held_out: Sequence[str] = HELD_OUT, severities: Sequence[int] = SEVERITIES,
+                          methods: Sequence[str] = SEG_METHODS, loss: str = "ce", ignore_index: int = 255,
+                          output_key: Optional[str] = None, batch_size: int = 32, seed: int = 0,
+                          cost_images: int = 64, cost_repeats: int = 3, progress: bool = True) -> Dict:
+    """The methods table for a segmentation model: mIoU and pixel accuracy on clean, common- and
+    held-out-corrupted versions of ``val_images`` (masks ``val_masks`` at the same resolution,
+    resized with the images to ``size``), model forwards per image and wall time vs Identity.
+
+    Writes ``out_dir/results.json`` and ``out_dir/table.md``; per-set results cached in
+    ``out_dir/sets`` (resumable).
+    """
+    from tqdm import tqdm
+
+    from .data import resize_masks
+
+    corruptions, held_out = check_names(corruptions, "corruptions"), check_names(held_out, "held_out")
+    methods = check_seg_methods(methods)
+    for s in severities:
+        if s not in SEVERITIES:
+            raise ValueError(f"severities must be in 1..5, got {list(severities)}")
+    if val_masks.shape != (val_images.shape[0],) + tuple(val_images.shape[-2:]):
+        raise ValueError(f"val_masks must be (N, H, W) = {(val_images.shape[0],) + tuple(val_images.shape[-2:])}, "
+                         f"got {tuple(val_masks.shape)}")
+    masks = resize_masks(val_masks, size) if size is not None and val_masks.shape[-1] != size else val_masks
+    os.makedirs(os.path.join(out_dir, "sets"), exist_ok=True)
+    jobs = [(None, 0)] + [(c, s) for c in tuple(corruptions) + tuple(held_out) for s in severities]
+    per_set: Dict[str, Dict] = {}
+    for name, sev in tqdm(jobs, desc="eval sets", disable=not progress):
+        key = f"{name or 'clean'}_{sev}"
+        path = os.path.join(out_dir, "sets", key + ".json")
+        if not os.path.isfile(path):
+            imgs = corrupted_set(val_images, name, sev, size, os.path.join(out_dir, "data"), seed)
+            res = evaluate_segmentation_arrays(model, imgs, masks, space, num_classes, predictor, methods, loss=loss,
+                                               ignore_index=ignore_index, output_key=output_key,
+                                               batch_size=batch_size, seed=seed)
+            rec = {"corruption": name, "severity": sev, "n": res["n"], "miou": res["miou"],
+                   "pixel_acc": res["pixel_acc"], "choices": res["choices"]}
+            if res["pred"] is not None:
+                from .training.losses import ranking_metrics
+
+                rec["ranking"] = ranking_metrics(res["pred"], res["true"])
+            atomic_write_json(path, rec)
+        with open(path) as f:
+            per_set[key] = json.load(f)
+    cost = measure_segmentation_cost(model, predictor, space,
+                                     corrupted_set(val_images[:cost_images], None, 0, size, None), methods,
+                                     repeats=cost_repeats, batch_size=batch_size,
+                                     output_key=output_key) if cost_images else {}
+    present = [m for m in methods if m in per_set["clean_0"]["miou"]]
+
+    def mean_over(cs, field_name):
+        keys = [f"{c}_{s}" for c in cs for s in severities]
+        return {m: float(np.mean([per_set[k][field_name][m] for k in keys])) for m in present} if keys else {}
+
+    ranking = {k: v["ranking"] for k, v in per_set.items() if "ranking" in v}
+    selection = {k: [c / sum(v["choices"]) for c in v["choices"]] for k, v in per_set.items() if sum(v["choices"])}
+    results = {
+        "task": "segmentation",
+        "methods": present,
+        "labels": {m: SEG_LABELS[m] for m in present},
+        "clean": {"miou": per_set["clean_0"]["miou"], "pixel_acc": per_set["clean_0"]["pixel_acc"]},
+        "common_mean": {"miou": mean_over(corruptions, "miou"), "pixel_acc": mean_over(corruptions, "pixel_acc")},
+        "held_out_mean": {"miou": mean_over(held_out, "miou"), "pixel_acc": mean_over(held_out, "pixel_acc")},
+        "per_set": {k: {"miou": v["miou"], "pixel_acc": v["pixel_acc"]} for k, v in per_set.items()},
+        "corruptions": list(corruptions), "held_out": list(held_out), "severities": list(severities),
+        "n": per_set["clean_0"]["n"], "num_classes": num_classes, "loss": loss,
+        "cost": cost, "candidate_names": list(space.names), "selection_rates": selection, "ranking": ranking,
+        "spearman": {
+            "clean": ranking.get("clean_0", {}).get("spearman"),
+            "common": float(np.mean([ranking[f"{c}_{s}"]["spearman"] for c in corruptions for s in severities]))
+            if ranking and corruptions else None,
+            "held_out": float(np.mean([ranking[f"{c}_{s}"]["spearman"] for c in held_out for s in severities]))
+            if ranking and held_out else None,
+        },
+    }
+    atomic_write_json(os.path.join(out_dir, "results.json"), results)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(segmentation_markdown_table(results))
+    return results
+
+
+def segmentation_markdown_table(results: Dict) -> str:
+    cost = results.get("cost", {})
+    calls_default = {"identity": 1, "hflip": 2, "d4_ttach": 8, "random_k1": 1, "random_k2": 2, "ours_k1": 1,
+                     "ours_k2": 2}
+    lines = ["| Method | Clean mIoU % | Clean pixel acc % | Corrupted mIoU % | Corrupted pixel acc % | "
+             "Held-out mIoU % | Held-out pixel acc % | Model calls / image | Wall time vs Identity |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(group, field_name, m):
+        v = results[group][field_name].get(m)
+        return "" if v is None else f"{v:.2f}"
+
+    for m in results["methods"]:
+        c = cost.get(m, {})
+        calls = c.get("model_calls_per_image", calls_default.get(m, len(results["candidate_names"])))
+        rel = c.get("relative_time")
+        lines.append(f"| {results['labels'][m]} | {cell('clean', 'miou', m)} | {cell('clean', 'pixel_acc', m)} | "
+                     f"{cell('common_mean', 'miou', m)} | {cell('common_mean', 'pixel_acc', m)} | "
+                     f"{cell('held_out_mean', 'miou', m)} | {cell('held_out_mean', 'pixel_acc', m)} | "
+                     f"{calls:g} | {'' if rel is None else f'{rel:.2f}x'} |")
+    sp = results.get("spearman", {})
+    if sp.get("clean") is not None:
+        lines.append("")
+        lines.append("Predictor Spearman (val): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in sp.items() if v is not None))
+    lines.append(f"\n{results['n']} images, {results['num_classes']} classes; severities {results['severities']}; "
+                 f"corrupted = mean over {len(results['corruptions'])} corruptions, held-out over "
+                 f"{results['held_out']}. Oracle k=1 picks by the true per-image {results['loss']} loss "
+                 f"({len(results['candidate_names'])} + 1 forwards).\n")
+    return "\n".join(lines)

@@ -144,17 +144,22 @@ def generate_labels(
     """Fill (or continue) the label cache in ``directory``; returns it.
 
     ``images``: uint8 ``(N, 3, H, W)`` at the source resolution (corruptions are applied
-    there), resized to ``size`` for the model when given. ``max_shards`` stops after that many
+    there), resized to ``size`` for the model when given. ``targets``: class indices ``(N,)``,
+    or label maps ``(N, H, W)`` for a dense ``task`` (:class:`~.tasks.SegmentationLossTask`;
+    resized with the images, nearest). ``max_shards`` stops after that many
     new shards in this process (for tests and time-boxed runs).
     """
     from tqdm import tqdm
 
-    from ..data import normalizer, resize_uint8
+    from ..data import normalizer, resize_masks, resize_uint8
 
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         raise TypeError(f"images must be a uint8 tensor (N, 3, H, W), got {getattr(images, 'dtype', type(images))}")
     if targets.shape[0] != images.shape[0]:
         raise ValueError(f"targets must have one entry per image ({images.shape[0]}), got {targets.shape[0]}")
+    if getattr(task, "dense", False) and (targets.dim() != 3 or targets.shape[-2:] != images.shape[-2:]):
+        raise ValueError(f"targets of a dense task must be label maps (N, H, W) matching the images "
+                         f"{tuple(images.shape[-2:])}, got {tuple(targets.shape)}")
     if not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive integer, got {draws!r}")
     if not isinstance(shard_size, int) or shard_size < 1:
@@ -210,6 +215,8 @@ def generate_labels(
         if size is not None and batch.shape[-1] != size:
             batch = resize_uint8(batch, size)
         tgt = targets[img_idx]
+        if task.dense and size is not None and tgt.shape[-1] != size:
+            tgt = resize_masks(tgt, size)  # label maps follow the images (nearest)
         outputs = compute_view_outputs(model, batch.to(device).float() / 255, tgt.to(device), space, task,
                                        normalize, batch_size)
         atomic_save_tensors(cache.shard_path(s), {

@@ -21,6 +21,8 @@ class Task:
     name = "task"
     #: ``True`` when targets are class indices and k=1 accuracy makes sense.
     classification = False
+    #: ``True`` when targets are per-pixel label maps ``(B, H, W)`` (resized with the images).
+    dense = False
 
     def view_losses(self, model: nn.Module, views: Tensor, targets: Tensor, space, index: Tensor) -> Tensor:
         raise NotImplementedError
@@ -78,3 +80,61 @@ class ClassificationTask(Task):
     def spec(self) -> dict:
         fn = self.loss_fn
         return {"name": self.name, "loss": "cross_entropy" if fn is None else getattr(fn, "__name__", repr(fn))}
+
+
+class SegmentationLossTask(Task):
+    """Per-image segmentation loss of every view, after de-augmenting its dense logits.
+
+    The model maps ``(N, C, H, W)`` to logits ``(N, K, H', W')`` (or a dict holding them under
+    ``output_key``); each view's output is brought back to the input frame with
+    :func:`ttach_instance.segmentation.deaugment_views` and scored against the label map
+    ``(B, H', W')``: ``loss="ce"`` mean pixel cross-entropy without ``ignore_index`` pixels,
+    ``"dice"`` 1 - mean soft Dice. Pixels the view did not see are filled as the ``k = 1``
+    loss-guided wrapper fills them (``coverage="extrapolate"``: nearest covered value;
+    ``"zero"``: 0 logits), so the label is the loss the wrapper would incur picking that view.
+    """
+
+    name = "segmentation"
+    dense = True
+
+    def __init__(self, loss: str = "ce", ignore_index: int = 255, coverage: str = "extrapolate",
+                 interpolation: str = "bilinear", output_key: Optional[str] = None):
+        from ..segmentation import INTERPOLATIONS, LOSS_KINDS
+
+        if loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {list(LOSS_KINDS)}, got {loss!r}")
+        if coverage not in ("extrapolate", "zero"):
+            raise ValueError(f"coverage must be 'extrapolate' or 'zero' for label generation, got {coverage!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        self.loss = loss
+        self.ignore_index = ignore_index
+        self.coverage = coverage
+        self.interpolation = interpolation
+        self.output_key = output_key
+        self._tables = {}
+
+    def view_losses(self, model: nn.Module, views: Tensor, targets: Tensor, space, index: Tensor) -> Tensor:
+        from ..segmentation import _DeaugTables, _split_output, deaugment_views, segmentation_loss
+
+        if index.dim() == 1:
+            index = index[:, None]
+        b, k = index.shape
+        if targets.dim() != 3 or targets.shape[0] != b:
+            raise ValueError(f"targets must be label maps (B, H, W) with B = {b}, got {tuple(targets.shape)}")
+        out = _split_output(model(views), self.output_key)
+        if out.shape[-2:] != targets.shape[-2:]:
+            raise ValueError(f"the model's logits are {tuple(out.shape[-2:])} but the masks are "
+                             f"{tuple(targets.shape[-2:])}; masks must match the model's output resolution")
+        tables = self._tables.setdefault(space.fingerprint, _DeaugTables(space))
+        fill = "border" if self.coverage == "extrapolate" else "zero"
+        back, _ = deaugment_views(out, space, index, self.interpolation, fill, tables, tuple(views.shape[-2:]))
+        losses = segmentation_loss(back, targets.repeat_interleave(k, 0), kind=self.loss,
+                                   ignore_index=self.ignore_index)
+        return losses.view(b, k)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "loss": self.loss, "ignore_index": self.ignore_index, "coverage": self.coverage,
+                "interpolation": self.interpolation}
