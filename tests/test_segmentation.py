@@ -510,3 +510,31 @@ def test_cuda_forward_does_not_synchronise(space_name):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (4, 4, 32, 32)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA not available")
+def test_sync_debug_mode_catches_a_synchronising_forward():
+    """The sync-free test above can fail: a model that calls ``.item()`` in its forward is
+    caught by the same ``set_sync_debug_mode("error")`` check."""
+
+    class Syncing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = pointwise_model()
+
+        def forward(self, x):
+            out = self.conv(x)
+            return out * (1 + 0 * out.sum().item())
+
+    space = ti.get_space("flips")
+    w = SegmentationTTAWrapper(Syncing().cuda(), space)
+    images = torch.rand(2, 3, 16, 16, device="cuda")
+    with torch.no_grad():
+        w(images)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                w(images)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
