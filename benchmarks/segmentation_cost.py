@@ -92,8 +92,19 @@ def main(argv=None):
             ("five_crops (5 views)", SegmentationTTAWrapper(model, "five_crops"), ti.get_space("five_crops"), [list(range(5))]),
             ("paper12 full mean (12 views)", SegmentationTTAWrapper(model, "paper12"), paper12, [list(range(12))]),
         ]
+        try:  # the real predictor (random weights): its own cost is part of the wrapper's
+            from ttach_instance.predictor import LossPredictor
+
+            real = LossPredictor(paper12, input_size=64, pretrained=False).to(device).eval()
+            configs.insert(2, (f"Ours k=1, LossPredictor ({real.backbone_name}, 64 px)",
+                               LossGuidedSegmentationWrapper(model, real, k=1), paper12, None))
+        except ImportError:
+            pass
         for name, wrapper, space, idx in configs:
-            index = torch.tensor(idx, device=device).expand(args.batch, -1)
+            if idx is None:
+                index = wrapper.predictor(images).topk(wrapper.k, 1, largest=False).indices
+            else:
+                index = torch.tensor(idx, device=device).expand(args.batch, -1)
             k = index.shape[1]
             views = space.apply(images, index)
             if getattr(wrapper, "coverage", "") == "identity":
