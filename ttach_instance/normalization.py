@@ -10,6 +10,7 @@ nothing to the device after the first call.
 from __future__ import annotations
 
 import math
+import sys
 from functools import lru_cache
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -76,11 +77,12 @@ def resolve_mean_std(model: Any, mean: Any = None, std: Any = None) -> MeanStd:
             return check_mean_std(m, s)
     cfg = getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None)
     if isinstance(cfg, dict) and cfg:
+        # A model with a pretrained_cfg comes from timm, which is then already imported
+        # (importing it here would cost seconds for nothing).
+        timm_data = sys.modules.get("timm.data")
         try:
-            from timm.data import resolve_data_config
-
-            data_cfg = resolve_data_config({}, model=inner)
-        except Exception:  # timm missing or an unusual config: use the config as it is
+            data_cfg = timm_data.resolve_data_config({}, model=inner) if timm_data is not None else cfg
+        except Exception:  # an unusual config: use it as it is
             data_cfg = cfg
         if data_cfg.get("mean") is not None and data_cfg.get("std") is not None:
             return check_mean_std(data_cfg["mean"], data_cfg["std"])
