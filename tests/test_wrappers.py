@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -373,3 +374,41 @@ def test_lazy_loss_predictor_export(monkeypatch):
     except ImportError:
         pytest.skip("ttach_instance.predictor is not available")
     assert ttach_instance.LossPredictor is predictor_module.LossPredictor
+
+
+def test_empty_batch_keeps_the_model_output_shape():
+    model = Net()
+    wrapper = LossGuidedWrapper(model, FixedPredictor(PAPER12, torch.zeros(0, 12)), k=2)
+    assert wrapper(torch.zeros(0, 3, 16, 16)).shape == (0, 5)
+
+
+# --------------------------------------------------------------------------- accelerators
+
+DEVICE = os.environ.get("TTACH_INSTANCE_TEST_DEVICE", "cuda")
+
+
+@pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("flip", [False, True])
+def test_device_forward_agrees_with_cpu_without_host_sync(flip):
+    model = Net(mean=MEAN, std=STD)
+    pixels = images(4)
+    x = to_model_input(pixels, MEAN, STD)
+    choices = [[0, 3], [1, 11], [6, 0], [4, 9]]
+    cpu = LossGuidedWrapper(model, FixedPredictor(PAPER12, scores_for(choices)), k=2, flip=True)
+    wrapper = LossGuidedWrapper(model, FixedPredictor(PAPER12, scores_for(choices)), k=2, flip=flip,
+                                merge_mode="weighted", return_selection=True).to(DEVICE)
+    wrapper.predictor.scores = wrapper.predictor.scores.to(DEVICE)
+    xd = x.to(DEVICE)
+    wrapper(xd)  # warm-up: per-device tables
+    sync = torch.cuda.is_available() and xd.device.type == "cuda"
+    if sync:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, sel = wrapper(xd)
+    finally:
+        if sync:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.device == xd.device and sel.index.device == xd.device
+    cpu.merge_mode = "weighted"
+    cpu.flip = flip
+    assert torch.allclose(out.cpu(), cpu(x), atol=1e-4)

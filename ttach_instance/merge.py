@@ -104,7 +104,7 @@ def _weighted(outputs: Tensor, mode: str, w: Tensor) -> Tensor:
     used = w > 0
     zero = torch.zeros((), dtype=outputs.dtype, device=outputs.device)
     if mode in ("max", "min"):
-        fill = torch.tensor(float("-inf") if mode == "max" else float("inf"), dtype=outputs.dtype, device=outputs.device)
+        fill = torch.full((), float("-inf") if mode == "max" else float("inf"), dtype=outputs.dtype, device=outputs.device)
         masked = torch.where(used, outputs, fill)
         return masked.amax(1) if mode == "max" else masked.amin(1)
     w = torch.where(used, w, zero)

@@ -211,7 +211,11 @@ class _TTABase(nn.Module):
         cand = self.space.candidates[c]
         if cand.is_identity:
             return x
-        return to_model_input(cand.apply(pixels), self.mean, self.std).to(x.dtype)
+        views = cand.apply(pixels)
+        # A fresh tensor that no autograd graph holds can be normalised in place.
+        fresh = views.untyped_storage().data_ptr() != pixels.untyped_storage().data_ptr()
+        inplace = fresh and not (torch.is_grad_enabled() and views.requires_grad)
+        return to_model_input(views, self.mean, self.std, inplace=inplace).to(x.dtype)
 
     def _call_model(self, views: Tensor, b: int, args: Tuple, kwargs: dict, flip: bool = False) -> Tensor:
         n = views.shape[0]
@@ -308,6 +312,8 @@ class LossGuidedWrapper(_TTABase):
         return self._scores(self._pixels(self._check_input(x)))
 
     def _scores(self, pixels: Tensor) -> Tensor:
+        if pixels.shape[0] == 0:  # an empty batch: nothing to score (the model still runs once, on 0 rows)
+            return pixels.new_zeros((0, len(self.space)), dtype=torch.float32)
         with torch.no_grad():
             dtype = self._predictor_dtype()
             pixels = pixels.detach()
