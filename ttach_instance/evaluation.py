@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .selection import select_random, select_topk
 from .training.checkpoint import atomic_save_tensors, atomic_write_json
 from .training.corruptions import COMMON, HELD_OUT, SEVERITIES, check_names, corrupt_batch
 
@@ -105,14 +106,14 @@ def evaluate_arrays(model: nn.Module, images: Tensor, labels: Tensor, space, pre
         merged["full_mean"] = p_all.mean(1)
         for k in (1, 2, 4):
             if f"random_k{k}" in methods:
-                idx = torch.rand(b, t, generator=gen).argsort(1)[:, :min(k, t)]
+                idx = select_random(b, t, min(k, t), generator=gen)
                 merged[f"random_k{k}"] = p_all.gather(1, idx[:, :, None].expand(-1, -1, p_all.shape[2])).mean(1)
         best = true.argmin(1)
         merged["oracle_k1"] = p_all[torch.arange(b), best]
         if predictor is not None:
             pred = predictor(x).float()
             preds.append(pred)
-            top = pred.topk(min(2, t), dim=1, largest=False).indices  # lowest predicted loss first
+            top = select_topk(pred, min(2, t))  # lowest predicted loss first, ties to the lower index
             choices += torch.bincount(top[:, 0], minlength=t)
             gathered = p_all.gather(1, top[:, :, None].expand(-1, -1, p_all.shape[2]))
             merged["ours_k1"] = gathered[:, 0]
@@ -178,10 +179,10 @@ def _method_forward(method: str, model: nn.Module, predictor: Optional[nn.Module
         return run(space.apply_all(x), t)
     if method.startswith("random_k"):
         k = int(method[len("random_k"):])
-        return run(space.apply(x, torch.rand(b, t, generator=gen).argsort(1)[:, :k]), k)
+        return run(space.apply(x, select_random(b, t, k, generator=gen)), k)
     if method.startswith("ours_k"):
         k = int(method[len("ours_k")])
-        top = predictor(x).float().topk(k, dim=1, largest=False).indices
+        top = select_topk(predictor(x).float(), k)
         if method.endswith("hflip"):
             views = torch.stack([space.apply(x, top).view(b, k, *x.shape[1:]),
                                  space.apply(_hflip(x), top).view(b, k, *x.shape[1:])], 1).flatten(0, 2)
