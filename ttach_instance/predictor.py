@@ -171,7 +171,8 @@ class LossPredictor(nn.Module):
         else:  # a module:factory backbone without timm's feature_info: one dry run
             with torch.no_grad():
                 was = self.backbone.training
-                channels = [f.shape[1] for f in self.backbone.eval()(torch.zeros(1, 3, self.input_size, self.input_size))]
+                dry = torch.zeros(1, 3, self.input_size, self.input_size)
+                channels = [f.shape[1] for f in self.backbone.eval()(dry)]
                 self.backbone.train(was)
         self.channels = [int(c) for c in channels]
         bmean, bstd = _backbone_norm(self.backbone)
@@ -286,8 +287,8 @@ class LossPredictor(nn.Module):
         wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(v.shape)})"
                  for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
         if missing or unexpected or wrong:
-            parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
-                     f"shape mismatch {wrong}" if wrong else ""]
+            parts = [f"missing keys {missing}" if missing else "",
+                     f"unexpected keys {unexpected}" if unexpected else "", f"shape mismatch {wrong}" if wrong else ""]
             raise ValueError(f"predictor checkpoint {path!r} does not match {cls.__name__}"
                              f"(backbone={meta['config'].get('backbone')!r}): " + "; ".join(p for p in parts if p))
         predictor.load_state_dict(tensors, strict=True)
