@@ -231,3 +231,19 @@ def test_bad_inputs(predictor, space):
         LossPredictor(12)
     with pytest.raises(ValueError, match="backbone 'nope:thing'"):
         LossPredictor(space, backbone="nope:thing")
+
+
+def test_load_predictor_dispatch_rejects_truncated_and_missing_files(tmp_path, predictor):
+    from ttach_instance.models import load_predictor
+
+    path = str(tmp_path / "p.safetensors")
+    predictor.save(path)
+    assert type(load_predictor(path)) is LossPredictor
+    blob = open(path, "rb").read()
+    cut = str(tmp_path / "cut.safetensors")
+    with open(cut, "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors.*not a readable safetensors"):
+        load_predictor(cut)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_predictor(str(tmp_path / "absent.safetensors"))

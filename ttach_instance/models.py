@@ -128,11 +128,18 @@ def load_predictor(path: str, space=None) -> nn.Module:
 
     if not isinstance(path, str) or not path.endswith(".safetensors"):
         raise ValueError(f"predictor must be a .safetensors checkpoint, got {path!r}")
-    from safetensors import safe_open
     import json
+    import os
 
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ValueError(f"predictor checkpoint {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    except Exception as exc:  # truncated or not a safetensors file: say which file, not the parser's words only
+        raise ValueError(f"predictor checkpoint {path!r} is not a readable safetensors file ({exc})") from exc
     if meta.get("kind") == SmallLossPredictor.kind:
         return SmallLossPredictor.load(path, space)
     from .predictor import LossPredictor
