@@ -256,20 +256,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from .data import normalizer
-    from .evaluation import _method_forward
+    from .data import model_mean_std
     from .models import load_predictor
+    from .normalization import to_model_input
+    from .wrappers import LossGuidedWrapper
 
     if not args.images:
         raise ValueError("images: give at least one image file")
     if args.num_classes is None:
         raise ValueError("--num-classes is required for predict (the classes the model was trained with)")
-    if not 1 <= args.k <= 9:
-        raise ValueError(f"--k must be in 1..9, got {args.k}")
     predictor = load_predictor(args.predictor)
     space = predictor.space
-    if args.k > len(space):
-        raise ValueError(f"--k must be at most the number of candidates ({len(space)}), got {args.k}")
+    if not 1 <= args.k <= len(space):
+        raise ValueError(f"--k must be in 1..{len(space)} (the candidates of the predictor's space "
+                         f"{space.name!r}), got {args.k}")
     model = _load_model(args, args.num_classes)
     size = args.size or predictor.input_size
     classes = None
@@ -284,16 +284,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             img = img.convert("RGB").resize((size, size), Image.BICUBIC)
             pixels.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
     x = torch.stack(pixels).float() / 255
-    method = f"ours_k{args.k}" + ("_hflip" if args.flip else "")
+    # The CLI's models get the same normalisation as in labels/eval (data.model_mean_std);
+    # the wrapper takes model inputs and returns merged softmax outputs (the paper averages
+    # probabilities, not logits).
+    mean, std = model_mean_std(model)
+    prob_model = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
+    wrapper = LossGuidedWrapper(prob_model, predictor, k=args.k, flip=args.flip, mean=mean, std=std,
+                                return_selection=True)
     with torch.no_grad():
-        scores = predictor(x)
-        probs = _method_forward(method, model, predictor, space, None, normalizer(model), x, torch.Generator())
+        probs, selection = wrapper(to_model_input(x, tuple(mean), tuple(std)))
     names = predictor.candidate_names
     for i, path in enumerate(args.images):
-        top = scores[i].argsort()[:args.k].tolist()
         cls = int(probs[i].argmax())
         label = classes[cls] if classes and cls < len(classes) else str(cls)
-        print(f"{path}: class {label} (p={float(probs[i, cls]):.3f}); views: {', '.join(names[j] for j in top)}")
+        views = ", ".join(names[j] for j in selection.index[i].tolist())
+        print(f"{path}: class {label} (p={float(probs[i, cls]):.3f}); views: {views}" + (" (+ h-flips)" if args.flip else ""))
     return 0
 
 

@@ -351,13 +351,23 @@ class TransformSpace:
         self._row_plan = plan
         return plan
 
+    def _row_plan_on(self, device: torch.device) -> List[Tuple[type, Tensor, Tensor]]:
+        # The parameter tables are copied to an accelerator once, not on every call: a
+        # host-to-device copy per forward is a needless transfer on the sync-free path.
+        cache = self.__dict__.setdefault("_row_plan_devices", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = [(family, table.to(device), present.to(device))
+                          for family, table, present in self.row_plan()]  # type: ignore[union-attr]
+        return cache[key]
+
     def _apply_rows(self, images: Tensor, idx: Tensor) -> Tensor:
         b, k = idx.shape
         flat = idx.reshape(-1)
         views = images.repeat_interleave(k, 0) if k > 1 else images
-        for family, table, present in self.row_plan():  # type: ignore[union-attr]
-            params = table.to(images.device)[flat].to(torch.float32)
-            used = present.to(images.device)[flat]
+        for family, table, present in self._row_plan_on(images.device):
+            params = table[flat].to(torch.float32)
+            used = present[flat]
             # Rows whose candidate does not use this slot keep their pixels exactly.
             views = torch.where(used[:, None, None, None], family.apply_rows(views, params), views)
         return views
