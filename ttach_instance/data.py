@@ -190,11 +190,13 @@ def build_model(spec: str, num_classes: Optional[int] = None, weights: Optional[
 
 
 def model_mean_std(model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """The model's input normalisation: ``model.mean/std``, timm's ``pretrained_cfg``, else ImageNet's."""
-    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
-    if mean is None:
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        mean, std = cfg.get("mean"), cfg.get("std")
+    """The model's input normalisation for the CLI and benchmarks:
+    :func:`~ttach_instance.normalization.resolve_mean_std` (``model.mean/std``, timm's data
+    config), else ImageNet's -- the convention of the models these commands train and load.
+    (The wrappers themselves never assume ImageNet statistics: pass ``mean``/``std``.)"""
+    from .normalization import resolve_mean_std
+
+    mean, std = resolve_mean_std(model)
     if mean is None or std is None:
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
