@@ -83,23 +83,17 @@ def stage_labels(args, sets, model):
         log(f"{name}: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards")
 
 
-def predictor_class():
-    try:
-        from ttach_instance.predictor import LossPredictor
-
-        return LossPredictor
-    except ImportError:
+def make_predictor(args, space):
+    """``--predictor loss``: the library's LossPredictor (timm backbone, multi-level features);
+    ``--predictor small``: the light SmallLossPredictor CNN (the first benchmark's predictor)."""
+    if args.predictor == "small":
         from ttach_instance.models import SmallLossPredictor
 
-        return SmallLossPredictor
+        return SmallLossPredictor(space, width=args.pred_width, input_size=args.pred_size)
+    from ttach_instance.predictor import DEFAULT_BACKBONE, LossPredictor
 
-
-def make_predictor(args, space):
-    cls = predictor_class()
-    if cls.__name__ == "SmallLossPredictor":
-        log("ttach_instance.predictor is not available: using ttach_instance.models.SmallLossPredictor")
-        return cls(space, width=args.pred_width, input_size=args.pred_size)
-    return cls(space, backbone=args.pred_backbone, input_size=args.pred_size, pretrained=False)
+    return LossPredictor(space, backbone=args.pred_backbone or DEFAULT_BACKBONE, input_size=args.pred_size,
+                         pretrained=False)
 
 
 def load_fitted_predictor(path, space):
@@ -132,7 +126,7 @@ def stage_fit(args, sets, model):
     from ttach_instance.training.trainer import FitConfig, fit_predictor, flip_permutation
 
     space = get_space("paper12")
-    out = os.path.join(args.out, "fit")
+    out = os.path.join(args.out, args.fit_dir)
     final = os.path.join(out, "predictor.safetensors")
     if os.path.isfile(final):
         return load_fitted_predictor(final, space)
@@ -152,12 +146,12 @@ def stage_eval(args, sets, model):
     from ttach_instance.training.corruptions import COMMON, HELD_OUT
 
     space = get_space("paper12")
-    pred = load_fitted_predictor(os.path.join(args.out, "fit", "predictor.safetensors"), space)
+    pred = load_fitted_predictor(os.path.join(args.out, args.fit_dir, "predictor.safetensors"), space)
     tag = ""
     if args.uncalibrated:  # undo the identity margin calibrated after training: the plain predictor
         from ttach_instance.training.trainer import apply_identity_margin
 
-        with open(os.path.join(args.out, "fit", "history.json")) as f:
+        with open(os.path.join(args.out, args.fit_dir, "history.json")) as f:
             margin = json.load(f)[-1].get("identity_margin") or 0.0
         apply_identity_margin(pred, -margin)
         tag = "_uncalibrated"
@@ -166,7 +160,7 @@ def stage_eval(args, sets, model):
     if args.val_limit:
         val = val.subset(range(0, len(val), max(1, len(val) // args.val_limit)))
     sev = [int(s) for s in args.severities.split(",")]
-    res = evaluate(model, val.images, val.labels, space, os.path.join(args.out, f"eval_sev{''.join(map(str, sev))}_n{len(val)}{tag}"),
+    res = evaluate(model, val.images, val.labels, space, os.path.join(args.out, f"eval_{args.fit_dir}_sev{''.join(map(str, sev))}_n{len(val)}{tag}"),
                    predictor=pred, size=args.size, corruptions=COMMON, held_out=HELD_OUT, severities=sev,
                    seed=args.seed, log=log)
     if res:
@@ -185,9 +179,12 @@ def main(argv=None):
     p.add_argument("--corruption-p", type=float, default=0.4)
     p.add_argument("--extra-label-seeds", default="1", help="more label caches with these seeds (comma list)")
     p.add_argument("--fit-epochs", type=int, default=6)
-    p.add_argument("--pred-backbone", default="ttach_instance.models:small_resnet")
-    p.add_argument("--pred-size", type=int, default=32)
-    p.add_argument("--pred-width", type=int, default=8, help="SmallLossPredictor width (when LossPredictor is absent)")
+    p.add_argument("--predictor", choices=["loss", "small"], default="loss",
+                   help="loss: LossPredictor (timm backbone); small: SmallLossPredictor CNN")
+    p.add_argument("--pred-backbone", default=None, help="timm backbone of the LossPredictor (default: the library's)")
+    p.add_argument("--pred-size", type=int, default=64, help="predictor input size (images are resized to it)")
+    p.add_argument("--pred-width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
+    p.add_argument("--fit-dir", default="fit", help="sub-directory of --out holding the fitted predictor")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
