@@ -3,7 +3,7 @@
 Every stage caches its result under ``--out`` (default ``runs/tinyimagenet``) and is skipped
 when done; kill it at any point and run the same command again to continue.
 
-    python benchmarks/tinyimagenet.py --data ../shared/data/tinyimagenet-dev20 --size 32
+    python benchmarks/tiny_imagenet.py --data ../shared/data/tinyimagenet-dev20 --size 32
 
 Stages: data (decode JPEGs once) -> target (small ResNet, from scratch) -> labels (paper12
 losses, corruption p=0.4 from the 15 common corruptions, several draws per image) -> fit
