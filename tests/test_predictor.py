@@ -247,3 +247,58 @@ def test_load_predictor_dispatch_rejects_truncated_and_missing_files(tmp_path, p
         load_predictor(cut)
     with pytest.raises(ValueError, match="does not exist"):
         load_predictor(str(tmp_path / "absent.safetensors"))
+
+
+class _FirstRow(torch.nn.Module):
+    """Stub predictor: the scores are the first row of the red channel (width = |T|)."""
+
+    def __init__(self, space):
+        super().__init__()
+        self.space = space
+        self.space_fingerprint = space.fingerprint
+        self.candidate_names = space.names
+        self.input_size = 12
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return x[:, 0, 0, :].clone()
+
+
+def test_flip_averaged_predictor_hand_values():
+    from ttach_instance.predictor import FlipAveragedPredictor
+
+    stub = _FirstRow(get_space("paper12"))
+    pred = FlipAveragedPredictor(stub)
+    x = torch.zeros(1, 3, 4, 12)
+    x[0, 0, 0] = torch.arange(12.0)
+    out = pred(x)
+    # mirrored row = 11..0; candidates 1 and 2 (rotate -20 / +20) swap, all others map to themselves
+    expected = torch.tensor([[5.5, 5.0, 6.0] + [5.5] * 9])
+    assert torch.equal(out, expected)
+    assert stub.calls == [2]  # one call on the image and its mirror together
+    assert pred.space is stub.space and pred.candidate_names == stub.candidate_names and pred.input_size == 12
+
+
+def test_flip_averaged_predictor_is_mirror_consistent():
+    from ttach_instance.predictor import FlipAveragedPredictor
+    from ttach_instance.space import flip_permutation
+
+    torch.manual_seed(0)
+    space = get_space("paper12")
+    pred = FlipAveragedPredictor(LossPredictor(space, **TINY)).eval()
+    x = torch.rand(3, 3, 40, 40)
+    with torch.no_grad():
+        a, b = pred(x), pred(x.flip(-1))
+    perm = flip_permutation(space)
+    assert torch.allclose(b, a[:, perm], atol=1e-5)
+    assert not torch.allclose(a[:, 1], a[:, 2], atol=1e-3)  # the swap is not vacuous
+
+
+def test_flip_averaged_predictor_rejects_unmirrored_space_and_non_predictor():
+    from ttach_instance.predictor import FlipAveragedPredictor
+
+    with pytest.raises(ValueError, match="mirror"):
+        FlipAveragedPredictor(_FirstRow(get_space("five_crops")))
+    with pytest.raises(TypeError, match=r"\.space"):
+        FlipAveragedPredictor(torch.nn.Identity())

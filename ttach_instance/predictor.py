@@ -293,3 +293,46 @@ class LossPredictor(nn.Module):
                              f"(backbone={meta['config'].get('backbone')!r}): " + "; ".join(p for p in parts if p))
         predictor.load_state_dict(tensors, strict=True)
         return predictor.to(map_location).eval()
+
+
+class FlipAveragedPredictor(nn.Module):
+    """Scores of ``predictor`` averaged over the image and its horizontal mirror.
+
+    The paper's optional test-time step: the mirrored image is scored too, and its scores are
+    mapped back to the original candidates (a candidate of the mirrored image is the mirrored
+    candidate of the original: ``rotate(+20)`` of ``flip(x)`` is ``flip(rotate(-20)(x))``, see
+    :func:`~ttach_instance.space.flip_permutation`) before averaging. Both images go through
+    ``predictor`` in one call, so it costs one predictor forward of ``2B`` rows. The result is
+    mirror-consistent: scoring ``flip(x)`` gives the scores of ``x`` permuted.
+
+    Works around any predictor module with a ``.space`` (:class:`LossPredictor`,
+    :class:`~ttach_instance.models.SmallLossPredictor`, a user's) and exposes the same
+    ``space``, ``space_fingerprint``, ``candidate_names`` and ``input_size``, so it drops into
+    :class:`~ttach_instance.wrappers.LossGuidedWrapper` and the evaluation harness unchanged.
+    """
+
+    def __init__(self, predictor: nn.Module):
+        super().__init__()
+        from .space import flip_permutation
+
+        space = getattr(predictor, "space", None)
+        if not isinstance(space, TransformSpace):
+            raise TypeError(f"predictor must be a loss predictor module with a .space (TransformSpace), got "
+                            f"{type(predictor).__name__}")
+        perm = flip_permutation(space)
+        if perm is None:
+            raise ValueError(f"space {space.name!r} has candidates without a mirror image in the space "
+                             f"(e.g. a left crop): flip averaging needs every candidate's mirror, names {space.names}")
+        self.predictor = predictor
+        # mirrored[:, j] scores candidate j of flip(x) ~ candidate perm[j] of x: gather the inverse.
+        self.register_buffer("source", torch.argsort(torch.tensor(perm)), persistent=False)
+
+    def __getattr__(self, name: str):
+        if name in ("space", "space_fingerprint", "candidate_names", "input_size"):
+            return getattr(self._modules["predictor"], name)
+        return super().__getattr__(name)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        both = self.predictor(torch.cat([pixels, pixels.flip(-1)]))
+        plain, mirrored = both.chunk(2)
+        return (plain + mirrored.index_select(1, self.source.to(mirrored.device))) / 2

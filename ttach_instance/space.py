@@ -467,3 +467,31 @@ class TransformSpace:
         from .transforms import candidates_from_ttach
 
         return cls(candidates_from_ttach(compose), name=name)
+
+
+def _mirrored(spec: dict) -> dict:
+    ops = []
+    for op in spec["ops"]:
+        op = dict(op)
+        if op.get("op") == "rotate":
+            op["angle"] = -op["angle"]
+        elif op.get("op") not in ("hflip", "vflip", "zoom", "autocontrast", "sharpness", "color", "identity", "rot90"):
+            return {}
+        if op.get("op") == "rot90":
+            op["k"] = (-op["k"]) % 4
+        ops.append(op)
+    return {"ops": ops}
+
+
+def flip_permutation(space) -> Optional[List[int]]:
+    """``perm`` with ``loss(candidate j, flip(x)) ~ loss(candidate perm[j], x)`` (rotations swap
+    sign under a horizontal flip; photometric ops and zoom commute with it), or ``None`` when some
+    candidate has no mirror in the space."""
+    specs = [{"ops": c["ops"]} for c in space.spec()]
+    perm = []
+    for spec in specs:
+        m = _mirrored(spec)
+        if m not in specs:
+            return None
+        perm.append(specs.index(m))
+    return perm

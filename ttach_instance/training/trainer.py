@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..space import flip_permutation  # noqa: F401 - re-exported: FitConfig(flip_permutation=...)
 from . import distributed as dist
 from .checkpoint import (atomic_save_tensors, atomic_write_json, load_module_tensors, load_tensors,
                          module_tensors, optimizer_from_tensors, optimizer_to_tensors)
@@ -62,34 +63,6 @@ class FitConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.flip_permutation is not None and sorted(self.flip_permutation) != list(range(len(self.flip_permutation))):
             raise ValueError(f"flip_permutation must be a permutation of 0..T-1, got {self.flip_permutation}")
-
-
-def _mirrored(spec: dict) -> dict:
-    ops = []
-    for op in spec["ops"]:
-        op = dict(op)
-        if op.get("op") == "rotate":
-            op["angle"] = -op["angle"]
-        elif op.get("op") not in ("hflip", "vflip", "zoom", "autocontrast", "sharpness", "color", "identity", "rot90"):
-            return {}
-        if op.get("op") == "rot90":
-            op["k"] = (-op["k"]) % 4
-        ops.append(op)
-    return {"ops": ops}
-
-
-def flip_permutation(space) -> Optional[List[int]]:
-    """``perm`` with ``loss(candidate j, flip(x)) ~ loss(candidate perm[j], x)`` (rotations swap
-    sign under a horizontal flip; photometric ops and zoom commute with it), or ``None`` when some
-    candidate has no mirror in the space."""
-    specs = [{"ops": c["ops"]} for c in space.spec()]
-    perm = []
-    for spec in specs:
-        m = _mirrored(spec)
-        if m not in specs:
-            return None
-        perm.append(specs.index(m))
-    return perm
 
 
 def split_rows(rows: Tensor, num_images: int, val_fraction: float, seed: int):
