@@ -55,8 +55,8 @@ def test_methods_against_direct_computation():
     assert e["ours_k1"] == pytest.approx(err(views[5], labels))
     assert e["ours_k2"] == pytest.approx(err((views[5] + views[9]) / 2, labels))
     with torch.no_grad():
-        f5 = p(sp.candidates[5].apply(x.flip(-1)))
-        f9 = p(sp.candidates[9].apply(x.flip(-1)))
+        f5 = p(sp.candidates[5].apply(x).flip(-1))
+        f9 = p(sp.candidates[9].apply(x).flip(-1))
     assert e["ours_k1_hflip"] == pytest.approx(err((views[5] + f5) / 2, labels))
     assert e["ours_k2_hflip"] == pytest.approx(err((views[5] + views[9] + f5 + f9) / 4, labels))
     true = torch.stack([-torch.log(v.gather(1, labels[:, None]).squeeze(1)) for v in views], 1)
@@ -67,6 +67,36 @@ def test_methods_against_direct_computation():
     assert res["choices"] == [23 if j == 5 else 0 for j in range(len(sp))]
     # without a predictor the predictor methods are left out
     assert "ours_k1" not in evaluate_arrays(model, images, labels, sp, None)["errors"]
+
+
+def test_ours_hflip_is_what_the_flip_wrapper_deploys():
+    """Ours k + H-Flip = the chosen views and their mirrors (LossGuidedWrapper(flip=True)), which
+    differs from the candidate of the mirrored input for rotations: pick rotate(-20) to see it."""
+    from ttach_instance.data import model_mean_std
+    from ttach_instance.evaluation import _method_forward
+    from ttach_instance.wrappers import LossGuidedWrapper
+
+    model = tiny_model(3)
+    images, _ = tiny_data(40, size=32)
+    sp = space()
+    pred = FixedPredictor(len(sp), 1, 9)
+    pred.space = sp
+    norm = normalizer(model)
+    mean, std = model_mean_std(model)
+    x = images.float() / 255
+    with torch.no_grad():
+        p = lambda v: torch.softmax(model(norm(v)), -1)  # noqa: E731
+        rot = sp.candidates[1].apply(x)
+        mirrored_view = (p(rot) + p(rot.flip(-1))) / 2
+        view_of_mirror = (p(rot) + p(sp.candidates[1].apply(x.flip(-1)))) / 2
+        probs_model = nn.Sequential(model, nn.Softmax(-1))  # the wrapper's mean of probabilities
+        for k in (1, 2):
+            deployed = LossGuidedWrapper(probs_model, pred, k=k, flip=True, mean=mean, std=std)(norm(x))
+            forward = _method_forward(f"ours_k{k}_hflip", model, pred, sp, None, norm, x, torch.Generator())
+            assert torch.allclose(forward, deployed, atol=1e-6), k
+            if k == 1:
+                assert torch.allclose(forward, mirrored_view, atol=1e-6)
+    assert not torch.allclose(mirrored_view, view_of_mirror, atol=1e-3)  # the two readings differ here
 
 
 def test_random_k_is_reproducible_and_distinct():

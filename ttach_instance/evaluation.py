@@ -119,7 +119,8 @@ def evaluate_arrays(model: nn.Module, images: Tensor, labels: Tensor, space, pre
             merged["ours_k1"] = gathered[:, 0]
             merged["ours_k2"] = gathered.mean(1)
             if "ours_k1_hflip" in methods or "ours_k2_hflip" in methods:
-                p_flip = _probs(model, space.apply(_hflip(x), top), normalize).view(b, top.shape[1], -1)
+                # the mirror of each chosen view, as LossGuidedWrapper(flip=True) deploys it
+                p_flip = _probs(model, _hflip(space.apply(x, top)), normalize).view(b, top.shape[1], -1)
                 merged["ours_k1_hflip"] = (gathered[:, 0] + p_flip[:, 0]) / 2
                 merged["ours_k2_hflip"] = (gathered.sum(1) + p_flip.sum(1)) / (2 * top.shape[1])
         for m in methods:
@@ -184,8 +185,8 @@ def _method_forward(method: str, model: nn.Module, predictor: Optional[nn.Module
         k = int(method[len("ours_k")])
         top = select_topk(predictor(x).float(), k)
         if method.endswith("hflip"):
-            views = torch.stack([space.apply(x, top).view(b, k, *x.shape[1:]),
-                                 space.apply(_hflip(x), top).view(b, k, *x.shape[1:])], 1).flatten(0, 2)
+            chosen = space.apply(x, top).view(b, k, *x.shape[1:])
+            views = torch.stack([chosen, _hflip(chosen)], 1).flatten(0, 2)
             return run(views, 2 * k)
         return run(space.apply(x, top), k)
     raise ValueError(f"method {method!r} has no deployable forward (the oracle needs the labels)")
