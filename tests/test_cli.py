@@ -132,6 +132,21 @@ def test_fit_and_predict_commands(folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--model", FACTORY, "--weights", w, "--num-classes", "2", "--predictor", pred, "--k", "13", img])
     assert "--k" in capsys.readouterr().err
+    # --predictor-flip: the views are the k lowest of the flip-averaged scores
+
+    from ttach_instance.models import load_predictor
+    from ttach_instance.predictor import FlipAveragedPredictor
+
+    loaded = load_predictor(pred)
+    with Image.open(img) as im:
+        im = im.convert("RGB").resize((loaded.input_size, loaded.input_size), Image.BICUBIC)
+        x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        order = FlipAveragedPredictor(loaded)(x)[0].argsort()[:3].tolist()
+    assert main(["predict", "--model", FACTORY, "--weights", w, "--num-classes", "2", "--predictor", pred,
+                 "--predictor-flip", "--k", "3", img]) == 0
+    views = capsys.readouterr().out.strip().split("views: ")[1]
+    assert views == ", ".join(loaded.candidate_names[j] for j in order)
 
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyimagenet-dev20")

@@ -205,12 +205,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit:
         ds = ds.subset(range(0, len(ds), max(1, len(ds) // args.limit)))
     model = _load_model(args, len(ds.classes))
-    predictor = None
     space = get_space(args.space)
-    if args.predictor:
-        from .models import load_predictor
-
-        predictor = load_predictor(args.predictor, space=space)
+    predictor = _load_predictor_arg(args, space)
     methods = METHODS if args.methods == "all" else _parse_list(args.methods, "--methods")
     res = evaluate(model, ds.images, ds.labels, space, args.out, predictor=predictor, size=args.size,
                    corruptions=_corruption_list(args.corruptions, "--corruptions"),
@@ -220,6 +216,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(res))
     print(f"wrote {args.out}/table.md, results.json and plots")
     return 0
+
+
+def _load_predictor_arg(args: argparse.Namespace, space=None):
+    """``--predictor`` loaded (for ``space`` when given; ``None`` without the option), wrapped in a
+    :class:`~ttach_instance.predictor.FlipAveragedPredictor` with ``--predictor-flip``."""
+    if not args.predictor:
+        if getattr(args, "predictor_flip", False):
+            raise ValueError("--predictor-flip needs --predictor")
+        return None
+    from .models import load_predictor
+
+    predictor = load_predictor(args.predictor, space=space)
+    if getattr(args, "predictor_flip", False):
+        from .predictor import FlipAveragedPredictor
+
+        predictor = FlipAveragedPredictor(predictor)
+    return predictor
 
 
 def _eval_segmentation(args: argparse.Namespace) -> int:
@@ -233,11 +246,7 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
         ds = ds.subset(range(0, len(ds), max(1, len(ds) // args.limit)))
     model = _load_model(args, ds.num_classes)
     space = get_space(args.space)
-    predictor = None
-    if args.predictor:
-        from .models import load_predictor
-
-        predictor = load_predictor(args.predictor, space=space)
+    predictor = _load_predictor_arg(args, space)
     methods = SEG_METHODS if args.methods == "all" else _parse_list(args.methods, "--methods")
     res = evaluate_segmentation(model, ds.images, ds.masks, space, args.out, ds.num_classes, predictor=predictor,
                                 size=args.size, corruptions=_corruption_list(args.corruptions, "--corruptions", "segmentation"),
@@ -257,7 +266,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data import model_mean_std
-    from .models import load_predictor
     from .normalization import to_model_input
     from .wrappers import LossGuidedWrapper
 
@@ -265,7 +273,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError("images: give at least one image file")
     if args.num_classes is None:
         raise ValueError("--num-classes is required for predict (the classes the model was trained with)")
-    predictor = load_predictor(args.predictor)
+    predictor = _load_predictor_arg(args)
     space = predictor.space
     if not 1 <= args.k <= len(space):
         raise ValueError(f"--k must be in 1..{len(space)} (the candidates of the predictor's space "
@@ -307,6 +315,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(out_dir=args.out, size=args.size, seed=args.seed)
     return 0
+
+
+PREDICTOR_FLIP_HELP = ("score each image and its mirror and average (the paper's test-time option; "
+                       "twice the predictor's cost)")
 
 
 def _add_pipeline_commands(sub) -> None:
@@ -354,6 +366,7 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--predictor", default=None, help="predictor .safetensors (without it: baselines only)")
+    p.add_argument("--predictor-flip", action="store_true", help=PREDICTOR_FLIP_HELP)
     p.add_argument("--space", default="paper12")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=None)
@@ -372,6 +385,7 @@ def _add_pipeline_commands(sub) -> None:
     p = sub.add_parser("predict", help="classify image files with loss-guided TTA")
     _add_model_args(p)
     p.add_argument("--predictor", required=True)
+    p.add_argument("--predictor-flip", action="store_true", help=PREDICTOR_FLIP_HELP)
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped views")
     p.add_argument("--size", type=int, default=None, help="resize images to this (default: the predictor's size)")
