@@ -102,6 +102,25 @@ def load_fitted_predictor(path, space):
     return load_predictor(path, space=space)
 
 
+def evaluation_predictor(args, space):
+    """The predictor evaluated: ``--fit-dir`` (a comma list: the mean of their scores), each
+    flip-averaged with ``--predictor-flip``."""
+    from ttach_instance.predictor import FlipAveragedPredictor, PredictorEnsemble
+
+    members = []
+    for fit_dir in args.fit_dir.split(","):
+        pred = load_fitted_predictor(os.path.join(args.out, fit_dir, "predictor.safetensors"), space)
+        if args.uncalibrated:  # undo the identity margin calibrated after training: the plain predictor
+            from ttach_instance.training.trainer import apply_identity_margin
+
+            with open(os.path.join(args.out, fit_dir, "history.json")) as f:
+                margin = json.load(f)[-1].get("identity_margin") or 0.0
+            apply_identity_margin(pred, -margin)
+            log(f"{fit_dir}: evaluating without the identity margin ({margin:.3f})")
+        members.append(FlipAveragedPredictor(pred) if args.predictor_flip else pred)
+    return members[0] if len(members) == 1 else PredictorEnsemble(members)
+
+
 def load_label_caches(args, n_images):
     """The main cache plus any extra complete caches (other seeds), rows offset to stay unique."""
     from ttach_instance.training.labels import LabelCache
@@ -134,6 +153,7 @@ def stage_fit(args, sets, model):
     cfg = FitConfig(epochs=args.fit_epochs, batch_size=128, optimizer=args.optimizer, lr=args.lr,
                     weight_decay=args.weight_decay, warmup_steps=200, ema_decay=args.ema, seed=args.seed,
                     flip_permutation=flip_permutation(space), clean_tolerance=args.clean_tolerance)
+    torch.manual_seed(args.init_seed)  # the predictor's initial weights (and its dropout draws)
     pred = make_predictor(args, space)
     res = fit_predictor(pred, data, out, cfg, num_images=len(sets["train"]), log=log)
     log(f"fit done: {res['final']}")
@@ -146,21 +166,13 @@ def stage_eval(args, sets, model):
     from ttach_instance.training.corruptions import COMMON, HELD_OUT
 
     space = get_space("paper12")
-    pred = load_fitted_predictor(os.path.join(args.out, args.fit_dir, "predictor.safetensors"), space)
-    tag = ""
-    if args.uncalibrated:  # undo the identity margin calibrated after training: the plain predictor
-        from ttach_instance.training.trainer import apply_identity_margin
-
-        with open(os.path.join(args.out, args.fit_dir, "history.json")) as f:
-            margin = json.load(f)[-1].get("identity_margin") or 0.0
-        apply_identity_margin(pred, -margin)
-        tag = "_uncalibrated"
-        log(f"evaluating without the identity margin ({margin:.3f})")
+    pred = evaluation_predictor(args, space)
+    tag = ("_uncalibrated" if args.uncalibrated else "") + ("_pflip" if args.predictor_flip else "")
     val = sets["val"]
     if args.val_limit:
         val = val.subset(range(0, len(val), max(1, len(val) // args.val_limit)))
     sev = [int(s) for s in args.severities.split(",")]
-    res = evaluate(model, val.images, val.labels, space, os.path.join(args.out, f"eval_{args.fit_dir}_sev{''.join(map(str, sev))}_n{len(val)}{tag}"),
+    res = evaluate(model, val.images, val.labels, space, os.path.join(args.out, f"eval_{args.fit_dir.replace(',', '+')}_sev{''.join(map(str, sev))}_n{len(val)}{tag}"),
                    predictor=pred, size=args.size, corruptions=COMMON, held_out=HELD_OUT, severities=sev,
                    seed=args.seed, log=log)
     if res:
@@ -184,7 +196,11 @@ def main(argv=None):
     p.add_argument("--pred-backbone", default=None, help="timm backbone of the LossPredictor (default: the library's)")
     p.add_argument("--pred-size", type=int, default=64, help="predictor input size (images are resized to it)")
     p.add_argument("--pred-width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
-    p.add_argument("--fit-dir", default="fit", help="sub-directory of --out holding the fitted predictor")
+    p.add_argument("--fit-dir", default="fit", help="sub-directory of --out holding the fitted predictor "
+                   "(eval: a comma list evaluates the mean of their scores)")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the predictor's initial weights (fit)")
+    p.add_argument("--predictor-flip", action="store_true",
+                   help="eval: average the predictor's scores over each image and its mirror")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)

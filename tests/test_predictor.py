@@ -302,3 +302,25 @@ def test_flip_averaged_predictor_rejects_unmirrored_space_and_non_predictor():
         FlipAveragedPredictor(_FirstRow(get_space("five_crops")))
     with pytest.raises(TypeError, match=r"\.space"):
         FlipAveragedPredictor(torch.nn.Identity())
+
+
+def test_predictor_ensemble_means_scores_and_checks_spaces():
+    from ttach_instance.predictor import FlipAveragedPredictor, PredictorEnsemble
+
+    space = get_space("paper12")
+    a, b = _FirstRow(space), _FirstRow(space)
+    x = torch.zeros(2, 3, 4, 12)
+    x[:, 0, 0] = torch.arange(12.0)
+    x[1, 0, 0] = 1.0
+    ens = PredictorEnsemble([a, FlipAveragedPredictor(b)])
+    out = ens(x)
+    flipped = torch.tensor([5.5, 5.0, 6.0] + [5.5] * 9)
+    assert torch.equal(out[0], (torch.arange(12.0) + flipped) / 2)
+    assert torch.equal(out[1], torch.ones(12))
+    assert ens.space is space and ens.input_size == 12 and ens.candidate_names == space.names
+    with pytest.raises(ValueError, match="one space"):
+        PredictorEnsemble([a, _FirstRow(get_space("flips"))])
+    with pytest.raises(ValueError, match="at least one"):
+        PredictorEnsemble([])
+    with pytest.raises(TypeError, match=r"predictors\[1\]"):
+        PredictorEnsemble([a, torch.nn.Identity()])

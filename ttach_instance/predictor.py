@@ -295,7 +295,31 @@ class LossPredictor(nn.Module):
         return predictor.to(map_location).eval()
 
 
-class FlipAveragedPredictor(nn.Module):
+#: What the wrappers, the CLI and the evaluation read off a predictor besides calling it.
+_PREDICTOR_ATTRIBUTES = ("space", "space_fingerprint", "candidate_names", "input_size")
+
+
+def _predictor_space(predictor: Any, arg: str = "predictor") -> TransformSpace:
+    space = getattr(predictor, "space", None)
+    if not isinstance(predictor, nn.Module) or not isinstance(space, TransformSpace):
+        raise TypeError(f"{arg} must be a loss predictor module with a .space (TransformSpace), got "
+                        f"{type(predictor).__name__}")
+    return space
+
+
+class _PredictorCombination(nn.Module):
+    """Base of modules built from predictors: reads ``space`` & co. off the first one."""
+
+    def _first(self) -> nn.Module:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        if name in _PREDICTOR_ATTRIBUTES:
+            return getattr(self._first(), name)
+        return super().__getattr__(name)
+
+
+class FlipAveragedPredictor(_PredictorCombination):
     """Scores of ``predictor`` averaged over the image and its horizontal mirror.
 
     The paper's optional test-time step: the mirrored image is scored too, and its scores are
@@ -315,10 +339,7 @@ class FlipAveragedPredictor(nn.Module):
         super().__init__()
         from .space import flip_permutation
 
-        space = getattr(predictor, "space", None)
-        if not isinstance(space, TransformSpace):
-            raise TypeError(f"predictor must be a loss predictor module with a .space (TransformSpace), got "
-                            f"{type(predictor).__name__}")
+        space = _predictor_space(predictor)
         perm = flip_permutation(space)
         if perm is None:
             raise ValueError(f"space {space.name!r} has candidates without a mirror image in the space "
@@ -327,12 +348,40 @@ class FlipAveragedPredictor(nn.Module):
         # mirrored[:, j] scores candidate j of flip(x) ~ candidate perm[j] of x: gather the inverse.
         self.register_buffer("source", torch.argsort(torch.tensor(perm)), persistent=False)
 
-    def __getattr__(self, name: str):
-        if name in ("space", "space_fingerprint", "candidate_names", "input_size"):
-            return getattr(self._modules["predictor"], name)
-        return super().__getattr__(name)
+    def _first(self) -> nn.Module:
+        return self._modules["predictor"]
 
     def forward(self, pixels: Tensor) -> Tensor:
         both = self.predictor(torch.cat([pixels, pixels.flip(-1)]))
         plain, mirrored = both.chunk(2)
         return (plain + mirrored.index_select(1, self.source.to(mirrored.device))) / 2
+
+
+class PredictorEnsemble(_PredictorCombination):
+    """The mean of the scores of several predictors of one space (same fingerprint).
+
+    Independently trained predictors make partly independent ranking errors; their mean ranks
+    better than each (measured in docs/BENCHMARKS.md) at the sum of their costs. Scores are
+    averaged as they are (each predicts relative losses in the same units), so margins folded
+    into a member's bias carry over in proportion. ``space``, ``candidate_names`` and
+    ``input_size`` are the first member's.
+    """
+
+    def __init__(self, predictors: Sequence[nn.Module]):
+        super().__init__()
+        members = list(predictors)
+        if len(members) < 1:
+            raise ValueError("predictors must hold at least one predictor, got none")
+        spaces = [_predictor_space(p, f"predictors[{i}]") for i, p in enumerate(members)]
+        for i, space in enumerate(spaces[1:], 1):
+            if space.fingerprint != spaces[0].fingerprint:
+                raise ValueError(f"predictors[{i}] scores space {space.name!r} (fingerprint {space.fingerprint}), "
+                                 f"predictors[0] space {spaces[0].name!r} ({spaces[0].fingerprint}): an ensemble "
+                                 f"needs one space")
+        self.members = nn.ModuleList(members)
+
+    def _first(self) -> nn.Module:
+        return self._modules["members"][0]
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return torch.stack([m(pixels).float() for m in self.members]).mean(0)
