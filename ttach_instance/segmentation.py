@@ -216,6 +216,20 @@ def deaugment_views(
     flat = index.reshape(-1)
     work = outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) and outputs.device.type == "cpu" else outputs
     grid_dtype = torch.float32 if work.dtype in (torch.float16, torch.bfloat16) else work.dtype
+    if work.device.type == "cpu":
+        # On CPU a host-side selection costs nothing: warp only the rows whose view moved pixels
+        # (same values as the all-rows path below; photometric and identity rows are copied).
+        rows = moved[flat].nonzero().squeeze(1)
+        back = work.clone()
+        valid = torch.ones_like(work[:, :1])
+        if rows.numel():
+            grid = TF.affine_grid(inverse[flat[rows]].to(grid_dtype), [rows.numel(), 1, h, w], align_corners=False)
+            warped = TF.grid_sample(work[rows], grid.to(work.dtype), mode=interpolation, padding_mode="border",
+                                    align_corners=False)
+            v = (grid.abs() <= 1 + 1e-4).all(-1).unsqueeze(1).to(warped.dtype)
+            back[rows] = warped * v if fill == "zero" else warped
+            valid[rows] = v
+        return back.to(outputs.dtype), valid.to(outputs.dtype)
     grid = TF.affine_grid(inverse[flat].to(grid_dtype), [b * k, 1, h, w], align_corners=False)
     back = TF.grid_sample(work, grid.to(work.dtype), mode=interpolation, padding_mode="border", align_corners=False)
     # A pixel is covered when its centre falls inside the view (same rule and tolerance as
@@ -489,7 +503,12 @@ class _SegmentationTTABase(nn.Module):
             back = back.softmax(2)
             if fallback is not None:
                 fallback = fallback.softmax(1)
-        merged, coverage = merge_views(back, valid, weights, fallback)
+        if k == 1 and weights is None and self.coverage == "extrapolate":
+            # one view: the validity-weighted mean is the view itself, and its uncovered pixels
+            # take the fallback, the mean over its one view (the view's border fill) -- skip the merge
+            merged, coverage = back[:, 0], valid[:, 0]
+        else:
+            merged, coverage = merge_views(back, valid, weights, fallback)
         r = {"output": merged, "index": index, "views": back, "validity": valid, "coverage": coverage}
         if add_identity:
             r["identity"] = out[b * k :]
@@ -649,12 +668,19 @@ def view_losses(
     output_mask_key: Optional[str] = None,
     from_pixels: Optional[Callable[[Tensor], Tensor]] = None,
     chunk_size: Optional[int] = None,
-) -> Tensor:
+    return_accuracy: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Per-image loss of every candidate ``(B, len(space))``: each candidate's view through the
     model, de-augmented, uncovered pixels filled as the ``k = 1`` wrapper with this
     ``coverage`` would, scored against ``target`` ``(B, H, W)`` -- i.e. exactly the loss the
     loss-guided wrapper would incur choosing that candidate alone. These are the labels the
-    predictor learns to rank."""
+    predictor learns to rank.
+
+    ``return_accuracy=True``: ``(losses, accuracy)``, ``accuracy`` ``(B, len(space))`` the pixel
+    accuracy of each candidate's k=1 prediction (fraction of the pixels that are not
+    ``ignore_index`` whose argmax is the target; 0 for an image without such pixels) -- the
+    per-view "correct" of a segmentation label cache (what
+    :func:`ttach_instance.training.trainer.calibrate_identity_margin` maximises)."""
     space = _resolve_space(space)
     wrapper = SegmentationTTAWrapper(model, space, interpolation=interpolation, coverage=coverage,
                         output_mask_key=output_mask_key, chunk_size=chunk_size)
@@ -670,7 +696,13 @@ def view_losses(
         views = views * valid
     flat = views.reshape((b * t,) + views.shape[2:])
     tgt = target.to(flat.device).repeat_interleave(t, 0)
-    return segmentation_loss(flat, tgt, kind=loss, ignore_index=ignore_index).reshape(b, t)
+    losses = segmentation_loss(flat, tgt, kind=loss, ignore_index=ignore_index).reshape(b, t)
+    if not return_accuracy:
+        return losses
+    keep = tgt != ignore_index
+    hits = ((flat.argmax(1) == tgt) & keep).flatten(1).sum(1)
+    accuracy = (hits.float() / keep.flatten(1).sum(1).clamp_min(1).float()).reshape(b, t)
+    return losses, accuracy
 
 
 class SegmentationTask:
@@ -701,9 +733,10 @@ class SegmentationTask:
         return segmentation_loss(logits, target, kind=self.loss_kind, ignore_index=self.ignore_index)
 
     def view_losses(self, model: Callable[[Tensor], Any], space: Any, pixels: Tensor, target: Tensor,
-                    from_pixels: Optional[Callable[[Tensor], Tensor]] = None, chunk_size: Optional[int] = None) -> Tensor:
+                    from_pixels: Optional[Callable[[Tensor], Tensor]] = None, chunk_size: Optional[int] = None,
+                    return_accuracy: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         return view_losses(
             model, space, pixels, target, loss=self.loss_kind, ignore_index=self.ignore_index,
             interpolation=self.interpolation, coverage=self.coverage, output_mask_key=self.output_mask_key,
-            from_pixels=from_pixels, chunk_size=chunk_size,
+            from_pixels=from_pixels, chunk_size=chunk_size, return_accuracy=return_accuracy,
         )
