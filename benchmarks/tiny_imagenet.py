@@ -152,7 +152,8 @@ def stage_fit(args, sets, model):
     data = load_label_caches(args, len(sets["train"]))
     cfg = FitConfig(epochs=args.fit_epochs, batch_size=128, optimizer=args.optimizer, lr=args.lr,
                     weight_decay=args.weight_decay, warmup_steps=200, ema_decay=args.ema, seed=args.seed,
-                    flip_permutation=flip_permutation(space), clean_tolerance=args.clean_tolerance)
+                    flip_permutation=flip_permutation(space), clean_tolerance=args.clean_tolerance,
+                    pretrain_epochs=args.pretrain_epochs)
     torch.manual_seed(args.init_seed)  # the predictor's initial weights (and its dropout draws)
     pred = make_predictor(args, space)
     res = fit_predictor(pred, data, out, cfg, num_images=len(sets["train"]), log=log)
@@ -201,6 +202,8 @@ def main(argv=None):
     p.add_argument("--init-seed", type=int, default=0, help="seed of the predictor's initial weights (fit)")
     p.add_argument("--predictor-flip", action="store_true",
                    help="eval: average the predictor's scores over each image and its mirror")
+    p.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="epochs of feature pretraining (classifying the training fold) before the ranking epochs")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)

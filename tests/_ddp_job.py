@@ -14,6 +14,8 @@ from ttach_instance.training.trainer import FitConfig, fit_predictor  # noqa: E4
 
 LABEL_KW = dict(draws=2, corruption_p=0.5, corruptions=["gaussian_noise", "contrast"], shard_size=3, progress=False)
 FIT = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5)
+FIT_PRETRAIN = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5,
+                         pretrain_epochs=2)
 
 
 def main(out):
@@ -27,6 +29,10 @@ def main(out):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, os.path.join(out, f"weights_rank{rank}.safetensors"))
+    pre = TinyPredictor(12)  # feature pretraining (DDP over the temporary classifier), then one ranking epoch
+    fit_predictor(pre, data, None, FIT_PRETRAIN, num_images=11, progress=False, max_epochs_this_run=1,
+                  log=lambda m: None)
+    save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, os.path.join(out, f"pretrained_rank{rank}.safetensors"))
     print(f"rank {rank}/{world} ok")
 
 

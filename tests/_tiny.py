@@ -35,10 +35,12 @@ class TinyPredictor(nn.Module):
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
-    def forward(self, x):
+    def features(self, x):
         h = torch.relu(self.conv(x))
-        h = nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
-        return self.fc(h)
+        return nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
 
 
 def space():

@@ -7,7 +7,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _ddp_job import FIT, LABEL_KW  # noqa: E402
+from _ddp_job import FIT, FIT_PRETRAIN, LABEL_KW  # noqa: E402
 from _tiny import TinyPredictor, space, tiny_data, tiny_model  # noqa: E402
 
 from ttach_instance.training.labels import LabelCache, generate_labels  # noqa: E402
@@ -51,3 +51,12 @@ def test_torchrun_two_processes_match_and_continue_single_process(tmp_path):
                   log=lambda m: None)
     for (k, a), b in zip(straight.state_dict().items(), cont.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), k
+    # feature pretraining under DDP: the ranks agree and equal a single process
+    p0, p1 = (load_file(os.path.join(out, f"pretrained_rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    alone = TinyPredictor(12)
+    fit_predictor(alone, single, None, FIT_PRETRAIN, num_images=11, progress=False, max_epochs_this_run=1,
+                  log=lambda m: None)
+    assert not torch.allclose(alone.conv.weight, TinyPredictor(12).conv.weight)
+    for k, a in alone.state_dict().items():
+        assert torch.allclose(a, p0[k], atol=1e-5), k

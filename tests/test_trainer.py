@@ -114,3 +114,41 @@ def test_identity_margin_hand_computed():
     apply_identity_margin(p, 0.5)
     after = p(x)
     assert torch.allclose(after[:, 0], before[:, 0] - 0.5) and torch.equal(after[:, 1], before[:, 1])
+
+
+def with_classes(data):
+    """Class = which channel has the largest mean: learnable from the pixels."""
+    return {**data, "labels": data["images"].float().mean((2, 3)).argmax(1)}
+
+
+def test_pretrain_features_learns_the_classes_and_leaves_the_head(tmp_path):
+    from ttach_instance.training.trainer import pretrain_features
+
+    torch.manual_seed(0)
+    data = with_classes(synthetic())
+    pred = TinyPredictor(4)
+    head = {k: v.clone() for k, v in pred.fc.state_dict().items()}
+    conv = pred.conv.weight.detach().clone()
+    rows = torch.arange(400)
+    hist = pretrain_features(pred, data["images"], data["labels"], rows, cfg(pretrain_epochs=8, pretrain_lr=0.02),
+                             progress=False, log=lambda m: None)
+    assert [h["pretrain_epoch"] for h in hist] == list(range(1, 9))
+    assert hist[-1]["accuracy"] > 0.8 and hist[-1]["accuracy"] > hist[0]["accuracy"] + 0.2
+    assert all(torch.equal(v, head[k]) for k, v in pred.fc.state_dict().items())  # the ranking head untouched
+    assert not torch.allclose(pred.conv.weight, conv)  # the features moved
+    with pytest.raises(TypeError, match="features"):
+        pretrain_features(torch.nn.Identity(), data["images"], data["labels"], rows, cfg(pretrain_epochs=1))
+    with pytest.raises(ValueError, match="class labels"):
+        pretrain_features(pred, data["images"], data["losses"], rows, cfg(pretrain_epochs=1))
+
+
+def test_fit_with_pretraining_runs_once_and_resumes(tmp_path):
+    data = with_classes(synthetic(160))
+    c = cfg(epochs=3, pretrain_epochs=2)
+    first = fit_predictor(TinyPredictor(4), data, str(tmp_path), c, progress=False, log=lambda m: None,
+                          max_epochs_this_run=1)
+    assert len(first["pretrain"]) == 2 and len(first["history"]) == 1
+    second = fit_predictor(TinyPredictor(4), data, str(tmp_path), c, progress=False, log=lambda m: None)
+    assert second["pretrain"] == [] and second["complete"]  # resumed from the checkpoint: no second pretraining
+    with pytest.raises(ValueError, match="labels"):
+        fit_predictor(TinyPredictor(4), synthetic(160), None, c, progress=False, log=lambda m: None)

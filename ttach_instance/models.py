@@ -91,11 +91,16 @@ class SmallLossPredictor(nn.Module):
         self.register_buffer("pix_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pix_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """The pooled vector ``(B, 4 * width)`` that the final linear layer reads."""
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                           antialias=True, align_corners=False)
-        return self.net((x - self.pix_mean) / self.pix_std)
+        x = (x - self.pix_mean) / self.pix_std
+        return self.net.layers(self.net.stem(x)).mean((2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.head(self.features(x))
 
     def save(self, path: str) -> None:
         from .training.checkpoint import atomic_save_tensors

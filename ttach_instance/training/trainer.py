@@ -47,6 +47,12 @@ class FitConfig:
     #: Horizontal-flip augmentation of the predictor input: candidate ``j`` of a flipped image has
     #: the loss of candidate ``flip_permutation[j]`` of the original (see :func:`flip_permutation`).
     flip_permutation: Optional[List[int]] = None
+    #: Epochs of *feature pretraining* before the ranking epochs: the predictor's ``features``
+    #: (with a temporary linear head) learn to classify the training fold's images (the label
+    #: cache's ``labels``, corrupted rows included), the stand-in for the pretrained backbone the
+    #: paper starts from when no pretrained weights can be had. ``0``: none.
+    pretrain_epochs: int = 0
+    pretrain_lr: float = 3e-3
     #: After training, pick a margin by which the identity's predicted loss must be beaten, on the
     #: held-out fold: the best k=1 accuracy whose clean-image accuracy stays within this many
     #: points of the identity's (``None``: no calibration).
@@ -61,6 +67,8 @@ class FitConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.pretrain_epochs < 0:
+            raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
         if self.flip_permutation is not None and sorted(self.flip_permutation) != list(range(len(self.flip_permutation))):
             raise ValueError(f"flip_permutation must be a permutation of 0..T-1, got {self.flip_permutation}")
 
@@ -97,6 +105,84 @@ def _cutout(x: Tensor, p: float, g: torch.Generator) -> Tensor:
     xs = torch.arange(w)[None, None, :]
     mask = ((ys - cy[:, None, None]).abs() <= s // 2) & ((xs - cx[:, None, None]).abs() <= s // 2) & on[:, None, None]
     return x.masked_fill(mask[:, None], 0.5)
+
+
+class _FeatureClassifier(nn.Module):
+    """``predictor.features`` + a temporary linear head: what feature pretraining trains."""
+
+    def __init__(self, predictor: nn.Module, num_features: int, num_classes: int):
+        super().__init__()
+        self.predictor = predictor
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.predictor.features(x))
+
+
+def pretrain_features(predictor: nn.Module, images: Tensor, labels: Tensor, rows: Tensor, cfg: "FitConfig",
+                      device: str = "cpu", progress: bool = True, log: Callable[[str], None] = print) -> List[Dict]:
+    """Train ``predictor.features`` to classify ``images[rows]`` (uint8) by ``labels[rows]`` for
+    ``cfg.pretrain_epochs`` epochs (AdamW, cosine, flips and cutout; DDP under torchrun); the
+    predictor's own final layer is left as it was. Returns per-epoch ``{"loss", "accuracy"}``."""
+    from tqdm import tqdm
+
+    if not callable(getattr(predictor, "features", None)):
+        raise TypeError(f"pretrain_epochs needs a predictor with a features(pixels) -> (B, F) method, "
+                        f"{type(predictor).__name__} has none")
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise ValueError(f"feature pretraining needs class labels (N,) in the label cache, got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    rank, world = dist.rank(), dist.world_size()
+    num_classes = int(labels.max()) + 1
+    was = predictor.training
+    with torch.no_grad():
+        num_features = predictor.eval().features(images[rows[:2]].to(device).float() / 255).shape[1]
+    g = torch.Generator().manual_seed(cfg.seed * 1000003 + 424242)
+    head_init = torch.randn(num_classes, num_features, generator=g) / num_features ** 0.5
+    clf = _FeatureClassifier(predictor, num_features, num_classes).to(device)
+    with torch.no_grad():  # the same temporary head on every rank
+        clf.head.weight.copy_(head_init)
+        clf.head.bias.zero_()
+    net: nn.Module = clf
+    if world > 1:  # the predictor's own final layer takes no part: find_unused_parameters
+        net = nn.parallel.DistributedDataParallel(clf, device_ids=None if device == "cpu" else [torch.device(device).index],
+                                                  find_unused_parameters=True)
+    opt = torch.optim.AdamW(clf.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(rows.numel() / cfg.batch_size)
+    total, step, history = cfg.pretrain_epochs * steps_per_epoch, 0, []
+    for epoch in range(cfg.pretrain_epochs):
+        net.train()
+        perm = rows[torch.randperm(rows.numel(), generator=g)]
+        bar = tqdm(range(steps_per_epoch), desc=f"pretrain epoch {epoch + 1}/{cfg.pretrain_epochs}",
+                   disable=not progress or rank != 0, leave=False)
+        loss_sum = hits = seen = 0.0
+        for s in bar:
+            batch = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            for group in opt.param_groups:
+                group["lr"] = cfg.pretrain_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            x = _cutout(images[batch].float() / 255, cfg.cutout, g)
+            flip = torch.rand(batch.numel(), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)[rank::world].to(device)
+            y = labels[batch][rank::world].to(device)
+            logits = net(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            (loss * (y.numel() * world / max(1, batch.numel()))).backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(clf.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            loss_sum += float(loss.detach()) * y.numel()
+            hits += float((logits.argmax(1) == y).sum())
+            seen += y.numel()
+            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.3f}", acc=f"{hits / max(1, seen):.3f}")
+        history.append({"pretrain_epoch": epoch + 1, "loss": loss_sum / max(1, seen), "accuracy": hits / max(1, seen)})
+        if rank == 0:
+            log(f"pretrain epoch {epoch + 1}/{cfg.pretrain_epochs}: loss {history[-1]['loss']:.4f} "
+                f"accuracy {history[-1]['accuracy']:.4f}")
+    del net  # its DDP hooks must not outlive the pretraining
+    predictor.train(was)
+    return history
 
 
 @torch.no_grad()
@@ -151,6 +237,12 @@ def fit_predictor(
         raise ValueError("no training rows left after the validation split; lower val_fraction or add data")
     rank, world = dist.rank(), dist.world_size()
     predictor = predictor.to(device)
+    ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
+    pretrain_history: List[Dict] = []
+    if cfg.pretrain_epochs and not (ckpt and os.path.isfile(ckpt)):  # a resumed run has them in its checkpoint
+        if "labels" not in data:
+            raise ValueError("pretrain_epochs needs the label cache's class 'labels'")
+        pretrain_history = pretrain_features(predictor, images, data["labels"], train_idx, cfg, device, progress, log)
     ema = copy.deepcopy(predictor).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -161,7 +253,6 @@ def fit_predictor(
     steps_per_epoch = math.ceil(train_idx.numel() / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     start_epoch, step, history = 0, 0, []
-    ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
     if ckpt and os.path.isfile(ckpt):
         tensors, meta = load_tensors(ckpt)
         if meta.get("config") != asdict(cfg):
@@ -244,6 +335,7 @@ def fit_predictor(
         predictor.save(os.path.join(out_dir, "predictor.safetensors"))
     dist.barrier()
     return {"history": history, "final": history[-1] if history else {}, "complete": done, "identity_margin": margin,
+            "pretrain": pretrain_history,
             "val_rows": val_idx, "train_rows": train_idx}
 
 
