@@ -122,6 +122,19 @@ def test_fit_and_predict_commands(folder, tmp_path, capsys):
     assert "held-out spearman" in capsys.readouterr().out
     pred = os.path.join(fit, "predictor.safetensors")
     assert os.path.isfile(pred)
+    # the light CNN predictor, with feature pretraining
+    small = str(tmp_path / "fit_small")
+    assert main(["fit", "--labels", labels, "--out", small, "--predictor", "small", "--width", "4",
+                 "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw",
+                 "--val-fraction", "0.25"]) == 0
+    from ttach_instance.models import SmallLossPredictor, load_predictor
+
+    loaded = load_predictor(os.path.join(small, "predictor.safetensors"))
+    assert isinstance(loaded, SmallLossPredictor) and loaded.width == 4
+    assert "held-out spearman" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fit", "--labels", labels, "--out", small + "2", "--predictor", "small", "--backbone", "lcnet_050"])
+    assert "--width" in capsys.readouterr().err
     img = os.path.join(folder, "val", "bees", "0.png")
     classes = tmp_path / "classes.txt"
     classes.write_text("ants\nbees\n")

@@ -176,12 +176,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                     ema_decay=args.ema, val_fraction=args.val_fraction, listwise_weight=args.listwise_weight,
                     spearman_weight=args.spearman_weight, tau=args.tau, seed=args.seed,
                     flip_permutation=flip_permutation(space) if args.flip else None,
-                    clean_tolerance=args.clean_tolerance)
+                    clean_tolerance=args.clean_tolerance, pretrain_epochs=args.pretrain_epochs)
     input_size = args.input_size or manifest["size"]
-    if LossPredictor is None:
+    if args.predictor == "small" or LossPredictor is None:
         from .models import SmallLossPredictor
 
-        predictor = SmallLossPredictor(space, input_size=input_size)
+        if args.backbone:
+            raise ValueError("--backbone is a LossPredictor option; --predictor small takes --width")
+        predictor = SmallLossPredictor(space, width=args.width, input_size=input_size)
     else:
         kwargs = {"input_size": input_size, "pretrained": False}
         if args.backbone:
@@ -343,8 +345,14 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--labels", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--space", default=None, help="default: the labels' space")
-    p.add_argument("--backbone", default=None, help="predictor backbone (timm name or module:factory)")
+    p.add_argument("--predictor", default="loss", choices=["loss", "small"],
+                   help="loss: LossPredictor (timm backbone, multi-level); small: SmallLossPredictor, a light plain "
+                        "CNN that ranks better when trained from scratch on small images (docs/BENCHMARKS.md)")
+    p.add_argument("--backbone", default=None, help="LossPredictor backbone (timm name or module:factory)")
+    p.add_argument("--width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
     p.add_argument("--input-size", type=int, default=None, help="predictor input size (default: the labels' size)")
+    p.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="feature pretraining first: epochs of classifying the training fold (no pretrained weights)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw", "sgd"])
