@@ -194,6 +194,41 @@ def test_small_predictor_checkpoint_rejected(tmp_path, space):
         LossPredictor.load(path)
 
 
+def test_small_predictor_unshuffle_sees_every_pixel_and_round_trips(tmp_path, space):
+    import torch.nn.functional as TF
+
+    from ttach_instance.models import SmallLossPredictor, load_predictor
+
+    torch.manual_seed(0)
+    p = SmallLossPredictor(space, width=4, input_size=8, unshuffle=4).eval()
+    assert p.pixel_size == 32 and p.net.stem[0].in_channels == 48
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        out = p(x)
+        ref = p.net(TF.pixel_unshuffle((x - p.pix_mean) / p.pix_std, 4))  # no resize at 32 px
+        assert out.shape == (3, len(space))
+        torch.testing.assert_close(out, ref)
+        # one pixel changed changes the scores: nothing is averaged away before the net
+        y = x.clone()
+        y[0, :, 5, 7] = 1 - y[0, :, 5, 7]
+        assert not torch.allclose(p(y)[0], out[0])
+        # other sizes are resized to 32 px first
+        big = torch.rand(3, 3, 48, 48)
+        small = TF.interpolate(big, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        torch.testing.assert_close(p(big), p(small))
+    path = str(tmp_path / "u.safetensors")
+    p.save(path)
+    q = load_predictor(path)
+    assert q.unshuffle == 4 and q.input_size == 8
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), out)
+    # checkpoints from before the option load as unshuffle=1
+    plain = SmallLossPredictor(space, width=4, input_size=16)
+    assert plain.unshuffle == 1 and plain.pixel_size == 16
+    with pytest.raises(ValueError, match="unshuffle"):
+        SmallLossPredictor(space, unshuffle=0)
+
+
 def test_identity_margin_lowers_only_identity(predictor, space):
     import copy
 

@@ -45,12 +45,14 @@ class SmallResNet(nn.Module):
         blocks: int = 1,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        in_channels: int = 3,
     ):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.mean, self.std = tuple(mean), tuple(std)
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU())
         layers = []
         cin = widths[0]
         for i, w in enumerate(widths):
@@ -76,28 +78,43 @@ class SmallLossPredictor(nn.Module):
 
     A light stand-in for :class:`ttach_instance.predictor.LossPredictor` where that module is
     not available; same call convention and safetensors + JSON ``save``/``load``.
+
+    ``unshuffle=u`` > 1: the image is resized to ``u * input_size`` and folded into ``3 u^2``
+    channels at ``input_size`` (``pixel_unshuffle``) instead of being downsampled: the net works at
+    the same small resolution but sees every pixel of that size -- the fine texture that noise,
+    blur and JPEG corruptions leave, which a resize to a few dozen pixels averages away.
     """
 
     kind = "small-loss-predictor"
 
-    def __init__(self, space, width: int = 8, input_size: int = 32):
+    def __init__(self, space, width: int = 8, input_size: int = 32, unshuffle: int = 1):
         super().__init__()
+        if isinstance(unshuffle, bool) or not isinstance(unshuffle, int) or unshuffle < 1:
+            raise ValueError(f"unshuffle must be an int >= 1, got {unshuffle!r}")
+        self.unshuffle = unshuffle
         self.space = space
         self.space_fingerprint = space.fingerprint
         self.candidate_names = list(space.names)
         self.input_size = int(input_size)
         self.width = int(width)
-        self.net = SmallResNet(len(space), (width, 2 * width, 4 * width))
+        self.net = SmallResNet(len(space), (width, 2 * width, 4 * width), in_channels=3 * unshuffle ** 2)
         self.register_buffer("pix_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pix_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def features(self, x: Tensor) -> Tensor:
         """The pooled vector ``(B, 4 * width)`` that the final linear layer reads."""
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                                          antialias=True, align_corners=False)
+        size = self.pixel_size
+        if x.shape[-2:] != (size, size):
+            x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.pix_mean) / self.pix_std
+        if self.unshuffle > 1:
+            x = nn.functional.pixel_unshuffle(x, self.unshuffle)
         return self.net.layers(self.net.stem(x)).mean((2, 3))
+
+    @property
+    def pixel_size(self) -> int:
+        """Side the image is resized to before the net: ``unshuffle * input_size``."""
+        return self.unshuffle * self.input_size
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net.head(self.features(x))
@@ -108,7 +125,7 @@ class SmallLossPredictor(nn.Module):
         atomic_save_tensors(path, self.state_dict(), {
             "kind": self.kind, "space": self.space.name, "space_params": self.space.params,
             "space_fingerprint": self.space_fingerprint, "candidate_names": self.candidate_names,
-            "width": self.width, "input_size": self.input_size})
+            "width": self.width, "input_size": self.input_size, "unshuffle": self.unshuffle})
 
     @classmethod
     def load(cls, path: str, space=None) -> "SmallLossPredictor":
@@ -122,7 +139,7 @@ class SmallLossPredictor(nn.Module):
         if space.fingerprint != meta["space_fingerprint"]:
             raise ValueError(f"space {space.name!r} (fingerprint {space.fingerprint}) is not the space the predictor "
                              f"was trained for ({meta['space']!r}, {meta['space_fingerprint']})")
-        p = cls(space, meta["width"], meta["input_size"])
+        p = cls(space, meta["width"], meta["input_size"], int(meta.get("unshuffle", 1)))
         p.load_state_dict(tensors)
         return p.eval()
 
