@@ -12,8 +12,9 @@ is 1 inside the box, inclusive pixel coordinates, 0 outside). Stages, each cache
               ``paper12`` candidate (:class:`ttach_instance.segmentation.SegmentationTask`) on
               train images, 60 % of them under a random common corruption (severity 1-5);
               ``--draws`` corruption draws per image.
-4. ``fit``    the loss predictor (``--predictor``, default a 24 px
-              :class:`ttach_instance.models.SmallLossPredictor`, ~3 % of the U-Net's time) with
+4. ``fit``    the loss predictor (``--predictor``, default a
+              :class:`ttach_instance.models.SmallLossPredictor` at 16 px on the pixel-unshuffled
+              64 px image, ~2.5 % of the U-Net's time) with
               the library's trainer (:func:`ttach_instance.training.trainer.fit_predictor`:
               listwise KL + soft Spearman, EMA, flip augmentation) and the identity margin
               calibrated on its held-out fold (``--clean-tolerance``).
@@ -281,16 +282,18 @@ def stage_labels(runs: Path, n: int, draws: int = 1, chunk: int = 500, prob: flo
 #: Loss predictors the example can fit (``--predictor``); the default is the one whose cost
 #: fits the k=1 budget at 64 px (see docs/BENCHMARKS.md, "Segmentation").
 PREDICTORS = {
-    # plain-conv SmallResNet, widths (8, 16, 32), on the image resized to 24 px (~1.8 M-MAC)
+    # plain-conv SmallResNet, widths (8, 16, 32), on the 64 px image folded into 48 channels at
+    # 16 px (pixel_unshuffle 4): no resize, every pixel seen; ~1.4 M-MAC, ~2.5 % of the U-Net
+    "unshuffle": {"kind": "small", "width": 8, "input_size": 16, "unshuffle": 4},
+    # the same net on the image resized to 24 px (~1.8 M-MAC, ~3 %) / 32 px (~3.2 M-MAC, ~4-5 %)
     "small": {"kind": "small", "width": 8, "input_size": 24},
-    # the same at 32 px (~3.2 M-MAC)
     "small32": {"kind": "small", "width": 8, "input_size": 32},
     # the library's LossPredictor (mobilenetv3_small_100) at 64 px, the previous run's predictor
     "loss": {"kind": "loss", "input_size": 64},
 }
 
 
-def make_predictor(space, name: str = "small"):
+def make_predictor(space, name: str = "unshuffle"):
     """A fresh (random-init) predictor from :data:`PREDICTORS`."""
     cfg = dict(PREDICTORS[name])
     kind = cfg.pop("kind")
@@ -339,7 +342,7 @@ def fit_data(lab, input_size: int) -> dict:
     }
 
 
-def stage_fit(runs: Path, n_labels: int, draws: int, epochs: int, predictor: str = "small",
+def stage_fit(runs: Path, n_labels: int, draws: int, epochs: int, predictor: str = "unshuffle",
               clean_tolerance: Optional[float] = 0.0) -> Path:
     """Fit the loss predictor with the library's trainer (listwise KL + soft Spearman, AdamW,
     cosine LR, EMA weights, horizontal-flip augmentation with the candidates' flip permutation,
@@ -356,7 +359,7 @@ def stage_fit(runs: Path, n_labels: int, draws: int, epochs: int, predictor: str
     lab = np.load(stage_labels(runs, n_labels, draws))
     space = ti_space()
     pred = make_predictor(space, predictor)
-    data = fit_data(lab, pred.input_size)
+    data = fit_data(lab, getattr(pred, "pixel_size", pred.input_size))
     # listwise target softmin(losses / tau): mean-pixel CE differs by a few hundredths between
     # views, so tau is set from the labels' spread (half the median per-image std), as z-scoring would
     tau = 0.5 * float(data["losses"].std(1).median())
@@ -424,12 +427,13 @@ def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, round
         "Ours k=2": (lambda m: LossGuidedSegmentationWrapper(m, predictor, k=2, **ck), 2),
         "Oracle k=1": (lambda m: OracleKSegmentationWrapper(m, space, k=1, **ck), "12+1"),
     }
-    results = {}
+    results, counts = {}, {}
     for cond, imgs in conditions.items():
         x_all = to_tensor(imgs)
         for name, (make, forwards) in methods.items():
             wrapper = make(model)
             cm = ConfusionMatrix(2)
+            per_image = []  # (B, 2, 2): intersection / union pixel counts per image and class
             picks = torch.zeros(len(space), dtype=torch.long)
             for s in range(0, n_val, batch):
                 x, y = x_all[s : s + batch], target_all[s : s + batch]
@@ -442,7 +446,9 @@ def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, round
                 else:
                     out = wrapper(x)
                 cm.update(out.argmax(1), y)
+                per_image.append(iou_counts(out.argmax(1), y))
             m = cm.metrics()
+            counts[(cond, name)] = torch.cat(per_image)
             results[(cond, name)] = {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "forwards": forwards}
             if name == "Ours k=1":
                 results[(cond, name)]["picks"] = {space.names[i]: int(c) for i, c in enumerate(picks) if c}
@@ -479,6 +485,18 @@ def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, round
         cells = [f"{results[(c, name)]['miou'] * 100:.1f} / {results[(c, name)]['pixel_acc'] * 100:.1f}" for c in conditions]
         rel = times[name] / times["Identity"]
         lines.append(f"| {name} | {forwards} | " + " | ".join(cells) + f" | {rel:.2f}x |")
+    lines.append("")
+    lines.append("mIoU difference to Identity, points, with a 95 % paired bootstrap interval over the images (2,000 resamples):")
+    lines.append("")
+    lines.append("| method | " + " | ".join(conditions) + " |")
+    lines.append("|---|" + "---|" * len(conditions))
+    for row in ("Ours k=1", "Ours k=1, no identity margin", "Ours k=2", "Random k=1", "D4 (ttach)"):
+        cells = []
+        for c in conditions:
+            d, lo, hi = paired_bootstrap(counts[(c, row)], counts[(c, "Identity")])
+            results[(c, row)]["miou_diff_vs_identity"] = [d, lo, hi]
+            cells.append(f"{d * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}]")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     for row in ("Ours k=1", "Ours k=1, no identity margin"):
         picks = {c: results[(c, row)]["picks"] for c in conditions}
         lines.append("")
@@ -510,6 +528,29 @@ def stage_predictor_cost(runs: Path, batch: int = 100, rounds: int = 7) -> None:
               f"{float(np.median(v)) / base * 100:5.1f} % of the U-Net", flush=True)
 
 
+def iou_counts(pred: torch.Tensor, target: torch.Tensor, classes: int = 2) -> torch.Tensor:
+    """Per-image ``(B, 2, classes)`` pixel counts: intersection and union of each class."""
+    out = []
+    for c in range(classes):
+        p, t = pred == c, target == c
+        out.append(torch.stack([(p & t).flatten(1).sum(1), (p | t).flatten(1).sum(1)], 1))
+    return torch.stack(out, 2)
+
+
+def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, resamples: int = 2000, seed: int = 0):
+    """mIoU(a) - mIoU(b) on the whole set and its 95 % interval, resampling the images (the
+    same resample for both methods; mIoU pooled over the resampled images, as the table's)."""
+    def miou(c):  # (..., N, 2, K) -> (...)
+        s = c.sum(-3).double()
+        return (s[..., 0, :] / s[..., 1, :].clamp_min(1)).mean(-1)
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, a.shape[0], (resamples, a.shape[0]), generator=g)
+    diffs = miou(a[idx]) - miou(b[idx])
+    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(miou(a) - miou(b)), lo, hi
+
+
 def ti_space():
     import ttach_instance as ti
 
@@ -525,7 +566,7 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--labels", type=int, default=8000, help="train images to label (predictor train + valid)")
     p.add_argument("--draws", type=int, default=1, help="corruption draws per labelled image (rows = labels x draws)")
-    p.add_argument("--predictor", default="small", choices=sorted(PREDICTORS), help="loss predictor (see PREDICTORS)")
+    p.add_argument("--predictor", default="unshuffle", choices=list(PREDICTORS), help="loss predictor (see PREDICTORS)")
     p.add_argument("--pred-epochs", type=int, default=30)
     p.add_argument("--clean-tolerance", default="0",
                    help="identity margin: clean pixel-accuracy points the k=1 choice may lose vs the identity on the "
