@@ -153,7 +153,8 @@ def stage_fit(args, sets, model):
     cfg = FitConfig(epochs=args.fit_epochs, batch_size=128, optimizer=args.optimizer, lr=args.lr,
                     weight_decay=args.weight_decay, warmup_steps=200, ema_decay=args.ema, seed=args.seed,
                     flip_permutation=flip_permutation(space), clean_tolerance=args.clean_tolerance,
-                    pretrain_epochs=args.pretrain_epochs)
+                    pretrain_epochs=args.pretrain_epochs, spearman_weight=args.spearman_weight,
+                    rank_temperature=args.rank_temperature)
     torch.manual_seed(args.init_seed)  # the predictor's initial weights (and its dropout draws)
     pred = make_predictor(args, space)
     res = fit_predictor(pred, data, out, cfg, num_images=len(sets["train"]), log=log)
@@ -204,6 +205,8 @@ def main(argv=None):
                    help="eval: average the predictor's scores over each image and its mirror")
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="epochs of feature pretraining (classifying the training fold) before the ranking epochs")
+    p.add_argument("--spearman-weight", type=float, default=2.0, help="soft-Spearman term's weight (listwise KL: 1)")
+    p.add_argument("--rank-temperature", type=float, default=0.1, help="soft rank temperature")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)

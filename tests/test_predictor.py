@@ -359,3 +359,20 @@ def test_predictor_ensemble_means_scores_and_checks_spaces():
         PredictorEnsemble([])
     with pytest.raises(TypeError, match=r"predictors\[1\]"):
         PredictorEnsemble([a, torch.nn.Identity()])
+
+
+def test_combined_predictors_drive_the_wrapper():
+    from ttach_instance.predictor import FlipAveragedPredictor, PredictorEnsemble
+    from ttach_instance.wrappers import LossGuidedWrapper
+
+    torch.manual_seed(0)
+    space = get_space("paper12")
+    scorer = PredictorEnsemble([FlipAveragedPredictor(LossPredictor(space, **TINY)), LossPredictor(space, **TINY)]).eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        out, sel = LossGuidedWrapper(model, scorer, k=2, mean=(0, 0, 0), std=(1, 1, 1), return_selection=True)(x)
+        scores = scorer(x)
+    assert out.shape == (4, 5)
+    torch.testing.assert_close(sel.predicted_losses, scores)
+    assert torch.equal(sel.index, torch.sort(scores, 1, stable=True).indices[:, :2])
