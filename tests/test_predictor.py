@@ -375,4 +375,4 @@ def test_combined_predictors_drive_the_wrapper():
         scores = scorer(x)
     assert out.shape == (4, 5)
     torch.testing.assert_close(sel.predicted_losses, scores)
-    assert torch.equal(sel.index, torch.sort(scores, 1, stable=True).indices[:, :2])
+    assert torch.equal(sel.index, torch.sort(scores, dim=1, stable=True).indices[:, :2])
