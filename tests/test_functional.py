@@ -404,3 +404,18 @@ def test_deaugment_outputs_at_lower_resolution():
         assert (back - expected.expand_as(back)).abs()[inside].max() < 0.06
     with pytest.raises(ValueError, match="crop size"):
         space.deaugment(outputs, torch.arange(5)[None])  # 24 px crop of a 16 px "image"
+
+
+def test_zoom_scalar_path_is_cached_and_equals_the_per_row_path():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 20, 24)
+    F._ZOOM_CACHE.clear()
+    first = F.zoom(x, 0.8)
+    assert len(F._ZOOM_CACHE) == 2  # one matrix per axis length
+    again = F.zoom(x, 0.8)
+    per_row = F.zoom(x, torch.full((3,), 0.8))  # builds its matrices every call
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, per_row, atol=1e-6, rtol=0)
+    for s in range(40):
+        F.zoom(x, 0.5 + s / 40)
+    assert len(F._ZOOM_CACHE) <= F._ZOOM_CACHE_SIZE

@@ -395,6 +395,23 @@ def zoom_matrix(scale: Tensor, size: int) -> Tensor:
     return matrix.scatter_add_(-1, source, weights)
 
 
+_ZOOM_CACHE: "dict[tuple, Tensor]" = {}
+_ZOOM_CACHE_SIZE = 16
+
+
+def _zoom_matrix_cached(scale: float, size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``zoom_matrix`` of one scalar scale, ``(size, size)`` in ``dtype`` on ``device`` (cached:
+    building it costs milliseconds, more than applying it to a small batch)."""
+    key = (float(scale), size, str(device), dtype)
+    matrix = _ZOOM_CACHE.pop(key, None)
+    if matrix is None:
+        matrix = zoom_matrix(torch.tensor([float(scale)], device=device), size)[0].to(dtype)
+    _ZOOM_CACHE[key] = matrix  # most recently used last
+    while len(_ZOOM_CACHE) > _ZOOM_CACHE_SIZE:
+        _ZOOM_CACHE.pop(next(iter(_ZOOM_CACHE)))
+    return matrix
+
+
 def zoom(images: Tensor, scale: Param) -> Tensor:
     """Zoom about the centre by ``scale`` (> 1 zooms in, < 1 zooms out with mirrored borders).
 
@@ -408,15 +425,16 @@ def zoom(images: Tensor, scale: Param) -> Tensor:
         raise ValueError(f"scale must be > 0, got {scale}")
     if scale_rows is not None and scale_rows.device.type == "cpu" and not bool((scale_rows > 0).all()):
         raise ValueError(f"scale must be > 0 in every row, got min {float(scale_rows.min()):.4g}")
-    base = scale_rows if scale_rows is not None else torch.tensor([float(scale)], device=images.device)
     # Resampling weights in half precision would bias every output by their rounding (bfloat16:
     # ~0.4 %); the two small matrix products run in float32 for half types on every device.
     work = _sample_dtype(images)
-    mh = zoom_matrix(base, h).to(work.dtype)
-    mw = zoom_matrix(base, w).to(work.dtype)
     if scale_rows is None:
-        out = torch.matmul(torch.matmul(mh[0], work), mw[0].transpose(0, 1))
+        mh = _zoom_matrix_cached(float(scale), h, images.device, work.dtype)
+        mw = _zoom_matrix_cached(float(scale), w, images.device, work.dtype)
+        out = torch.matmul(torch.matmul(mh, work), mw.transpose(0, 1))
     else:
+        mh = zoom_matrix(scale_rows, h).to(work.dtype)
+        mw = zoom_matrix(scale_rows, w).to(work.dtype)
         out = torch.matmul(torch.matmul(mh[:, None], work), mw[:, None].transpose(-1, -2))
     return out.clamp_(0, 1).to(images.dtype)
 
