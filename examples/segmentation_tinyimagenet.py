@@ -349,7 +349,7 @@ def stage_fit(runs: Path, n_labels: int, draws: int, epochs: int, predictor: str
     cutout; 20 % of the images held out) and, with ``clean_tolerance``, the identity margin
     calibrated on the held-out fold: the margin maximising the held-out k=1 pixel accuracy
     with clean images' pixel accuracy at least the identity's minus ``clean_tolerance`` points."""
-    from ttach_instance.training.losses import ranking_metrics
+    from ttach_instance.training.losses import ranking_metrics, tau_from_spread
     from ttach_instance.training.trainer import FitConfig, fit_predictor, flip_permutation, predict_losses
 
     out = fit_dir(runs, predictor, n_labels, draws, epochs, clean_tolerance)
@@ -361,8 +361,8 @@ def stage_fit(runs: Path, n_labels: int, draws: int, epochs: int, predictor: str
     pred = make_predictor(space, predictor)
     data = fit_data(lab, getattr(pred, "pixel_size", pred.input_size))
     # listwise target softmin(losses / tau): mean-pixel CE differs by a few hundredths between
-    # views, so tau is set from the labels' spread (half the median per-image std), as z-scoring would
-    tau = 0.5 * float(data["losses"].std(1).median())
+    # views, so tau is set from the labels' spread (half the median per-image std)
+    tau = tau_from_spread(data["losses"])
     cfg = FitConfig(epochs=epochs, batch_size=128, optimizer="adamw", lr=3e-3, weight_decay=0.05, warmup_steps=100,
                     ema_decay=0.995, tau=tau, flip_permutation=flip_permutation(space), clean_tolerance=clean_tolerance)
     res = fit_predictor(pred, data, str(out), cfg, num_images=data["num_images"], progress=False,

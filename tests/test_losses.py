@@ -86,3 +86,15 @@ def test_bad_shapes_raise():
         listwise_kl(torch.zeros(2, 3), torch.zeros(2, 3), tau=0)
     with pytest.raises(ValueError, match="temperature"):
         soft_rank(torch.zeros(1, 3), 0.0)
+
+
+def test_tau_from_spread_is_half_the_median_row_std():
+    from ttach_instance.training.losses import tau_from_spread
+
+    losses = torch.tensor([[0.0, 0.02, 0.04], [1.0, 1.0, 1.3], [0.0, 2.0, 4.0]])
+    # row stds (unbiased): 0.02, 0.1732, 2.0 -> median 0.1732 -> tau 0.0866
+    assert tau_from_spread(losses) == pytest.approx(0.5 * 0.3 / 3 ** 0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="spread"):
+        tau_from_spread(torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"\(N, T\)"):
+        tau_from_spread(torch.ones(4))

@@ -141,6 +141,13 @@ def test_cli_segmentation_labels_fit_eval(segdata, tmp_path, capsys):
     assert main(["fit", "--labels", labels, "--out", fit, "--epochs", "2", "--batch-size", "4",
                  "--input-size", "32"]) == 0
     assert os.path.isfile(os.path.join(fit, "predictor.safetensors"))
+    from ttach_instance.training.checkpoint import load_tensors
+    from ttach_instance.training.losses import tau_from_spread
+
+    # segmentation labels: the listwise temperature comes from their spread, not the paper's 1
+    assert f"tau {tau_from_spread(data['losses']):.4g}" in capsys.readouterr().out
+    config = load_tensors(os.path.join(fit, "checkpoint.safetensors"))[1]["config"]
+    assert config["tau"] == pytest.approx(tau_from_spread(data["losses"])) and config["tau"] < 0.5
     assert main(["eval", *common, "--split", "val", "--predictor", os.path.join(fit, "predictor.safetensors"),
                  "--out", ev, "--corruptions", "gaussian_noise", "--held-out", "speckle_noise", "--severities", "2",
                  "--cost-images", "2", "--cost-repeats", "1", "--batch-size", "3"]) == 0

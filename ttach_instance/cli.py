@@ -172,9 +172,21 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if space.fingerprint != manifest["space_fingerprint"]:
         raise ValueError(f"--space {space.name!r} (fingerprint {space.fingerprint}) is not the space the labels were "
                          f"made with ({manifest['space']!r}, {manifest['space_fingerprint']})")
+    data = cache.load()
+    tau = args.tau or ("auto" if manifest.get("task", {}).get("name") == "segmentation" else "1")
+    if tau == "auto":
+        from .training.losses import tau_from_spread
+
+        tau = tau_from_spread(data["losses"])
+        print(f"listwise temperature from the labels' spread: tau {tau:.4g}")
+    else:
+        try:
+            tau = float(tau)
+        except ValueError:
+            raise ValueError(f"--tau must be a number or 'auto', got {args.tau!r}") from None
     cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                     ema_decay=args.ema, val_fraction=args.val_fraction, listwise_weight=args.listwise_weight,
-                    spearman_weight=args.spearman_weight, tau=args.tau, seed=args.seed,
+                    spearman_weight=args.spearman_weight, tau=tau, seed=args.seed,
                     flip_permutation=flip_permutation(space) if args.flip else None,
                     clean_tolerance=args.clean_tolerance, pretrain_epochs=args.pretrain_epochs)
     input_size = args.input_size or manifest["size"]
@@ -189,7 +201,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if args.backbone:
             kwargs["backbone"] = args.backbone
         predictor = LossPredictor(space, **kwargs)
-    res = fit_predictor(predictor, cache.load(), args.out, cfg, num_images=manifest["num_images"], device=args.device)
+    res = fit_predictor(predictor, data, args.out, cfg, num_images=manifest["num_images"], device=args.device)
     if dist.is_main():
         print(f"predictor: {args.out}/predictor.safetensors; held-out " +
               ", ".join(f"{k[4:]} {v:.4f}" for k, v in res["final"].items() if k.startswith("val_") and isinstance(v, float)))
@@ -361,7 +373,9 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--listwise-weight", type=float, default=1.0)
     p.add_argument("--spearman-weight", type=float, default=1.0)
-    p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--tau", default=None,
+                   help="listwise temperature: a number or 'auto' (from the labels' spread); default 1 (the paper's) "
+                        "for classification labels, auto for segmentation labels (losses differ by hundredths)")
     p.add_argument("--flip", action="store_true", help="flip augmentation (candidates permuted to their mirrors)")
     p.add_argument("--clean-tolerance", type=float, default=None,
                    help="calibrate an identity margin keeping held-out clean accuracy within this many points")

@@ -62,6 +62,22 @@ def listwise_kl(pred: Tensor, true: Tensor, tau: float = 1.0) -> Tensor:
     return (target * (torch.log(target.clamp_min(1e-12)) - log_q)).sum(-1).mean()
 
 
+def tau_from_spread(losses: Tensor) -> float:
+    """A listwise temperature for losses of this scale: half the median per-row standard deviation.
+
+    ``softmin(losses / tau)`` is only informative when ``tau`` is of the order of the differences
+    within a row: the paper's ``tau = 1`` suits per-image cross-entropy (differences of nats),
+    but mean-pixel segmentation losses differ by hundredths between views, where ``tau = 1``
+    makes the target uniform (what z-scoring each row would do, up to the factor).
+    """
+    if not isinstance(losses, Tensor) or losses.dim() != 2 or losses.shape[1] < 2:
+        raise ValueError(f"losses must be a (N, T) tensor with T >= 2, got {getattr(losses, 'shape', type(losses))}")
+    tau = 0.5 * float(losses.float().std(1).median())
+    if not tau > 0:
+        raise ValueError("losses have no spread within rows (every candidate equal): no temperature fits them")
+    return tau
+
+
 def ranking_loss(pred: Tensor, true: Tensor, listwise_weight: float = 1.0, spearman_weight: float = 1.0,
                  tau: float = 1.0, temperature: float = 0.1) -> Tensor:
     loss = pred.new_zeros(())
