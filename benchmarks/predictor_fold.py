@@ -1,0 +1,110 @@
+"""Predictor variants on the Tiny ImageNet benchmark's label caches, judged on the held-out fold.
+
+``fit NAME [options]`` trains a ``SmallLossPredictor`` (32 px, AdamW, 6 epochs, flip
+augmentation, identity margin as the benchmark's fit stage) on the given caches into ``--out/exp_NAME``; ``score DIR [DIR ...]`` prints the
+held-out fold's Spearman (all / clean / corrupted rows), k=1 accuracy and regret of each fitted
+predictor, plain and flip-averaged, and of the mean of the flip-averaged ones. The fold is
+``fit_predictor``'s (20 % of the images, seed 0), so every variant is scored on the same rows.
+(docs/BENCHMARKS.md, "What limits the predictor's ranking".)
+
+    python benchmarks/predictor_fold.py fit sw2 --spearman-weight 2 --caches labels
+    python benchmarks/predictor_fold.py score exp_sw2 fit_s0 fit_s1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ttach_instance.models import SmallLossPredictor, load_predictor  # noqa: E402
+from ttach_instance.predictor import FlipAveragedPredictor, PredictorEnsemble  # noqa: E402
+from ttach_instance.registry import get_space  # noqa: E402
+from ttach_instance.training.labels import LabelCache  # noqa: E402
+from ttach_instance.training.losses import ranking_metrics, spearman  # noqa: E402
+from ttach_instance.training.trainer import FitConfig, fit_predictor, flip_permutation, predict_losses, split_rows  # noqa: E402
+
+
+def load_caches(out, names):
+    parts, offset, n_images = [], 0, None
+    for name in names:
+        cache = LabelCache(os.path.join(out, name))
+        n_images = cache.manifest()["num_images"]
+        data = cache.load()
+        data["rows"] = data["rows"] + offset
+        offset += cache.manifest()["total_rows"]
+        parts.append(data)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, n_images
+
+
+def cmd_fit(args):
+    data, n_images = load_caches(args.out, args.caches.split(","))
+    space = get_space("paper12")
+    cfg = FitConfig(epochs=args.epochs, batch_size=128, optimizer="adamw", lr=args.lr, weight_decay=0.05,
+                    warmup_steps=200, ema_decay=0.995, seed=0, flip_permutation=flip_permutation(space),
+                    spearman_weight=args.spearman_weight, rank_temperature=args.rank_temperature,
+                    pretrain_epochs=args.pretrain_epochs, clean_tolerance=0.3)
+    torch.manual_seed(args.init_seed)
+    predictor = SmallLossPredictor(space, width=args.width, input_size=32)
+    res = fit_predictor(predictor, data, os.path.join(args.out, f"exp_{args.name}"), cfg, num_images=n_images,
+                        progress=False, log=lambda m: print(m, flush=True))
+    print(args.name, json.dumps({k: round(v, 4) for k, v in res["final"].items() if isinstance(v, float)}))
+
+
+def cmd_score(args):
+    names = ["labels"] + sorted(d for d in os.listdir(args.out) if d.startswith("labels_seed")
+                                and LabelCache(os.path.join(args.out, d)).complete)
+    data, n_images = load_caches(args.out, names)
+    _, val = split_rows(data["rows"], n_images, 0.2, 0)
+    idx = val.nonzero().squeeze(1)
+    losses, correct, clean = data["losses"][idx].float(), data["correct"][idx], data["corruption"][idx] < 0
+    space = get_space("paper12")
+
+    def report(name, scores):
+        s = torch.nan_to_num(spearman(scores, losses))
+        r = ranking_metrics(scores, losses, correct)
+        print(f"{name:32s} spearman {s.mean():.4f} clean {s[clean].mean():.4f} corrupted {s[~clean].mean():.4f} "
+              f"k1 {r['k1_accuracy']:.4f} (identity {r['identity_accuracy']:.4f}, oracle {r['oracle_accuracy']:.4f}) "
+              f"regret {r['regret']:.4f}")
+
+    print(f"held-out fold: {idx.numel()} rows ({int(clean.sum())} clean) of caches {names}")
+    flipped = []
+    for d in args.dirs:
+        predictor = load_predictor(os.path.join(args.out, d, "predictor.safetensors"), space)
+        report(f"{d} plain", predict_losses(predictor, data["images"][idx]))
+        flipped.append(FlipAveragedPredictor(predictor))
+        report(f"{d} flip-averaged", predict_losses(flipped[-1], data["images"][idx]))
+    if len(flipped) > 1:
+        report("mean of the flip-averaged", predict_losses(PredictorEnsemble(flipped), data["images"][idx]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/tinyimagenet", help="the benchmark's directory (label caches, fits)")
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("name")
+    f.add_argument("--caches", default="labels", help="comma list of label cache directories under --out")
+    f.add_argument("--epochs", type=int, default=6)
+    f.add_argument("--lr", type=float, default=3e-3)
+    f.add_argument("--width", type=int, default=8)
+    f.add_argument("--spearman-weight", type=float, default=1.0)
+    f.add_argument("--rank-temperature", type=float, default=0.1)
+    f.add_argument("--pretrain-epochs", type=int, default=0)
+    f.add_argument("--init-seed", type=int, default=0)
+    f.set_defaults(func=cmd_fit)
+    s = sub.add_parser("score")
+    s.add_argument("dirs", nargs="+", help="fit directories under --out holding predictor.safetensors")
+    s.set_defaults(func=cmd_score)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
