@@ -21,7 +21,9 @@ is 1 inside the box, inclusive pixel coordinates, 0 outside). Stages, each cache
 5. ``eval``   mIoU / pixel accuracy per method on clean, corrupted and held-out-corruption
               val images, with cost relative to one forward; writes ``table.md`` in the fit's folder.
 
-``--stage predictor-cost`` times each predictor of :data:`PREDICTORS` against the U-Net.
+``--stage predictor-cost`` times each predictor of :data:`PREDICTORS` against the U-Net;
+``--stage cost`` re-times only the methods of one or two forwards (15 rounds, the fitted
+predictor), i.e. the eval table's last column.
 
 Run everything:  ``python examples/segmentation_tinyimagenet.py --stage all``
 """
@@ -387,13 +389,11 @@ def stage_fit(runs: Path, n_labels: int, draws: int, epochs: int, predictor: str
     return out
 
 
-@torch.no_grad()
-def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, rounds: int = 7) -> Path:
-    """mIoU / pixel accuracy per method and condition; cost relative to Identity (wall time of
-    the whole method on this machine, predictor included, and model forwards per image)."""
+def eval_methods(runs: Path, fit: Path, batch: int = 100):
+    """``(model, {name: (make(model) -> method, forwards per image)})``: the U-Net and the methods
+    compared, with the fitted predictor of ``fit`` (and the same weights without its margin)."""
     import ttach as tta
     from ttach_instance.segmentation import (
-        ConfusionMatrix,
         LossGuidedSegmentationWrapper,
         OracleKSegmentationWrapper,
         RandomKSegmentationWrapper,
@@ -407,13 +407,6 @@ def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, round
     with torch.no_grad():
         [m for m in raw.modules() if isinstance(m, nn.Linear)][-1].bias[0] += margin
     space = predictor.space
-    data = load_data(runs)
-    target_all = torch.from_numpy(data["val_masks"][:n_val]).long()
-    conditions = {
-        "clean": data["val_images"][:n_val],
-        "corrupted": corrupted_set(runs, "val", "common", n_val, seed=7)[0],
-        "held-out corruptions": corrupted_set(runs, "val", "heldout", n_val, seed=8)[0],
-    }
     ck = {"chunk_size": batch}  # one model call per `batch` views: big CPU batches run slower per image
     methods = {
         "Identity": (lambda m: m, 1),
@@ -426,6 +419,24 @@ def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, round
         "Ours k=1, coverage=identity": (lambda m: LossGuidedSegmentationWrapper(m, predictor, k=1, coverage="identity", **ck), 2),
         "Ours k=2": (lambda m: LossGuidedSegmentationWrapper(m, predictor, k=2, **ck), 2),
         "Oracle k=1": (lambda m: OracleKSegmentationWrapper(m, space, k=1, **ck), "12+1"),
+    }
+    return model, methods
+
+
+@torch.no_grad()
+def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, rounds: int = 7) -> Path:
+    """mIoU / pixel accuracy per method and condition; cost relative to Identity (wall time of
+    the whole method on this machine, predictor included, and model forwards per image)."""
+    from ttach_instance.segmentation import ConfusionMatrix
+
+    model, methods = eval_methods(runs, fit, batch)
+    space = ti_space()
+    data = load_data(runs)
+    target_all = torch.from_numpy(data["val_masks"][:n_val]).long()
+    conditions = {
+        "clean": data["val_images"][:n_val],
+        "corrupted": corrupted_set(runs, "val", "common", n_val, seed=7)[0],
+        "held-out corruptions": corrupted_set(runs, "val", "heldout", n_val, seed=8)[0],
     }
     results, counts = {}, {}
     for cond, imgs in conditions.items():
@@ -455,28 +466,8 @@ def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, round
             if name == "Ours k=1, no identity margin":
                 results[(cond, name)]["picks"] = {space.names[i]: int(c) for i, c in enumerate(picks) if c}
             print(f"  {cond:22s} {name:30s} mIoU {m['miou']:.4f} acc {m['pixel_acc']:.4f}", flush=True)
-    # Cost: wall time of one batch of `batch` clean images, predictor and all TTA work included,
-    # relative to the plain model. The methods are timed round-robin on the same batches (after a
-    # warm-up round), so load from other processes hits them alike; median over `rounds` rounds
-    # for the methods of 1-2 forwards, over 2 rounds for the others (their cost needs no precision).
-    x_all, samples = to_tensor(conditions["clean"]), {name: [] for name in methods}
-    wrappers = {name: make(model) for name, (make, _) in methods.items()}
-    nb = max(1, min(4, n_val // batch))
-    for r in range(rounds + 1):
-        sl = slice((r % nb) * batch, (r % nb + 1) * batch)
-        x, y = x_all[sl], target_all[sl]
-        for name, (_, forwards) in methods.items():
-            if not (isinstance(forwards, int) and forwards <= 2) and r not in (1, 2):
-                continue
-            wrapper = wrappers[name]
-            t0 = time.perf_counter()
-            wrapper(x, target=y) if name.startswith("Oracle") else wrapper(x)
-            if r:
-                samples[name].append(time.perf_counter() - t0)
-    times = {name: float(np.median(v)) for name, v in samples.items()}
-    for name in methods:
-        print(f"  cost {name:30s} {times[name] * 1e3:.0f} ms / {batch} images "
-              f"(x{times[name] / times['Identity']:.3f}, {len(samples[name])} rounds)", flush=True)
+    # Cost: wall time relative to the plain model (see time_methods).
+    times = time_methods(methods, model, to_tensor(conditions["clean"]), target_all, n_val, batch, rounds)
     for (cond, name), v in results.items():
         v["time_ms_per_batch"] = times[name] * 1e3
     lines = ["| method | forwards / image | " + " | ".join(f"{c} mIoU / acc" for c in conditions) + " | time vs Identity |",
@@ -506,6 +497,46 @@ def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, round
     (fit / "results.json").write_text(json.dumps({f"{c}|{n}": v for (c, n), v in results.items()}, indent=1))
     print(table)
     return fit / "table.md"
+
+
+@torch.no_grad()
+def time_methods(methods: dict, model: nn.Module, x_all: torch.Tensor, target_all: torch.Tensor, n_val: int,
+                 batch: int = 100, rounds: int = 7) -> dict:
+    """Median wall time (s) of one batch of ``batch`` clean images per method, predictor and all
+    TTA work included. The methods are timed round-robin on the same batches (after a warm-up
+    round, in alternating order), so load from other processes hits them alike; median over
+    ``rounds`` rounds for the methods of 1-2 forwards, over 2 rounds for the others (their cost
+    needs no precision)."""
+    samples = {name: [] for name in methods}
+    wrappers = {name: make(model) for name, (make, _) in methods.items()}
+    nb = max(1, min(4, n_val // batch))
+    for r in range(rounds + 1):
+        sl = slice((r % nb) * batch, (r % nb + 1) * batch)
+        x, y = x_all[sl], target_all[sl]
+        for name in (list(methods) if r % 2 == 0 else list(methods)[::-1]):
+            forwards = methods[name][1]
+            if not (isinstance(forwards, int) and forwards <= 2) and r not in (1, 2):
+                continue
+            wrapper = wrappers[name]
+            t0 = time.perf_counter()
+            wrapper(x, target=y) if name.startswith("Oracle") else wrapper(x)
+            if r:
+                samples[name].append(time.perf_counter() - t0)
+    times = {name: float(np.median(v)) for name, v in samples.items() if v}
+    for name in times:
+        print(f"  cost {name:30s} {times[name] * 1e3:.0f} ms / {batch} images "
+              f"(x{times[name] / times['Identity']:.3f}, {len(samples[name])} rounds)", flush=True)
+    return times
+
+
+@torch.no_grad()
+def stage_cost(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, rounds: int = 15) -> dict:
+    """Only the cost column, for the methods of one or two forwards, with more rounds."""
+    model, methods = eval_methods(runs, fit, batch)
+    methods = {k: v for k, v in methods.items() if isinstance(v[1], int) and v[1] <= 2}
+    data = load_data(runs)
+    target = torch.from_numpy(data["val_masks"][:n_val]).long()
+    return time_methods(methods, model, to_tensor(data["val_images"][:n_val]), target, n_val, batch, rounds)
 
 
 @torch.no_grad()
@@ -559,7 +590,7 @@ def ti_space():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="all", choices=["data", "train", "labels", "fit", "eval", "all", "predictor-cost"])
+    p.add_argument("--stage", default="all", choices=["data", "train", "labels", "fit", "eval", "all", "predictor-cost", "cost"])
     p.add_argument("--runs", default="runs/seg_tin")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--epochs", type=int, default=8)
@@ -590,6 +621,8 @@ def main(argv=None):
             stage_fit(runs, args.labels, args.draws, args.pred_epochs, args.predictor, tol)
         elif stage == "predictor-cost":
             stage_predictor_cost(runs)
+        elif stage == "cost":
+            stage_cost(runs, fit_dir(runs, args.predictor, args.labels, args.draws, args.pred_epochs, tol), args.n_val)
         elif stage == "eval":
             fit = fit_dir(runs, args.predictor, args.labels, args.draws, args.pred_epochs, tol)
             stage_eval(runs, fit, args.n_val)
