@@ -223,24 +223,26 @@ def deaugment_views(
         back = work.clone()
         valid = torch.ones_like(work[:, :1])
         if rows.numel():
-            grid = TF.affine_grid(inverse[flat[rows]].to(grid_dtype), [rows.numel(), 1, h, w], align_corners=False)
-            warped = TF.grid_sample(work[rows], grid.to(work.dtype), mode=interpolation, padding_mode="border",
-                                    align_corners=False)
-            v = (grid.abs() <= 1 + 1e-4).all(-1).unsqueeze(1).to(warped.dtype)
-            back[rows] = warped * v if fill == "zero" else warped
-            valid[rows] = v
+            back[rows], valid[rows] = _warp_back(work[rows], inverse[flat[rows]].to(grid_dtype), interpolation, fill)
         return back.to(outputs.dtype), valid.to(outputs.dtype)
-    grid = TF.affine_grid(inverse[flat].to(grid_dtype), [b * k, 1, h, w], align_corners=False)
-    back = TF.grid_sample(work, grid.to(work.dtype), mode=interpolation, padding_mode="border", align_corners=False)
-    # A pixel is covered when its centre falls inside the view (same rule and tolerance as
-    # functional.deaugment_dense: exact pixel-centre maps of flips/crops round to 1 + eps).
-    valid = (grid.abs() <= 1 + 1e-4).all(-1).unsqueeze(1).to(back.dtype)
-    if fill == "zero":
-        back = back * valid
+    back, valid = _warp_back(work, inverse[flat].to(grid_dtype), interpolation, fill)
     rows_moved = moved[flat][:, None, None, None]
     back = torch.where(rows_moved, back, work).to(outputs.dtype)
     valid = torch.where(rows_moved, valid, torch.ones_like(valid)).to(outputs.dtype)
     return back, valid
+
+
+def _warp_back(outputs: Tensor, inverse: Tensor, interpolation: str, fill: str) -> Tuple[Tensor, Tensor]:
+    """``outputs`` ``(N, C, H, W)`` resampled through the inverse affine maps ``(N, 2, 3)`` with
+    their validity ``(N, 1, H, W)`` (uncovered pixels zeroed with ``fill="zero"``)."""
+    n, _, h, w = outputs.shape
+    grid = TF.affine_grid(inverse, [n, 1, h, w], align_corners=False)
+    back = TF.grid_sample(outputs, grid.to(outputs.dtype), mode=interpolation, padding_mode="border",
+                          align_corners=False)
+    # A pixel is covered when its centre falls inside the view (same rule and tolerance as
+    # functional.deaugment_dense: exact pixel-centre maps of flips/crops round to 1 + eps).
+    valid = (grid.abs() <= 1 + 1e-4).all(-1).unsqueeze(1).to(back.dtype)
+    return (back * valid if fill == "zero" else back), valid
 
 
 def merge_views(
