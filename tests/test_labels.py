@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +160,17 @@ def test_killed_job_resumes_without_loss_or_duplicates(tmp_path):
                           corruptions=["gaussian_noise", "contrast"], shard_size=3, progress=False).load()
     for key in ref:
         assert torch.allclose(ref[key].float(), data[key].float(), atol=1e-6), key
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_corrupt_one_is_a_function_of_its_seed(name):
+    # every corruption, including those with their own generators (glass_blur's numba kernel,
+    # impulse_noise's skimage draw), gives the same image for the same seed
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    a = corrupt_one(src, name, 3, 1234)
+    np.random.seed(99)  # the global RNG's state must not matter
+    b = corrupt_one(src, name, 3, 1234)
+    assert a.shape == src.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b), name
+    assert not np.array_equal(a, src), name

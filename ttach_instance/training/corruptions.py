@@ -31,16 +31,31 @@ def check_names(names: Sequence[str], arg: str = "corruptions") -> Tuple[str, ..
     return names
 
 
+def _takes_seed(name: str) -> bool:
+    """Whether the corruption takes a ``seed`` argument: those that do (``glass_blur``: its numba
+    kernel has its own RNG; ``impulse_noise``: skimage's ``random_noise``) draw from a fresh,
+    unseeded generator without one, whatever numpy's global RNG was set to."""
+    import inspect
+
+    from imagecorruptions import corruption_dict
+
+    return "seed" in inspect.signature(corruption_dict[name]).parameters
+
+
 def corrupt_one(image_hwc: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
-    """One uint8 HxWx3 image corrupted reproducibly (imagecorruptions draws from numpy's global RNG)."""
+    """One uint8 HxWx3 image corrupted reproducibly: the same ``seed`` gives the same image
+    (numpy's global RNG seeded for the corruptions that draw from it, ``seed=`` passed to those
+    that take one)."""
     from imagecorruptions import corrupt
 
     if severity not in SEVERITIES:
         raise ValueError(f"severity must be in 1..5, got {severity}")
+    check_names([name], "name")
+    kwargs = {"seed": int(seed) % (2 ** 32)} if _takes_seed(name) else {}
     state = np.random.get_state()
     np.random.seed(seed % (2 ** 32))
     try:
-        out = corrupt(image_hwc, corruption_name=name, severity=int(severity))
+        out = corrupt(image_hwc, corruption_name=name, severity=int(severity), **kwargs)
     finally:
         np.random.set_state(state)
     out = np.asarray(out)
