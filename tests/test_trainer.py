@@ -152,3 +152,40 @@ def test_fit_with_pretraining_runs_once_and_resumes(tmp_path):
     assert second["pretrain"] == [] and second["complete"]  # resumed from the checkpoint: no second pretraining
     with pytest.raises(ValueError, match="labels"):
         fit_predictor(TinyPredictor(4), synthetic(160), None, c, progress=False, log=lambda m: None)
+
+
+def test_fit_ends_with_the_selected_epochs_weights(tmp_path):
+    # lr so high that the ranking degrades after the first epochs: the fit must hand back the
+    # EMA weights of the best held-out epoch, not the last, and say which it was
+    data = synthetic(160)
+    _, val = split_rows(data["rows"], 160, 0.2, 0)
+    c = cfg(epochs=4, ema_decay=0.0, lr=0.5, warmup_steps=1)
+    torch.manual_seed(0)
+    pred = TinyPredictor(4)
+    out = fit_predictor(pred, data, str(tmp_path / "s"), c, progress=False, log=lambda m: None)
+    scores = [h["val_spearman"] for h in out["history"]]
+    best = max(range(4), key=lambda i: (scores[i], -i)) + 1
+    assert best < 4 and scores[best - 1] > scores[-1]  # the set-up must make last != best
+    assert out["selected_epoch"] == best and out["final"] is out["history"][best - 1]
+    again = spearman(predict_losses(pred, data["images"][val]), data["losses"][val]).mean().item()
+    assert again == pytest.approx(scores[best - 1], abs=1e-6)
+    # select_by=None keeps the last epoch's; the two fits share every epoch (same seeds)
+    torch.manual_seed(0)
+    last = TinyPredictor(4)
+    out_last = fit_predictor(last, data, str(tmp_path / "l"), cfg(epochs=4, ema_decay=0.0, lr=0.5, warmup_steps=1,
+                                                                  select_by=None), progress=False, log=lambda m: None)
+    assert [h["val_spearman"] for h in out_last["history"]] == pytest.approx(scores)
+    assert out_last["selected_epoch"] == 4
+    got = spearman(predict_losses(last, data["images"][val]), data["losses"][val]).mean().item()
+    assert got == pytest.approx(scores[-1], abs=1e-6)
+    # a resumed fit selects among all epochs, those before the kill included
+    torch.manual_seed(0)
+    part = TinyPredictor(4)
+    fit_predictor(part, data, str(tmp_path / "r"), c, progress=False, log=lambda m: None, max_epochs_this_run=best)
+    resumed = TinyPredictor(4)
+    out_r = fit_predictor(resumed, data, str(tmp_path / "r"), c, progress=False, log=lambda m: None)
+    assert out_r["selected_epoch"] == best
+    for (k, va), vb in zip(pred.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+    with pytest.raises(ValueError, match="select_by"):
+        FitConfig(select_by="accuracy")

@@ -2,7 +2,8 @@
 
 The split is by *image* (all draws of one image fall in the same fold), ``val_fraction`` of
 the images (default 20 %, as the paper) are held out; metrics on them after every epoch,
-computed with the EMA weights, which are also what gets saved.
+computed with the EMA weights; the fit ends with the EMA weights of the epoch that scored best
+on them (``FitConfig.select_by``).
 
 Runs unchanged under ``torchrun``: every rank sees the same global permutation and takes
 its slice of each global batch; gradients are averaged by DistributedDataParallel; rank 0
@@ -25,6 +26,10 @@ from . import distributed as dist
 from .checkpoint import (atomic_save_tensors, atomic_write_json, load_module_tensors, load_tensors,
                          module_tensors, optimizer_from_tensors, optimizer_to_tensors)
 from .losses import ranking_loss, ranking_metrics
+
+
+#: Held-out metrics an epoch can be selected by, and whether higher is better.
+SELECTABLE_METRICS = {"spearman": True, "k1_accuracy": True, "top1_hit": True, "regret": False}
 
 
 @dataclass
@@ -57,6 +62,11 @@ class FitConfig:
     #: held-out fold: the best k=1 accuracy whose clean-image accuracy stays within this many
     #: points of the identity's (``None``: no calibration).
     clean_tolerance: Optional[float] = None
+    #: Which epoch's EMA weights the fit ends with: the best on this held-out metric (a key of
+    #: :func:`~ttach_instance.training.losses.ranking_metrics`: ``"spearman"``, ``"k1_accuracy"``,
+    #: ``"top1_hit"``; ``"regret"`` is minimised), or ``None`` for the last epoch's. Without a
+    #: held-out fold it is always the last.
+    select_by: Optional[str] = "spearman"
 
     def __post_init__(self):
         if self.optimizer not in ("rmsprop", "adamw", "sgd"):
@@ -69,6 +79,8 @@ class FitConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.pretrain_epochs < 0:
             raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
+        if self.select_by is not None and self.select_by not in SELECTABLE_METRICS:
+            raise ValueError(f"select_by must be one of {sorted(SELECTABLE_METRICS)} or None, got {self.select_by!r}")
         if self.flip_permutation is not None and sorted(self.flip_permutation) != list(range(len(self.flip_permutation))):
             raise ValueError(f"flip_permutation must be a permutation of 0..T-1, got {self.flip_permutation}")
 
@@ -218,8 +230,10 @@ def fit_predictor(
 
     With ``out_dir``: ``checkpoint.safetensors`` after every epoch (model, EMA, optimiser, step,
     history), resumed when present; ``history.json`` with per-epoch metrics; at the end the EMA
-    weights are loaded into ``predictor`` (and saved as ``predictor.safetensors`` through
-    ``predictor.save`` when it has one). Returns ``{"history": [...], "final": metrics}``.
+    weights of the epoch selected by ``config.select_by`` (best held-out Spearman by default) are
+    loaded into ``predictor`` (and saved as ``predictor.safetensors`` through ``predictor.save``
+    when it has one). Returns ``{"history": [...], "final": the selected epoch's metrics,
+    "selected_epoch": ...}``.
     """
     from tqdm import tqdm
 
@@ -253,6 +267,9 @@ def fit_predictor(
     steps_per_epoch = math.ceil(train_idx.numel() / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     start_epoch, step, history = 0, 0, []
+    # The selected epoch's EMA weights live beside the running ones (and in the checkpoint), so a
+    # resumed fit selects among all its epochs.
+    best_state, best_epoch = None, None
     if ckpt and os.path.isfile(ckpt):
         tensors, meta = load_tensors(ckpt)
         if meta.get("config") != asdict(cfg):
@@ -261,6 +278,9 @@ def fit_predictor(
         load_module_tensors(ema, tensors, "ema")
         optimizer_from_tensors(opt, tensors, meta["optim"])
         start_epoch, step, history = meta["epoch"], meta["step"], meta["history"]
+        best_epoch = meta.get("best_epoch")
+        if best_epoch is not None:
+            best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
         log(f"resumed predictor training at epoch {start_epoch}/{cfg.epochs}")
     end_epoch = cfg.epochs if max_epochs_this_run is None else min(cfg.epochs, start_epoch + max_epochs_this_run)
     for epoch in range(start_epoch, end_epoch):
@@ -306,18 +326,26 @@ def fit_predictor(
             record.update({f"val_{k}": v for k, v in ranking_metrics(
                 pred_val, losses[val_idx], None if correct is None else correct[val_idx]).items()})
         history.append(record)
+        if _improves(record, history, best_epoch, cfg.select_by):
+            best_epoch = epoch + 1
+            best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
         if rank == 0:
             log("fit " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             if ckpt:
                 otensors, ometa = optimizer_to_tensors(opt)
-                atomic_save_tensors(ckpt, {**module_tensors(predictor, "model"), **module_tensors(ema, "ema"), **otensors},
+                best = {f"best.{k}": v for k, v in best_state.items()} if best_state is not None else {}
+                atomic_save_tensors(ckpt, {**module_tensors(predictor, "model"), **module_tensors(ema, "ema"), **best,
+                                           **otensors},
                                     {"epoch": epoch + 1, "step": step, "history": history, "optim": ometa,
-                                     "config": asdict(cfg)})
+                                     "config": asdict(cfg), "best_epoch": best_epoch})
                 atomic_write_json(os.path.join(out_dir, "history.json"), history)
         dist.barrier()
-    predictor.load_state_dict(ema.state_dict())
-    predictor.eval()
     done = end_epoch >= cfg.epochs
+    chosen = best_epoch if (done and best_state is not None) else len(history)
+    predictor.load_state_dict(best_state if chosen != len(history) else ema.state_dict())
+    predictor.eval()
+    if done and history and rank == 0 and chosen != len(history):
+        log(f"selected epoch {chosen}/{len(history)} (best held-out {cfg.select_by})")
     margin = None
     if done and cfg.clean_tolerance is not None and correct is not None and "corruption" in data and val_idx.numel():
         pred_val = predict_losses(predictor, images[val_idx], device=device)
@@ -328,15 +356,31 @@ def fit_predictor(
             log(f"identity margin {margin:.3f}: held-out k=1 accuracy {info['accuracy']:.4f} "
                 f"(clean {info['clean']:.4f} vs identity {info['identity_clean']:.4f})")
         if history:
-            history[-1]["identity_margin"] = margin
+            history[chosen - 1]["identity_margin"] = margin
             if ckpt and rank == 0:
                 atomic_write_json(os.path.join(out_dir, "history.json"), history)
     if done and out_dir and rank == 0 and hasattr(predictor, "save"):
         predictor.save(os.path.join(out_dir, "predictor.safetensors"))
     dist.barrier()
-    return {"history": history, "final": history[-1] if history else {}, "complete": done, "identity_margin": margin,
+    if done and history and out_dir and rank == 0:
+        history[chosen - 1]["selected"] = True
+        atomic_write_json(os.path.join(out_dir, "history.json"), history)
+    return {"history": history, "final": history[chosen - 1] if history else {}, "selected_epoch": chosen if history else None,
+            "complete": done, "identity_margin": margin,
             "pretrain": pretrain_history,
             "val_rows": val_idx, "train_rows": train_idx}
+
+
+def _improves(record: Dict, history: List[Dict], best_epoch: Optional[int], metric: Optional[str]) -> bool:
+    """Whether ``record`` (just appended to ``history``) beats the selected epoch so far on
+    ``val_<metric>`` (ties keep the earlier epoch); always true without a metric or held-out fold."""
+    key = f"val_{metric}"
+    if metric is None or key not in record:
+        return True
+    if best_epoch is None or key not in history[best_epoch - 1]:
+        return True
+    new, old = record[key], history[best_epoch - 1][key]
+    return new > old if SELECTABLE_METRICS[metric] else new < old
 
 
 def calibrate_identity_margin(pred: Tensor, correct: Tensor, clean: Tensor, tolerance: float = 0.0,
