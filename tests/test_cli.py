@@ -107,13 +107,20 @@ def test_cli_errors_name_the_argument(folder, capsys):
     assert "methods" in capsys.readouterr().err
 
 
-def test_fit_and_predict_commands(folder, tmp_path, capsys):
+def _clean_labels(folder, tmp_path, *extra):
+    """Weights of a fresh FACTORY model and a clean label cache made with them (``extra``: more
+    ``labels`` arguments): ``(weights path, cache dir)``."""
     torch.manual_seed(0)
     w = str(tmp_path / "w16.pt")
     torch.save(build_model(FACTORY, num_classes=2).state_dict(), w)
     labels = str(tmp_path / "labels")
-    assert main(["labels", "--model", FACTORY, "--weights", w, "--data", folder, "--out", labels, "--draws", "3",
+    assert main(["labels", "--model", FACTORY, "--weights", w, "--data", folder, "--out", labels, *extra,
                  "--corruptions", "none", "--corruption-p", "0"]) == 0
+    return w, labels
+
+
+def test_fit_and_predict_commands(folder, tmp_path, capsys):
+    w, labels = _clean_labels(folder, tmp_path, "--draws", "3")
     fit = str(tmp_path / "fit")
     # a light LossPredictor backbone keeps this test fast on busy CPUs
     assert main(["fit", "--labels", labels, "--out", fit, "--backbone", "lcnet_050", "--epochs", "2",
@@ -160,6 +167,37 @@ def test_fit_and_predict_commands(folder, tmp_path, capsys):
                  "--predictor-flip", "--k", "3", img]) == 0
     views = capsys.readouterr().out.strip().split("views: ")[1]
     assert views == ", ".join(loaded.candidate_names[j] for j in order)
+
+
+def test_predict_resizes_to_the_labels_image_size_not_the_predictors(folder, tmp_path, capsys, monkeypatch):
+    w, labels = _clean_labels(folder, tmp_path, "--size", "24")
+    fit = str(tmp_path / "fit")
+    assert main(["fit", "--labels", labels, "--out", fit, "--predictor", "small", "--width", "4", "--input-size",
+                 "16", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw", "--val-fraction", "0.25"]) == 0
+    from ttach_instance.models import load_predictor
+    from ttach_instance.wrappers import LossGuidedWrapper
+
+    pred = os.path.join(fit, "predictor.safetensors")
+    loaded = load_predictor(pred)
+    assert loaded.input_size == 16 and loaded.model_image_size == (24, 24)
+    seen = []
+    forward = LossGuidedWrapper.forward
+    monkeypatch.setattr(LossGuidedWrapper, "forward", lambda self, x: seen.append(tuple(x.shape)) or forward(self, x))
+    img = os.path.join(folder, "val", "bees", "0.png")
+    common = ["predict", "--model", FACTORY, "--weights", w, "--num-classes", "2", "--predictor", pred]
+    assert main(common + [img]) == 0
+    assert seen[-1] == (1, 3, 24, 24)  # the model's size, not the predictor's 16
+    assert main(common + ["--size", "20", img]) == 0
+    assert seen[-1] == (1, 3, 20, 20)
+    # a checkpoint that does not record it (fitted before it was) and a model without a timm
+    # data config: the error asks for --size
+    loaded.model_image_size = None
+    old = str(tmp_path / "old.safetensors")
+    loaded.save(old)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", FACTORY, "--weights", w, "--num-classes", "2", "--predictor", old, img])
+    assert "--size" in capsys.readouterr().err
 
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyimagenet-dev20")

@@ -130,6 +130,24 @@ def test_round_trip(tmp_path, predictor, space):
     r = load_predictor(path)
     assert isinstance(r, LossPredictor) and torch.equal(r(x), q(x))
     assert LossPredictor.load(path, space="paper12").space_fingerprint == space.fingerprint
+    assert q.model_image_size is None  # never fitted: unknown
+
+
+def test_model_image_size_round_trips_and_is_checked(tmp_path, predictor, space):
+    from ttach_instance.models import SmallLossPredictor, load_predictor
+    from ttach_instance.predictor import FlipAveragedPredictor
+    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+
+    for p in (predictor, SmallLossPredictor(space, width=4, input_size=16)):
+        p.model_image_size = (48, 40)
+        path = str(tmp_path / f"{p.kind}.safetensors")
+        p.save(path)
+        q = load_predictor(path)
+        assert q.model_image_size == (48, 40) and FlipAveragedPredictor(q).model_image_size == (48, 40)
+        tensors, meta = load_tensors(path)
+        atomic_save_tensors(path, tensors, {**meta, "model_image_size": [48]})
+        with pytest.raises(ValueError, match="model_image_size"):
+            load_predictor(path)
 
 
 def test_module_factory_backbone(tmp_path, space):

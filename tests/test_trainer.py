@@ -39,6 +39,7 @@ def test_fit_learns_the_ranking_on_held_out_images(tmp_path):
     after = out["final"]["val_spearman"]
     assert after > 0.8 and after > before + 0.3
     assert out["final"]["val_top1_hit"] > 0.6
+    assert pred.model_image_size == (8, 8)  # the labels' image size, for whoever deploys it
     assert os.path.isfile(tmp_path / "checkpoint.safetensors") and os.path.isfile(tmp_path / "history.json")
     # the returned module holds the EMA weights, which is what the metrics were computed with
     again = spearman(predict_losses(pred, data["images"][val]), data["losses"][val]).mean().item()

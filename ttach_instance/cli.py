@@ -293,7 +293,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--k must be in 1..{len(space)} (the candidates of the predictor's space "
                          f"{space.name!r}), got {args.k}")
     model = _load_model(args, args.num_classes)
-    size = args.size or predictor.input_size
+    size = _predict_image_size(args.size, predictor, model)
     classes = None
     if args.classes:
         with open(args.classes) as f:
@@ -303,7 +303,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise ValueError(f"images: {path!r} is not a file")
         with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+            img = img.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
             pixels.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
     x = torch.stack(pixels).float() / 255
     # The CLI's models get the same normalisation as in labels/eval (data.model_mean_std);
@@ -322,6 +322,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         views = ", ".join(names[j] for j in selection.index[i].tolist())
         print(f"{path}: class {label} (p={float(probs[i, cls]):.3f}); views: {views}" + (" (+ h-flips)" if args.flip else ""))
     return 0
+
+
+def _predict_image_size(size, predictor, model):
+    """``(H, W)`` the images are resized to for ``predict``: ``--size``, else what the model saw
+    when the predictor's labels were made (``predictor.model_image_size``), else the model's timm
+    data config; the predictor's own ``input_size`` is not the model's and is never used."""
+    if size:
+        return int(size), int(size)
+    known = getattr(predictor, "model_image_size", None)
+    if known:
+        return int(known[0]), int(known[1])
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if isinstance(cfg.get("input_size"), (list, tuple)) and len(cfg["input_size"]) == 3:
+        return int(cfg["input_size"][1]), int(cfg["input_size"][2])
+    raise ValueError("--size is required: the predictor checkpoint does not record the image size its labels were "
+                     "made at (fitted before it was recorded) and the model has no timm data config")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -410,7 +426,8 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--predictor-flip", action="store_true", help=PREDICTOR_FLIP_HELP)
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped views")
-    p.add_argument("--size", type=int, default=None, help="resize images to this (default: the predictor's size)")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize images to this (default: the size the predictor's labels were made at)")
     p.add_argument("--classes", default=None, help="text file with one class name per line")
     p.add_argument("images", nargs="*")
     p.set_defaults(func=_cmd_predict)

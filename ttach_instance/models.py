@@ -83,9 +83,12 @@ class SmallLossPredictor(nn.Module):
     channels at ``input_size`` (``pixel_unshuffle``) instead of being downsampled: the net works at
     the same small resolution but sees every pixel of that size -- the fine texture that noise,
     blur and JPEG corruptions leave, which a resize to a few dozen pixels averages away.
+
+    ``model_image_size``: as :attr:`ttach_instance.predictor.LossPredictor.model_image_size`.
     """
 
     kind = "small-loss-predictor"
+    model_image_size = None
 
     def __init__(self, space, width: int = 8, input_size: int = 32, unshuffle: int = 1):
         super().__init__()
@@ -125,7 +128,8 @@ class SmallLossPredictor(nn.Module):
         atomic_save_tensors(path, self.state_dict(), {
             "kind": self.kind, "space": self.space.name, "space_params": self.space.params,
             "space_fingerprint": self.space_fingerprint, "candidate_names": self.candidate_names,
-            "width": self.width, "input_size": self.input_size, "unshuffle": self.unshuffle})
+            "width": self.width, "input_size": self.input_size, "unshuffle": self.unshuffle,
+            "model_image_size": self.model_image_size})
 
     @classmethod
     def load(cls, path: str, space=None) -> "SmallLossPredictor":
@@ -141,6 +145,9 @@ class SmallLossPredictor(nn.Module):
                              f"was trained for ({meta['space']!r}, {meta['space_fingerprint']})")
         p = cls(space, meta["width"], meta["input_size"], int(meta.get("unshuffle", 1)))
         p.load_state_dict(tensors)
+        from .predictor import _image_size_meta
+
+        p.model_image_size = _image_size_meta(meta.get("model_image_size"), path)
         return p.eval()
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -123,9 +123,15 @@ class LossPredictor(nn.Module):
 
     ``forward(pixels)``: float ``(B, 3, H, W)`` in [0, 1] on the predictor's device (any float
     dtype; half inputs are resampled in float32) -> float32 ``(B, len(space))``.
+
+    ``model_image_size``: ``(H, W)`` of the images the *target model* saw when the loss labels
+    were made (set by :func:`~ttach_instance.training.trainer.fit_predictor`, saved with the
+    weights; ``None`` when unknown): the size to bring images to before the wrapper, which is not
+    the predictor's own ``input_size``.
     """
 
     kind = "loss-predictor"
+    model_image_size: Optional[Tuple[int, int]] = None
 
     def __init__(
         self,
@@ -238,7 +244,8 @@ class LossPredictor(nn.Module):
                 "space_params": self.space.params, "space_fingerprint": self.space_fingerprint,
                 "candidate_names": self.candidate_names, "backbone": self.backbone_name,
                 "input_size": self.input_size, "config": self.config(), "channels": self.channels,
-                "pretrained_init": self.pretrained, "versions": _versions()}
+                "pretrained_init": self.pretrained, "model_image_size": self.model_image_size,
+                "versions": _versions()}
 
     def save(self, path: str) -> None:
         """Write weights + metadata to one ``.safetensors`` file (atomically; no pickle)."""
@@ -292,11 +299,21 @@ class LossPredictor(nn.Module):
             raise ValueError(f"predictor checkpoint {path!r} does not match {cls.__name__}"
                              f"(backbone={meta['config'].get('backbone')!r}): " + "; ".join(p for p in parts if p))
         predictor.load_state_dict(tensors, strict=True)
+        predictor.model_image_size = _image_size_meta(meta.get("model_image_size"), path)
         return predictor.to(map_location).eval()
 
 
 #: What the wrappers, the CLI and the evaluation read off a predictor besides calling it.
-_PREDICTOR_ATTRIBUTES = ("space", "space_fingerprint", "candidate_names", "input_size")
+_PREDICTOR_ATTRIBUTES = ("space", "space_fingerprint", "candidate_names", "input_size", "model_image_size")
+
+
+def _image_size_meta(value: Any, path: str) -> Optional[Tuple[int, int]]:
+    """A checkpoint's ``model_image_size`` (``[H, W]`` or absent) as a tuple."""
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+        raise ValueError(f"predictor checkpoint {path!r}: model_image_size must be [height, width], got {value!r}")
+    return int(value[0]), int(value[1])
 
 
 def _predictor_space(predictor: Any, arg: str = "predictor") -> TransformSpace:

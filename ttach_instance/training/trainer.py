@@ -359,6 +359,8 @@ def fit_predictor(
             history[chosen - 1]["identity_margin"] = margin
             if ckpt and rank == 0:
                 atomic_write_json(os.path.join(out_dir, "history.json"), history)
+    if done:  # what the target model saw: the labels' images (the predictor resizes to its own size)
+        predictor.model_image_size = (int(images.shape[-2]), int(images.shape[-1]))
     if done and out_dir and rank == 0 and hasattr(predictor, "save"):
         predictor.save(os.path.join(out_dir, "predictor.safetensors"))
     dist.barrier()
