@@ -394,3 +394,31 @@ def test_combined_predictors_drive_the_wrapper():
     assert out.shape == (4, 5)
     torch.testing.assert_close(sel.predicted_losses, scores)
     assert torch.equal(sel.index, torch.sort(scores, dim=1, stable=True).indices[:, :2])
+
+
+def test_small_predictor_load_rejects_altered_and_truncated_files(tmp_path, space):
+    from ttach_instance.models import SmallLossPredictor
+    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+
+    path = str(tmp_path / "s.safetensors")
+    SmallLossPredictor(space, width=4, input_size=16).save(path)
+    tensors, meta = load_tensors(path)
+    bad = str(tmp_path / "bad.safetensors")
+    first = sorted(tensors)[0]
+    atomic_save_tensors(bad, {k: v for k, v in tensors.items() if k != first}, meta)
+    with pytest.raises(ValueError, match=rf"bad.safetensors.*missing keys \['{first}'\]"):
+        SmallLossPredictor.load(bad)
+    atomic_save_tensors(bad, tensors, dict(meta, width=8))  # metadata altered: weights no longer fit
+    with pytest.raises(ValueError, match="shape mismatch"):
+        SmallLossPredictor.load(bad)
+    atomic_save_tensors(bad, tensors, {k: v for k, v in meta.items() if k != "width"})
+    with pytest.raises(ValueError, match="lacks metadata 'width'"):
+        SmallLossPredictor.load(bad)
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(bad, "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="unreadable"):
+        SmallLossPredictor.load(bad)
+    with pytest.raises(ValueError, match="fingerprint"):
+        SmallLossPredictor.load(path, space="flips")

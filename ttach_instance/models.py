@@ -133,21 +133,13 @@ class SmallLossPredictor(nn.Module):
 
     @classmethod
     def load(cls, path: str, space=None) -> "SmallLossPredictor":
-        from .registry import get_space
-        from .training.checkpoint import load_tensors
+        """Rebuild from a :meth:`save` checkpoint, with the checks of ``LossPredictor.load``
+        (truncated file, another kind or space, missing or reshaped weights: ``ValueError``)."""
+        from .predictor import load_predictor_weights, read_predictor_checkpoint
 
-        tensors, meta = load_tensors(path)
-        if meta.get("kind") != cls.kind:
-            raise ValueError(f"{path!r} is not a {cls.__name__} checkpoint (kind {meta.get('kind')!r})")
-        space = space or get_space(meta["space"], **meta.get("space_params", {}))
-        if space.fingerprint != meta["space_fingerprint"]:
-            raise ValueError(f"space {space.name!r} (fingerprint {space.fingerprint}) is not the space the predictor "
-                             f"was trained for ({meta['space']!r}, {meta['space_fingerprint']})")
+        tensors, meta, space = read_predictor_checkpoint(cls, path, space, ("width", "input_size"))
         p = cls(space, meta["width"], meta["input_size"], int(meta.get("unshuffle", 1)))
-        p.load_state_dict(tensors)
-        from .predictor import _image_size_meta
-
-        p.model_image_size = _image_size_meta(meta.get("model_image_size"), path)
+        load_predictor_weights(p, tensors, meta, path, f"width={meta['width']}, unshuffle={meta.get('unshuffle', 1)}")
         return p.eval()
 
 

@@ -260,47 +260,64 @@ class LossPredictor(nn.Module):
              map_location: Union[str, torch.device] = "cpu") -> "LossPredictor":
         """Rebuild from a :meth:`save` checkpoint (space from the registry unless given), weights
         loaded strictly, in eval mode on ``map_location``."""
-        from safetensors import SafetensorError
-
-        from .registry import get_space
-        from .training.checkpoint import load_tensors
-
-        try:
-            tensors, meta = load_tensors(os.fspath(path))
-        except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"predictor checkpoint {path!r} is unreadable (truncated or not a safetensors file): "
-                             f"{e}") from e
-        if meta.get("kind") != cls.kind:
-            raise ValueError(f"{path!r} is not a {cls.__name__} checkpoint (kind {meta.get('kind')!r}, expected "
-                             f"{cls.kind!r}); load it with ttach_instance.models.load_predictor")
-        for key in ("space", "space_fingerprint", "config"):
-            if key not in meta:
-                raise ValueError(f"predictor checkpoint {path!r} lacks metadata {key!r}")
-        if space is None:
-            try:
-                space = get_space(meta["space"], **meta.get("space_params", {}))
-            except Exception as e:  # noqa: BLE001 - the registry's error, with the checkpoint named
-                raise ValueError(f"{path!r}: cannot rebuild its space {meta['space']!r} with parameters "
-                                 f"{meta.get('space_params', {})} from the registry ({e}); pass space=") from e
-        elif isinstance(space, str):
-            space = get_space(space)
-        if space.fingerprint != meta["space_fingerprint"]:
-            raise ValueError(f"space {space.name!r} (fingerprint {space.fingerprint}) is not the space the predictor "
-                             f"{path!r} was trained for ({meta['space']!r}, fingerprint {meta['space_fingerprint']})")
+        tensors, meta, space = read_predictor_checkpoint(cls, path, space, ("config",))
         predictor = cls(space, **meta["config"])
-        own = predictor.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own))
-        wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(v.shape)})"
-                 for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            parts = [f"missing keys {missing}" if missing else "",
-                     f"unexpected keys {unexpected}" if unexpected else "", f"shape mismatch {wrong}" if wrong else ""]
-            raise ValueError(f"predictor checkpoint {path!r} does not match {cls.__name__}"
-                             f"(backbone={meta['config'].get('backbone')!r}): " + "; ".join(p for p in parts if p))
-        predictor.load_state_dict(tensors, strict=True)
-        predictor.model_image_size = _image_size_meta(meta.get("model_image_size"), path)
+        load_predictor_weights(predictor, tensors, meta, path, f"backbone={meta['config'].get('backbone')!r}")
         return predictor.to(map_location).eval()
+
+
+def read_predictor_checkpoint(cls: type, path: str, space: Optional[Union[TransformSpace, str]],
+                              required: Sequence[str] = ()) -> Tuple[Dict[str, Tensor], Dict[str, Any], TransformSpace]:
+    """``(tensors, metadata, space)`` of a predictor checkpoint written by ``cls.save``, checked:
+    readable (not truncated), of ``cls.kind``, with the ``required`` metadata keys, and for
+    ``space`` (default: rebuilt from the registry by the recorded name and parameters) by
+    fingerprint. Every failure is a ``ValueError`` naming the file and what was expected."""
+    from safetensors import SafetensorError
+
+    from .registry import get_space
+    from .training.checkpoint import load_tensors
+
+    try:
+        tensors, meta = load_tensors(os.fspath(path))
+    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"predictor checkpoint {path!r} is unreadable (truncated or not a safetensors file): "
+                         f"{e}") from e
+    if meta.get("kind") != cls.kind:
+        raise ValueError(f"{path!r} is not a {cls.__name__} checkpoint (kind {meta.get('kind')!r}, expected "
+                         f"{cls.kind!r}); load it with ttach_instance.models.load_predictor")
+    for key in ("space", "space_fingerprint", *required):
+        if key not in meta:
+            raise ValueError(f"predictor checkpoint {path!r} lacks metadata {key!r}")
+    if space is None:
+        try:
+            space = get_space(meta["space"], **meta.get("space_params", {}))
+        except Exception as e:  # noqa: BLE001 - the registry's error, with the checkpoint named
+            raise ValueError(f"{path!r}: cannot rebuild its space {meta['space']!r} with parameters "
+                             f"{meta.get('space_params', {})} from the registry ({e}); pass space=") from e
+    elif isinstance(space, str):
+        space = get_space(space)
+    if space.fingerprint != meta["space_fingerprint"]:
+        raise ValueError(f"space {space.name!r} (fingerprint {space.fingerprint}) is not the space the predictor "
+                         f"{path!r} was trained for ({meta['space']!r}, fingerprint {meta['space_fingerprint']})")
+    return tensors, meta, space
+
+
+def load_predictor_weights(predictor: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, Any], path: str,
+                           described: str = "") -> None:
+    """Load ``tensors`` into ``predictor`` strictly (missing, unexpected or reshaped keys: a
+    ``ValueError`` listing them) and set its ``model_image_size`` from ``meta``."""
+    own = predictor.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"missing keys {missing}" if missing else "",
+                 f"unexpected keys {unexpected}" if unexpected else "", f"shape mismatch {wrong}" if wrong else ""]
+        raise ValueError(f"predictor checkpoint {path!r} does not match {type(predictor).__name__}({described}): "
+                         + "; ".join(p for p in parts if p))
+    predictor.load_state_dict(tensors, strict=True)
+    predictor.model_image_size = _image_size_meta(meta.get("model_image_size"), path)
 
 
 #: What the wrappers, the CLI and the evaluation read off a predictor besides calling it.
