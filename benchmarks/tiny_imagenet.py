@@ -154,7 +154,7 @@ def stage_fit(args, sets, model):
                     weight_decay=args.weight_decay, warmup_steps=200, ema_decay=args.ema, seed=args.seed,
                     flip_permutation=flip_permutation(space), clean_tolerance=args.clean_tolerance,
                     pretrain_epochs=args.pretrain_epochs, spearman_weight=args.spearman_weight,
-                    rank_temperature=args.rank_temperature)
+                    rank_temperature=args.rank_temperature, group_weight=args.group_weight)
     torch.manual_seed(args.init_seed)  # the predictor's initial weights (and its dropout draws)
     pred = make_predictor(args, space)
     res = fit_predictor(pred, data, out, cfg, num_images=len(sets["train"]), log=log)
@@ -206,6 +206,8 @@ def main(argv=None):
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="epochs of feature pretraining (classifying the training fold) before the ranking epochs")
     p.add_argument("--spearman-weight", type=float, default=2.0, help="soft-Spearman term's weight (listwise KL: 1)")
+    p.add_argument("--group-weight", type=float, default=0.0,
+                   help="weight of the auxiliary corruption-recognition term (FitConfig.group_weight)")
     p.add_argument("--rank-temperature", type=float, default=0.1, help="soft rank temperature")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=3e-3)

@@ -39,8 +39,11 @@ class TinyPredictor(nn.Module):
         h = torch.relu(self.conv(x))
         return nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
 
+    def head_scores(self, features):
+        return self.fc(features)
+
     def forward(self, x):
-        return self.fc(self.features(x))
+        return self.head_scores(self.features(x))
 
 
 def space():

@@ -1,3 +1,4 @@
+import math
 import os
 import sys
 
@@ -190,3 +191,51 @@ def test_fit_ends_with_the_selected_epochs_weights(tmp_path):
         assert torch.allclose(va, vb, atol=1e-6), k
     with pytest.raises(ValueError, match="select_by"):
         FitConfig(select_by="accuracy")
+
+
+def test_corruption_groups_hand_computed():
+    from ttach_instance.training.trainer import NUM_CORRUPTION_GROUPS, corruption_groups
+
+    corruption = torch.tensor([-1, 0, 0, 3, 18])
+    severity = torch.tensor([0, 1, 5, 2, 5])
+    assert corruption_groups(corruption, severity).tolist() == [0, 1, 5, 1 + 15 + 1, 95]
+    assert NUM_CORRUPTION_GROUPS == 96
+
+
+def with_groups(data, seed=0):
+    """``data`` plus corruption/severity columns that a linear head on the channel means can read:
+    the group is the dominant channel (0 clean, 1..3 a corruption)."""
+    dominant = data["images"].float().mean((2, 3)).argmax(1)
+    data = dict(data)
+    data["corruption"] = torch.where(dominant == 0, torch.full_like(dominant, -1), dominant - 1)
+    data["severity"] = torch.where(dominant == 0, torch.zeros_like(dominant), torch.full_like(dominant, 3))
+    return data
+
+
+def test_group_term_learns_the_corruption_and_leaves_the_saved_predictor_alone(tmp_path):
+    from ttach_instance.training.trainer import NUM_CORRUPTION_GROUPS
+
+    data = with_groups(synthetic(320))
+    c = cfg(epochs=6, lr=0.03, group_weight=1.0)
+    torch.manual_seed(0)
+    pred = TinyPredictor(4)
+    keys = set(pred.state_dict())
+    out = fit_predictor(pred, data, str(tmp_path / "g"), c, progress=False, log=lambda m: None)
+    group_losses = [h["train_group_loss"] for h in out["history"]]
+    # from chance over 96 classes to below log 3, what knowing only the 3 groups' frequencies
+    # gives: the features tell the groups apart
+    assert group_losses[0] > 3.0 and group_losses[-1] < 0.6 < math.log(3)
+    assert NUM_CORRUPTION_GROUPS == 96
+    assert set(pred.state_dict()) == keys  # the temporary head is not part of the predictor
+    # resumable like the plain fit: killed after 2 epochs and continued = uninterrupted
+    torch.manual_seed(0)
+    part = TinyPredictor(4)
+    fit_predictor(part, data, str(tmp_path / "r"), c, progress=False, log=lambda m: None, max_epochs_this_run=2)
+    resumed = TinyPredictor(4)
+    fit_predictor(resumed, data, str(tmp_path / "r"), c, progress=False, log=lambda m: None)
+    for (k, va), vb in zip(pred.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+    with pytest.raises(ValueError, match="'corruption'"):
+        fit_predictor(TinyPredictor(4), synthetic(64), None, c, progress=False, log=lambda m: None)
+    with pytest.raises(ValueError, match="group_weight"):
+        FitConfig(group_weight=-1)

@@ -186,7 +186,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             raise ValueError(f"--tau must be a number or 'auto', got {args.tau!r}") from None
     cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                     ema_decay=args.ema, val_fraction=args.val_fraction, listwise_weight=args.listwise_weight,
-                    spearman_weight=args.spearman_weight, tau=tau, seed=args.seed,
+                    spearman_weight=args.spearman_weight, tau=tau, seed=args.seed, group_weight=args.group_weight,
                     flip_permutation=flip_permutation(space) if args.flip else None,
                     clean_tolerance=args.clean_tolerance, pretrain_epochs=args.pretrain_epochs)
     input_size = args.input_size or manifest["size"]
@@ -389,6 +389,9 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--listwise-weight", type=float, default=1.0)
     p.add_argument("--spearman-weight", type=float, default=1.0)
+    p.add_argument("--group-weight", type=float, default=0.0,
+                   help="auxiliary corruption recognition while training (a temporary head on the predictor's "
+                        "features classifies each row's corruption and severity; the saved predictor is unchanged)")
     p.add_argument("--tau", default=None,
                    help="listwise temperature: a number or 'auto' (from the labels' spread); default 1 (the paper's) "
                         "for classification labels, auto for segmentation labels (losses differ by hundredths)")

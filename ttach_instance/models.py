@@ -119,8 +119,12 @@ class SmallLossPredictor(nn.Module):
         """Side the image is resized to before the net: ``unshuffle * input_size``."""
         return self.unshuffle * self.input_size
 
+    def head_scores(self, features: Tensor) -> Tensor:
+        """The final layer: :meth:`features` -> relative losses (``forward = head_scores . features``)."""
+        return self.net.head(features)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.net.head(self.features(x))
+        return self.head_scores(self.features(x))
 
     def save(self, path: str) -> None:
         from .training.checkpoint import atomic_save_tensors

@@ -228,9 +228,13 @@ class LossPredictor(nn.Module):
         vectors = [proj(f.mean((2, 3))) for proj, f in zip(self.level_proj, feats)]
         return self.dropout(torch.cat(self._drop_levels(vectors), 1))
 
+    def head_scores(self, features: Tensor) -> Tensor:
+        """The final layer: :meth:`features` -> relative losses (``forward = head_scores . features``)."""
+        return self.head(features).float()
+
     def forward(self, pixels: Tensor) -> Tensor:
         """Relative losses ``(B, len(space))`` float32, lower = better."""
-        return self.head(self.features(pixels)).float()
+        return self.head_scores(self.features(pixels))
 
     # -- checkpoints -----------------------------------------------------------------------
     def config(self) -> Dict[str, Any]:

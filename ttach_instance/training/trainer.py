@@ -25,7 +25,11 @@ from ..space import flip_permutation  # noqa: F401 - re-exported: FitConfig(flip
 from . import distributed as dist
 from .checkpoint import (atomic_save_tensors, atomic_write_json, load_module_tensors, load_tensors,
                          module_tensors, optimizer_from_tensors, optimizer_to_tensors)
+from .corruptions import ALL, SEVERITIES
 from .losses import ranking_loss, ranking_metrics
+
+#: Classes of :func:`corruption_groups`: clean, then every corruption of ``ALL`` at every severity.
+NUM_CORRUPTION_GROUPS = 1 + len(ALL) * len(SEVERITIES)
 
 
 #: Held-out metrics an epoch can be selected by, and whether higher is better.
@@ -58,6 +62,13 @@ class FitConfig:
     #: paper starts from when no pretrained weights can be had. ``0``: none.
     pretrain_epochs: int = 0
     pretrain_lr: float = 3e-3
+    #: Weight of an auxiliary *corruption recognition* term during the ranking epochs: a temporary
+    #: linear head on ``predictor.features`` classifies each row's corruption and severity (clean
+    #: is one class; :func:`corruption_groups`), trained jointly and dropped afterwards, so the
+    #: saved predictor and its cost are unchanged. Why: on the Tiny ImageNet labels a policy that
+    #: knows only the corruption and takes that group's best candidate beats the plain predictor's
+    #: k=1 choice (docs/BENCHMARKS.md); the term makes the features carry the corruption. ``0``: off.
+    group_weight: float = 0.0
     #: After training, pick a margin by which the identity's predicted loss must be beaten, on the
     #: held-out fold: the best k=1 accuracy whose clean-image accuracy stays within this many
     #: points of the identity's (``None``: no calibration).
@@ -77,12 +88,22 @@ class FitConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.group_weight < 0:
+            raise ValueError(f"group_weight must be >= 0, got {self.group_weight}")
         if self.pretrain_epochs < 0:
             raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
         if self.select_by is not None and self.select_by not in SELECTABLE_METRICS:
             raise ValueError(f"select_by must be one of {sorted(SELECTABLE_METRICS)} or None, got {self.select_by!r}")
         if self.flip_permutation is not None and sorted(self.flip_permutation) != list(range(len(self.flip_permutation))):
             raise ValueError(f"flip_permutation must be a permutation of 0..T-1, got {self.flip_permutation}")
+
+
+def corruption_groups(corruption: Tensor, severity: Tensor) -> Tensor:
+    """Class of each label row for the corruption-recognition term: ``0`` clean (``corruption < 0``),
+    else ``1 + corruption * 5 + severity - 1`` (``corruption`` indexes
+    :data:`~ttach_instance.training.corruptions.ALL`); :data:`NUM_CORRUPTION_GROUPS` classes."""
+    groups = 1 + corruption.long() * len(SEVERITIES) + severity.long() - 1
+    return torch.where(corruption < 0, torch.zeros_like(groups), groups)
 
 
 def split_rows(rows: Tensor, num_images: int, val_fraction: float, seed: int):
@@ -119,6 +140,29 @@ def _cutout(x: Tensor, p: float, g: torch.Generator) -> Tensor:
     return x.masked_fill(mask[:, None], 0.5)
 
 
+class _ScoresAndGroups(nn.Module):
+    """``predictor`` plus the temporary corruption-group head on its features: one features pass
+    gives both the ranking scores and the group logits (what DDP wraps when ``group_weight`` > 0)."""
+
+    def __init__(self, predictor: nn.Module, group_head: nn.Module):
+        super().__init__()
+        self.predictor = predictor
+        self.group_head = group_head
+
+    def forward(self, x: Tensor):
+        f = self.predictor.features(x)
+        return self.predictor.head_scores(f), self.group_head(f)
+
+
+def _feature_width(predictor: nn.Module, probe: Tensor) -> int:
+    """Width of ``predictor.features`` on two uint8 ``probe`` images (eval mode, no grad)."""
+    was = predictor.training
+    with torch.no_grad():
+        width = predictor.eval().features(probe[:2].float() / 255).shape[1]
+    predictor.train(was)
+    return int(width)
+
+
 class _FeatureClassifier(nn.Module):
     """``predictor.features`` + a temporary linear head: what feature pretraining trains."""
 
@@ -147,8 +191,7 @@ def pretrain_features(predictor: nn.Module, images: Tensor, labels: Tensor, rows
     rank, world = dist.rank(), dist.world_size()
     num_classes = int(labels.max()) + 1
     was = predictor.training
-    with torch.no_grad():
-        num_features = predictor.eval().features(images[rows[:2]].to(device).float() / 255).shape[1]
+    num_features = _feature_width(predictor, images[rows[:2]].to(device))
     g = torch.Generator().manual_seed(cfg.seed * 1000003 + 424242)
     head_init = torch.randn(num_classes, num_features, generator=g) / num_features ** 0.5
     clf = _FeatureClassifier(predictor, num_features, num_classes).to(device)
@@ -260,10 +303,26 @@ def fit_predictor(
     ema = copy.deepcopy(predictor).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    net: nn.Module = predictor
+    trained: nn.Module = predictor
+    group_head, groups = None, None
+    if cfg.group_weight:
+        for key in ("corruption", "severity"):
+            if key not in data:
+                raise ValueError(f"group_weight needs the label cache's {key!r} (LabelCache(dir).load())")
+        if not (callable(getattr(predictor, "features", None)) and callable(getattr(predictor, "head_scores", None))):
+            raise TypeError(f"group_weight needs a predictor with features(pixels) -> (B, F) and head_scores(features) "
+                            f"methods, {type(predictor).__name__} lacks them")
+        groups = corruption_groups(data["corruption"], data["severity"])
+        group_head = nn.Linear(_feature_width(predictor, images[:2].to(device)), NUM_CORRUPTION_GROUPS)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + 777)
+        with torch.no_grad():  # the same head on every rank
+            group_head.weight.copy_(torch.randn(group_head.weight.shape, generator=gen) / group_head.in_features ** 0.5)
+            group_head.bias.zero_()
+        trained = _ScoresAndGroups(predictor, group_head.to(device))
+    net: nn.Module = trained
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(predictor, device_ids=None if device == "cpu" else [torch.device(device).index])
-    opt = make_optimizer([p for p in predictor.parameters() if p.requires_grad], cfg)
+        net = nn.parallel.DistributedDataParallel(trained, device_ids=None if device == "cpu" else [torch.device(device).index])
+    opt = make_optimizer([p for p in trained.parameters() if p.requires_grad], cfg)
     steps_per_epoch = math.ceil(train_idx.numel() / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     start_epoch, step, history = 0, 0, []
@@ -276,6 +335,8 @@ def fit_predictor(
             raise ValueError(f"{ckpt} was made with another configuration; use another out_dir or delete it")
         load_module_tensors(predictor, tensors, "model")
         load_module_tensors(ema, tensors, "ema")
+        if group_head is not None:
+            load_module_tensors(group_head, tensors, "group_head")
         optimizer_from_tensors(opt, tensors, meta["optim"])
         start_epoch, step, history = meta["epoch"], meta["step"], meta["history"]
         best_epoch = meta.get("best_epoch")
@@ -289,7 +350,7 @@ def fit_predictor(
         perm = train_idx[torch.randperm(train_idx.numel(), generator=g)]
         bar = tqdm(range(steps_per_epoch), desc=f"fit epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress or rank != 0, leave=False)
-        loss_sum, seen = 0.0, 0
+        loss_sum, group_sum, seen = 0.0, 0.0, 0
         for s in bar:
             batch = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             mine = batch[rank::world]
@@ -304,15 +365,22 @@ def fit_predictor(
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 target = torch.where(flip[:, None], target[:, cfg.flip_permutation], target)
             x, target = x[rank::world], target[rank::world]
-            pred = net(x.to(device))
+            if group_head is not None:
+                pred, group_logits = net(x.to(device))
+                group_loss = nn.functional.cross_entropy(group_logits, groups[mine].to(device))
+            else:
+                pred, group_loss = net(x.to(device)), None
             loss = ranking_loss(pred, target.to(device), cfg.listwise_weight, cfg.spearman_weight, cfg.tau,
                                 cfg.rank_temperature)
+            if group_loss is not None:
+                group_sum += float(group_loss.detach()) * mine.numel()
+                loss = loss + cfg.group_weight * group_loss
             # DDP averages gradients over ranks: weight each rank's mean by its share of the global batch.
             scaled = loss * (mine.numel() * world / max(1, batch.numel()))
             opt.zero_grad(set_to_none=True)
             scaled.backward()
             if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(predictor.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -321,6 +389,8 @@ def fit_predictor(
             seen += mine.numel()
             bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": cfg.lr * lr_scale}
+        if group_head is not None:
+            record["train_group_loss"] = group_sum / max(1, seen)
         if val_idx.numel():
             pred_val = predict_losses(ema, images[val_idx], device=device)
             record.update({f"val_{k}": v for k, v in ranking_metrics(
@@ -334,8 +404,9 @@ def fit_predictor(
             if ckpt:
                 otensors, ometa = optimizer_to_tensors(opt)
                 best = {f"best.{k}": v for k, v in best_state.items()} if best_state is not None else {}
+                extra = module_tensors(group_head, "group_head") if group_head is not None else {}
                 atomic_save_tensors(ckpt, {**module_tensors(predictor, "model"), **module_tensors(ema, "ema"), **best,
-                                           **otensors},
+                                           **extra, **otensors},
                                     {"epoch": epoch + 1, "step": step, "history": history, "optim": ometa,
                                      "config": asdict(cfg), "best_epoch": best_epoch})
                 atomic_write_json(os.path.join(out_dir, "history.json"), history)
