@@ -48,7 +48,7 @@ def cmd_fit(args):
     cfg = FitConfig(epochs=args.epochs, batch_size=128, optimizer="adamw", lr=args.lr, weight_decay=0.05,
                     warmup_steps=200, ema_decay=0.995, seed=0, flip_permutation=flip_permutation(space),
                     spearman_weight=args.spearman_weight, rank_temperature=args.rank_temperature,
-                    pretrain_epochs=args.pretrain_epochs, clean_tolerance=0.3)
+                    pretrain_epochs=args.pretrain_epochs, group_weight=args.group_weight, clean_tolerance=0.3)
     torch.manual_seed(args.init_seed)
     predictor = SmallLossPredictor(space, width=args.width, input_size=32)
     res = fit_predictor(predictor, data, os.path.join(args.out, f"exp_{args.name}"), cfg, num_images=n_images,
@@ -68,9 +68,10 @@ def cmd_score(args):
     def report(name, scores):
         s = torch.nan_to_num(spearman(scores, losses))
         r = ranking_metrics(scores, losses, correct)
+        k1 = correct.float().gather(1, scores.argmin(1, keepdim=True)).squeeze(1)
         print(f"{name:32s} spearman {s.mean():.4f} clean {s[clean].mean():.4f} corrupted {s[~clean].mean():.4f} "
-              f"k1 {r['k1_accuracy']:.4f} (identity {r['identity_accuracy']:.4f}, oracle {r['oracle_accuracy']:.4f}) "
-              f"regret {r['regret']:.4f}")
+              f"k1 {r['k1_accuracy']:.4f} clean {k1[clean].mean():.4f} corrupted {k1[~clean].mean():.4f} "
+              f"(identity {r['identity_accuracy']:.4f}, oracle {r['oracle_accuracy']:.4f}) regret {r['regret']:.4f}")
 
     print(f"held-out fold: {idx.numel()} rows ({int(clean.sum())} clean) of caches {names}")
     flipped = []
@@ -97,6 +98,7 @@ def main(argv=None):
     f.add_argument("--rank-temperature", type=float, default=0.1)
     f.add_argument("--pretrain-epochs", type=int, default=0)
     f.add_argument("--init-seed", type=int, default=0)
+    f.add_argument("--group-weight", type=float, default=0.0)
     f.set_defaults(func=cmd_fit)
     s = sub.add_parser("score")
     s.add_argument("dirs", nargs="+", help="fit directories under --out holding predictor.safetensors")
