@@ -196,10 +196,12 @@ def measure_cost(model: nn.Module, predictor: Optional[nn.Module], space, images
                  methods: Sequence[str] = METHODS, repeats: int = 3, batch_size: int = 64,
                  normalize: Optional[Callable] = None) -> Dict[str, Dict]:
     """Wall time of each method's deployable inference on ``images`` (uint8, model size), relative
-    to Identity (best of ``repeats``), and model calls per image counted by a forward hook.
+    to Identity (best of ``repeats`` rounds), and model calls per image counted by a forward hook.
 
     Each method runs as it would be deployed (batched: selection, view generation, one model call
-    on all views, mean of softmax), predictor included for Ours.
+    on all views, mean of softmax), predictor included for Ours. The rounds are interleaved (every
+    method once per round, in turn), so a change of machine load during the measurement affects
+    all methods alike instead of whichever ran at the time.
     """
     from .data import normalizer
     from .registry import get_space
@@ -213,21 +215,21 @@ def measure_cost(model: nn.Module, predictor: Optional[nn.Module], space, images
         calls["n"] += inputs[0].shape[0]
 
     handle = model.register_forward_hook(hook)
+    timed = [m for m in methods if not (m == "oracle_k1" or (m in PREDICTOR_METHODS and predictor is None))]
     out: Dict[str, Dict] = {}
     try:
         with torch.no_grad():
-            for m in methods:
-                if m == "oracle_k1" or (m in PREDICTOR_METHODS and predictor is None):
-                    continue
-                best = float("inf")
-                for _ in range(repeats):
+            for _ in range(repeats):
+                for m in timed:
                     calls["n"] = 0
                     gen = torch.Generator().manual_seed(0)
                     t0 = time.perf_counter()
                     for i in range(0, x_all.shape[0], batch_size):
                         _method_forward(m, model, predictor, space, crops, normalize, x_all[i:i + batch_size], gen)
-                    best = min(best, time.perf_counter() - t0)
-                out[m] = {"seconds": best, "model_calls_per_image": calls["n"] / x_all.shape[0]}
+                    seconds = time.perf_counter() - t0
+                    rec = out.setdefault(m, {"seconds": float("inf")})
+                    rec["seconds"] = min(rec["seconds"], seconds)
+                    rec["model_calls_per_image"] = calls["n"] / x_all.shape[0]
     finally:
         handle.remove()
     base = out.get("identity", {}).get("seconds")
