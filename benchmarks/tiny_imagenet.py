@@ -7,7 +7,8 @@ when done; kill it at any point and run the same command again to continue.
 
 Stages: data (decode JPEGs once) -> target (small ResNet, from scratch) -> labels (paper12
 losses, corruption p=0.4 from the 15 common corruptions, several draws per image) -> fit
-(loss predictor, listwise KL + soft Spearman, 80/20 split) -> eval (clean / 15 common x
+(loss predictor, listwise KL + soft Spearman + the corruption-recognition term, 80/20 split,
+best held-out epoch) -> eval (clean / 15 common x
 severities / 4 held-out; Table 1 as markdown + JSON + plots).
 """
 
@@ -191,7 +192,7 @@ def main(argv=None):
     p.add_argument("--target-epochs", type=int, default=25)
     p.add_argument("--draws", type=int, default=3, help="corruption draws per training image for the labels")
     p.add_argument("--corruption-p", type=float, default=0.4)
-    p.add_argument("--extra-label-seeds", default="1", help="more label caches with these seeds (comma list)")
+    p.add_argument("--extra-label-seeds", default="1,2", help="more label caches with these seeds (comma list)")
     p.add_argument("--fit-epochs", type=int, default=6)
     p.add_argument("--predictor", choices=["loss", "small"], default="loss",
                    help="loss: LossPredictor (timm backbone); small: SmallLossPredictor CNN")
@@ -206,8 +207,8 @@ def main(argv=None):
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="epochs of feature pretraining (classifying the training fold) before the ranking epochs")
     p.add_argument("--spearman-weight", type=float, default=2.0, help="soft-Spearman term's weight (listwise KL: 1)")
-    p.add_argument("--group-weight", type=float, default=0.0,
-                   help="weight of the auxiliary corruption-recognition term (FitConfig.group_weight)")
+    p.add_argument("--group-weight", type=float, default=1.0,
+                   help="weight of the auxiliary corruption-recognition term (FitConfig.group_weight; 0: off)")
     p.add_argument("--rank-temperature", type=float, default=0.1, help="soft rank temperature")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=3e-3)
