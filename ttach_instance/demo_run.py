@@ -110,7 +110,8 @@ def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8,
     log(f"labels: {cache.manifest()['total_rows']} rows x {len(space)} candidates ({time.time() - t0:.0f}s)")
     predictor = make_predictor(space, size)
     cfg = FitConfig(epochs=fit_epochs, batch_size=64, optimizer="adamw", lr=3e-3, weight_decay=0.05, warmup_steps=20,
-                    ema_decay=0.98, seed=seed, flip_permutation=flip_permutation(space), clean_tolerance=0.5)
+                    ema_decay=0.98, seed=seed, flip_permutation=flip_permutation(space), clean_tolerance=0.5,
+                    group_weight=1.0)  # the corruption-recognition term, as the Tiny ImageNet benchmark's recipe
     res = fit_predictor(predictor, cache.load(), os.path.join(out_dir, "fit"), cfg, num_images=len(train),
                         progress=progress, log=log)
     log(f"predictor: held-out Spearman {res['final'].get('val_spearman', float('nan')):.3f} ({time.time() - t0:.0f}s)")
