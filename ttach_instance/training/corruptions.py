@@ -6,6 +6,7 @@ blur, spatter, saturate) stay out of training and serve as unseen corruptions at
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,6 +32,7 @@ def check_names(names: Sequence[str], arg: str = "corruptions") -> Tuple[str, ..
     return names
 
 
+@functools.lru_cache(maxsize=None)  # called once per corrupted image: inspect each function once
 def _takes_seed(name: str) -> bool:
     """Whether the corruption takes a ``seed`` argument: those that do (``glass_blur``: its numba
     kernel has its own RNG; ``impulse_noise``: skimage's ``random_noise``) draw from a fresh,
