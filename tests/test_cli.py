@@ -235,3 +235,19 @@ def test_demo_task_from_bundled_photos():
     assert train.classes == list(DEMO_PHOTOS)
     again, _ = photo_patch_task(n_train=3, n_val=2, size=40, seed=1)
     assert torch.equal(again.images, train.images)  # reproducible, nothing downloaded
+
+
+def test_predict_size_falls_back_to_the_timm_data_config():
+    import timm
+
+    from ttach_instance.cli import _predict_image_size
+
+    model = torch.nn.DataParallel(timm.create_model("resnet18", pretrained=False, num_classes=3))
+
+    class Unfitted:
+        model_image_size = None
+
+    assert _predict_image_size(None, Unfitted(), model) == (224, 224)  # through the wrapper, timm's input_size
+    assert _predict_image_size(48, Unfitted(), model) == (48, 48)
+    with pytest.raises(ValueError, match="--size is required"):
+        _predict_image_size(None, Unfitted(), torch.nn.Linear(2, 2))

@@ -333,7 +333,9 @@ def _predict_image_size(size, predictor, model):
     known = getattr(predictor, "model_image_size", None)
     if known:
         return int(known[0]), int(known[1])
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    from .normalization import timm_data_config
+
+    cfg = timm_data_config(model) or {}
     if isinstance(cfg.get("input_size"), (list, tuple)) and len(cfg["input_size"]) == 3:
         return int(cfg["input_size"][1]), int(cfg["input_size"][2])
     raise ValueError("--size is required: the predictor checkpoint does not record the image size its labels were "

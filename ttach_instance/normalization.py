@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from functools import lru_cache
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,23 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
+def timm_data_config(model: Any) -> Optional[Dict[str, Any]]:
+    """A timm model's data config (``timm.data.resolve_data_config({}, model=model)``: ``mean``,
+    ``std``, ``input_size`` ...), looking into wrapped models; ``None`` for a model without a
+    ``pretrained_cfg``/``default_cfg``."""
+    inner = _unwrap(model)
+    cfg = getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None)
+    if not (isinstance(cfg, dict) and cfg):
+        return None
+    # A model with a pretrained_cfg comes from timm, which is then already imported
+    # (importing it here would cost seconds for nothing).
+    timm_data = sys.modules.get("timm.data")
+    try:
+        return timm_data.resolve_data_config({}, model=inner) if timm_data is not None else cfg
+    except Exception:  # an unusual config: use it as it is
+        return cfg
+
+
 def resolve_mean_std(model: Any, mean: Any = None, std: Any = None) -> MeanStd:
     """The model's input normalisation ``(mean, std)`` as tuples, or ``(None, None)``.
 
@@ -75,17 +92,9 @@ def resolve_mean_std(model: Any, mean: Any = None, std: Any = None) -> MeanStd:
         m, s = getattr(candidate, "mean", None), getattr(candidate, "std", None)
         if m is not None and s is not None and not callable(m) and not callable(s):
             return check_mean_std(m, s)
-    cfg = getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None)
-    if isinstance(cfg, dict) and cfg:
-        # A model with a pretrained_cfg comes from timm, which is then already imported
-        # (importing it here would cost seconds for nothing).
-        timm_data = sys.modules.get("timm.data")
-        try:
-            data_cfg = timm_data.resolve_data_config({}, model=inner) if timm_data is not None else cfg
-        except Exception:  # an unusual config: use it as it is
-            data_cfg = cfg
-        if data_cfg.get("mean") is not None and data_cfg.get("std") is not None:
-            return check_mean_std(data_cfg["mean"], data_cfg["std"])
+    data_cfg = timm_data_config(inner)
+    if data_cfg and data_cfg.get("mean") is not None and data_cfg.get("std") is not None:
+        return check_mean_std(data_cfg["mean"], data_cfg["std"])
     return None, None
 
 
