@@ -154,6 +154,15 @@ class _ScoresAndGroups(nn.Module):
         return self.predictor.head_scores(f), self.group_head(f)
 
 
+def _temporary_head(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
+    """A linear head drawn from ``generator`` (so every DDP rank builds the same one), zero bias."""
+    head = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5)
+        head.bias.zero_()
+    return head
+
+
 def _feature_width(predictor: nn.Module, probe: Tensor) -> int:
     """Width of ``predictor.features`` on two uint8 ``probe`` images (eval mode, no grad)."""
     was = predictor.training
@@ -166,10 +175,10 @@ def _feature_width(predictor: nn.Module, probe: Tensor) -> int:
 class _FeatureClassifier(nn.Module):
     """``predictor.features`` + a temporary linear head: what feature pretraining trains."""
 
-    def __init__(self, predictor: nn.Module, num_features: int, num_classes: int):
+    def __init__(self, predictor: nn.Module, head: nn.Linear):
         super().__init__()
         self.predictor = predictor
-        self.head = nn.Linear(num_features, num_classes)
+        self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.predictor.features(x))
@@ -193,11 +202,7 @@ def pretrain_features(predictor: nn.Module, images: Tensor, labels: Tensor, rows
     was = predictor.training
     num_features = _feature_width(predictor, images[rows[:2]].to(device))
     g = torch.Generator().manual_seed(cfg.seed * 1000003 + 424242)
-    head_init = torch.randn(num_classes, num_features, generator=g) / num_features ** 0.5
-    clf = _FeatureClassifier(predictor, num_features, num_classes).to(device)
-    with torch.no_grad():  # the same temporary head on every rank
-        clf.head.weight.copy_(head_init)
-        clf.head.bias.zero_()
+    clf = _FeatureClassifier(predictor, _temporary_head(num_features, num_classes, g)).to(device)
     net: nn.Module = clf
     if world > 1:  # the predictor's own final layer takes no part: find_unused_parameters
         net = nn.parallel.DistributedDataParallel(clf, device_ids=None if device == "cpu" else [torch.device(device).index],
@@ -313,12 +318,9 @@ def fit_predictor(
             raise TypeError(f"group_weight needs a predictor with features(pixels) -> (B, F) and head_scores(features) "
                             f"methods, {type(predictor).__name__} lacks them")
         groups = corruption_groups(data["corruption"], data["severity"])
-        group_head = nn.Linear(_feature_width(predictor, images[:2].to(device)), NUM_CORRUPTION_GROUPS)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + 777)
-        with torch.no_grad():  # the same head on every rank
-            group_head.weight.copy_(torch.randn(group_head.weight.shape, generator=gen) / group_head.in_features ** 0.5)
-            group_head.bias.zero_()
-        trained = _ScoresAndGroups(predictor, group_head.to(device))
+        group_head = _temporary_head(_feature_width(predictor, images[:2].to(device)), NUM_CORRUPTION_GROUPS,
+                                     torch.Generator().manual_seed(cfg.seed * 1000003 + 777)).to(device)
+        trained = _ScoresAndGroups(predictor, group_head)
     net: nn.Module = trained
     if world > 1:
         net = nn.parallel.DistributedDataParallel(trained, device_ids=None if device == "cpu" else [torch.device(device).index])
@@ -396,7 +398,7 @@ def fit_predictor(
             record.update({f"val_{k}": v for k, v in ranking_metrics(
                 pred_val, losses[val_idx], None if correct is None else correct[val_idx]).items()})
         history.append(record)
-        if _improves(record, history, best_epoch, cfg.select_by):
+        if cfg.select_by is not None and _improves(record, history, best_epoch, cfg.select_by):
             best_epoch = epoch + 1
             best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
         if rank == 0:
@@ -428,27 +430,26 @@ def fit_predictor(
                 f"(clean {info['clean']:.4f} vs identity {info['identity_clean']:.4f})")
         if history:
             history[chosen - 1]["identity_margin"] = margin
-            if ckpt and rank == 0:
-                atomic_write_json(os.path.join(out_dir, "history.json"), history)
     if done:  # what the target model saw: the labels' images (the predictor resizes to its own size)
         predictor.model_image_size = (int(images.shape[-2]), int(images.shape[-1]))
     if done and out_dir and rank == 0 and hasattr(predictor, "save"):
         predictor.save(os.path.join(out_dir, "predictor.safetensors"))
     dist.barrier()
-    if done and history and out_dir and rank == 0:
+    if done and history:
         history[chosen - 1]["selected"] = True
-        atomic_write_json(os.path.join(out_dir, "history.json"), history)
+        if out_dir and rank == 0:  # once, with the margin and the selection in it
+            atomic_write_json(os.path.join(out_dir, "history.json"), history)
     return {"history": history, "final": history[chosen - 1] if history else {}, "selected_epoch": chosen if history else None,
             "complete": done, "identity_margin": margin,
             "pretrain": pretrain_history,
             "val_rows": val_idx, "train_rows": train_idx}
 
 
-def _improves(record: Dict, history: List[Dict], best_epoch: Optional[int], metric: Optional[str]) -> bool:
+def _improves(record: Dict, history: List[Dict], best_epoch: Optional[int], metric: str) -> bool:
     """Whether ``record`` (just appended to ``history``) beats the selected epoch so far on
-    ``val_<metric>`` (ties keep the earlier epoch); always true without a metric or held-out fold."""
+    ``val_<metric>`` (ties keep the earlier epoch); always true without a held-out fold."""
     key = f"val_{metric}"
-    if metric is None or key not in record:
+    if key not in record:
         return True
     if best_epoch is None or key not in history[best_epoch - 1]:
         return True
