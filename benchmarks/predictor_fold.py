@@ -28,6 +28,18 @@ from ttach_instance.registry import get_space  # noqa: E402
 from ttach_instance.training.labels import LabelCache  # noqa: E402
 from ttach_instance.training.losses import ranking_metrics, spearman  # noqa: E402
 from ttach_instance.training.trainer import FitConfig, fit_predictor, flip_permutation, predict_losses, split_rows  # noqa: E402
+from tiny_imagenet import add_input_logits  # noqa: E402
+
+
+def target(out):
+    """The benchmark's target model (small ResNet, width 16) from ``out/target.safetensors``."""
+    from safetensors.torch import load_file
+
+    from ttach_instance.data import build_model
+
+    model = build_model("ttach_instance.models:small_resnet", num_classes=20, kwargs={"width": 16})
+    model.load_state_dict(load_file(os.path.join(out, "target.safetensors")))
+    return model.eval()
 
 
 def load_caches(out, names):
@@ -48,7 +60,10 @@ def cmd_fit(args):
     cfg = FitConfig(epochs=args.epochs, batch_size=128, optimizer="adamw", lr=args.lr, weight_decay=0.05,
                     warmup_steps=200, ema_decay=0.995, seed=0, flip_permutation=flip_permutation(space),
                     spearman_weight=args.spearman_weight, rank_temperature=args.rank_temperature,
-                    pretrain_epochs=args.pretrain_epochs, group_weight=args.group_weight, clean_tolerance=0.3)
+                    pretrain_epochs=args.pretrain_epochs, group_weight=args.group_weight, clean_tolerance=0.3,
+                    distill_weight=args.distill_weight)
+    if args.distill_weight:
+        data = add_input_logits(data, target(args.out))
     torch.manual_seed(args.init_seed)
     predictor = SmallLossPredictor(space, width=args.width, input_size=32)
     res = fit_predictor(predictor, data, os.path.join(args.out, f"exp_{args.name}"), cfg, num_images=n_images,
@@ -99,6 +114,7 @@ def main(argv=None):
     f.add_argument("--pretrain-epochs", type=int, default=0)
     f.add_argument("--init-seed", type=int, default=0)
     f.add_argument("--group-weight", type=float, default=0.0)
+    f.add_argument("--distill-weight", type=float, default=0.0)
     f.set_defaults(func=cmd_fit)
     s = sub.add_parser("score")
     s.add_argument("dirs", nargs="+", help="fit directories under --out holding predictor.safetensors")

@@ -212,6 +212,18 @@ def with_groups(data, seed=0):
     return data
 
 
+def assert_resumed_fit_matches(fitted, data, c, out_dir):
+    """A fit (from init seed 0) killed after 2 epochs and continued ends where ``fitted`` (the
+    uninterrupted one) did, auxiliary heads included (they live in the checkpoint)."""
+    torch.manual_seed(0)
+    part = TinyPredictor(4)
+    fit_predictor(part, data, out_dir, c, progress=False, log=lambda m: None, max_epochs_this_run=2)
+    resumed = TinyPredictor(4)
+    fit_predictor(resumed, data, out_dir, c, progress=False, log=lambda m: None)
+    for (k, va), vb in zip(fitted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+
+
 def test_group_term_learns_the_corruption_and_leaves_the_saved_predictor_alone(tmp_path):
     from ttach_instance.training.trainer import NUM_CORRUPTION_GROUPS
 
@@ -227,15 +239,39 @@ def test_group_term_learns_the_corruption_and_leaves_the_saved_predictor_alone(t
     assert group_losses[0] > 3.0 and group_losses[-1] < 0.6 < math.log(3)
     assert NUM_CORRUPTION_GROUPS == 96
     assert set(pred.state_dict()) == keys  # the temporary head is not part of the predictor
-    # resumable like the plain fit: killed after 2 epochs and continued = uninterrupted
-    torch.manual_seed(0)
-    part = TinyPredictor(4)
-    fit_predictor(part, data, str(tmp_path / "r"), c, progress=False, log=lambda m: None, max_epochs_this_run=2)
-    resumed = TinyPredictor(4)
-    fit_predictor(resumed, data, str(tmp_path / "r"), c, progress=False, log=lambda m: None)
-    for (k, va), vb in zip(pred.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(va, vb, atol=1e-6), k
+    assert_resumed_fit_matches(pred, data, c, str(tmp_path / "r"))
     with pytest.raises(ValueError, match="'corruption'"):
         fit_predictor(TinyPredictor(4), synthetic(64), None, c, progress=False, log=lambda m: None)
     with pytest.raises(ValueError, match="group_weight"):
         FitConfig(group_weight=-1)
+
+
+def with_teacher(data):
+    """``data`` plus ``input_logits`` that a linear head on the channel means can match: a
+    3-class "target model" whose logits are the scaled channel means."""
+    data = dict(data)
+    data["input_logits"] = (data["images"].float().mean((2, 3)) / 255 * 8).to(torch.float16)
+    return data
+
+
+def test_distill_term_matches_the_target_models_outputs_and_leaves_the_saved_predictor_alone(tmp_path):
+    data = with_teacher(synthetic(320))
+    c = cfg(epochs=6, lr=0.03, distill_weight=1.0)
+    torch.manual_seed(0)
+    pred = TinyPredictor(4)
+    keys = set(pred.state_dict())
+    out = fit_predictor(pred, data, str(tmp_path / "d"), c, progress=False, log=lambda m: None)
+    kl = [h["train_distill_loss"] for h in out["history"]]
+    # KL to the teacher's softmax: from what a random head gives to a small fraction of it
+    assert kl[-1] < 0.25 * kl[0]
+    assert out["final"]["val_spearman"] > 0.8  # and the ranking is still learnt
+    assert set(pred.state_dict()) == keys
+    assert_resumed_fit_matches(pred, data, c, str(tmp_path / "r"))
+    with pytest.raises(ValueError, match="distill_weight needs the label cache's 'input_logits'.*identity"):
+        fit_predictor(TinyPredictor(4), synthetic(64), None, c, progress=False, log=lambda m: None)
+    bad = with_teacher(synthetic(64))
+    bad["input_logits"] = bad["input_logits"][:10]
+    with pytest.raises(ValueError, match=r"input_logits'\] must be \(N, C\) with N = 64"):
+        fit_predictor(TinyPredictor(4), bad, None, c, progress=False, log=lambda m: None)
+    with pytest.raises(ValueError, match="distill_weight"):
+        FitConfig(distill_weight=-0.5)

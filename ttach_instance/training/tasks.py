@@ -35,6 +35,18 @@ class Task:
         return {"name": self.name}
 
 
+def identity_column(space, index: Tensor) -> Optional[int]:
+    """The column of ``index`` ``(B, k)`` that holds an identity candidate of ``space`` in every
+    row, or ``None``."""
+    candidates = getattr(space, "candidates", None)
+    if candidates is None or index.numel() == 0:
+        return None
+    for j in range(index.shape[1]):
+        if all(candidates[int(i)].is_identity for i in index[:, j].unique().tolist()):
+            return j
+    return None
+
+
 class ClassificationTask(Task):
     """Per-sample loss of logits against class targets; cross-entropy by default.
 
@@ -72,10 +84,18 @@ class ClassificationTask(Task):
         return self.losses_from_logits(self.logits(model, views), targets, k)
 
     def view_outputs(self, model: nn.Module, views: Tensor, targets: Tensor, space, index: Tensor) -> dict:
+        """Losses and ``correct`` flags per view; plus ``input_logits`` ``(B, C)`` (float16): the
+        model's logits on the untransformed image, read off the identity candidate's view when
+        every row has one (no extra model call) -- what the predictor trainer's distillation term
+        (``FitConfig.distill_weight``) learns from."""
         k = index.shape[1] if index.dim() == 2 else 1
         logits = self.logits(model, views)
         correct = (logits.argmax(1) == targets.repeat_interleave(k, 0)).view(-1, k)
-        return {"losses": self.losses_from_logits(logits, targets, k), "correct": correct.to(torch.uint8)}
+        out = {"losses": self.losses_from_logits(logits, targets, k), "correct": correct.to(torch.uint8)}
+        column = identity_column(space, index.view(-1, k))
+        if column is not None and logits.dim() == 2:
+            out["input_logits"] = logits.view(-1, k, logits.shape[1])[:, column].to(torch.float16)
+        return out
 
     def spec(self) -> dict:
         fn = self.loss_fn

@@ -69,6 +69,11 @@ class FitConfig:
     #: knows only the corruption and takes that group's best candidate beats the plain predictor's
     #: k=1 choice (docs/BENCHMARKS.md); the term makes the features carry the corruption. ``0``: off.
     group_weight: float = 0.0
+    #: Weight of an auxiliary *distillation* term: a temporary linear head on ``predictor.features``
+    #: matches the target model's class distribution on the row's image (KL to the softmax of
+    #: ``data["input_logits"]``, which :class:`~ttach_instance.training.labels.LabelCache`
+    #: records), so the features learn what the target model sees. ``0``: off.
+    distill_weight: float = 0.0
     #: After training, pick a margin by which the identity's predicted loss must be beaten, on the
     #: held-out fold: the best k=1 accuracy whose clean-image accuracy stays within this many
     #: points of the identity's (``None``: no calibration).
@@ -88,8 +93,9 @@ class FitConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.group_weight < 0:
-            raise ValueError(f"group_weight must be >= 0, got {self.group_weight}")
+        for name in ("group_weight", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.pretrain_epochs < 0:
             raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
         if self.select_by is not None and self.select_by not in SELECTABLE_METRICS:
@@ -140,18 +146,18 @@ def _cutout(x: Tensor, p: float, g: torch.Generator) -> Tensor:
     return x.masked_fill(mask[:, None], 0.5)
 
 
-class _ScoresAndGroups(nn.Module):
-    """``predictor`` plus the temporary corruption-group head on its features: one features pass
-    gives both the ranking scores and the group logits (what DDP wraps when ``group_weight`` > 0)."""
+class _ScoresAndAux(nn.Module):
+    """``predictor`` plus its temporary auxiliary heads on its features: one features pass gives
+    the ranking scores and every head's output (what DDP wraps when an auxiliary term is on)."""
 
-    def __init__(self, predictor: nn.Module, group_head: nn.Module):
+    def __init__(self, predictor: nn.Module, heads: nn.ModuleDict):
         super().__init__()
         self.predictor = predictor
-        self.group_head = group_head
+        self.heads = heads
 
     def forward(self, x: Tensor):
         f = self.predictor.features(x)
-        return self.predictor.head_scores(f), self.group_head(f)
+        return self.predictor.head_scores(f), {name: head(f) for name, head in self.heads.items()}
 
 
 def _temporary_head(in_features: int, out_features: int, generator: torch.Generator) -> nn.Linear:
@@ -309,18 +315,36 @@ def fit_predictor(
     for p in ema.parameters():
         p.requires_grad_(False)
     trained: nn.Module = predictor
-    group_head, groups = None, None
-    if cfg.group_weight:
-        for key in ("corruption", "severity"):
-            if key not in data:
-                raise ValueError(f"group_weight needs the label cache's {key!r} (LabelCache(dir).load())")
+    # Auxiliary terms: each a temporary linear head on the features, its per-row target and weight.
+    aux_weights = {"group": cfg.group_weight, "distill": cfg.distill_weight}
+    aux_weights = {name: w for name, w in aux_weights.items() if w}
+    heads = nn.ModuleDict()
+    groups, teacher = None, None
+    if aux_weights:
+        needs = {"group": ("corruption", "severity"), "distill": ("input_logits",)}
+        for name in aux_weights:
+            for key in needs[name]:
+                if key not in data:
+                    hint = (" (recorded by generate_labels for classification when the space has an identity "
+                            "candidate; caches made before it lack it)") if key == "input_logits" else ""
+                    raise ValueError(f"{name}_weight needs the label cache's {key!r} (LabelCache(dir).load()){hint}")
         if not (callable(getattr(predictor, "features", None)) and callable(getattr(predictor, "head_scores", None))):
-            raise TypeError(f"group_weight needs a predictor with features(pixels) -> (B, F) and head_scores(features) "
-                            f"methods, {type(predictor).__name__} lacks them")
-        groups = corruption_groups(data["corruption"], data["severity"])
-        group_head = _temporary_head(_feature_width(predictor, images[:2].to(device)), NUM_CORRUPTION_GROUPS,
-                                     torch.Generator().manual_seed(cfg.seed * 1000003 + 777)).to(device)
-        trained = _ScoresAndGroups(predictor, group_head)
+            raise TypeError(f"{'/'.join(n + '_weight' for n in aux_weights)} needs a predictor with features(pixels) "
+                            f"-> (B, F) and head_scores(features) methods, {type(predictor).__name__} lacks them")
+        width = _feature_width(predictor, images[:2].to(device))
+        if "group" in aux_weights:
+            groups = corruption_groups(data["corruption"], data["severity"])
+        if "distill" in aux_weights:
+            teacher = data["input_logits"].float()
+            if teacher.dim() != 2 or teacher.shape[0] != images.shape[0]:
+                raise ValueError(f"data['input_logits'] must be (N, C) with N = {images.shape[0]} rows, "
+                                 f"got {tuple(teacher.shape)}")
+        outputs = {"group": NUM_CORRUPTION_GROUPS, "distill": 0 if teacher is None else teacher.shape[1]}
+
+        for i, name in enumerate(aux_weights):  # the group head's draw is the one it always had
+            heads[name] = _temporary_head(width, outputs[name],
+                                          torch.Generator().manual_seed(cfg.seed * 1000003 + 777 + 101 * i)).to(device)
+        trained = _ScoresAndAux(predictor, heads)
     net: nn.Module = trained
     if world > 1:
         net = nn.parallel.DistributedDataParallel(trained, device_ids=None if device == "cpu" else [torch.device(device).index])
@@ -337,8 +361,8 @@ def fit_predictor(
             raise ValueError(f"{ckpt} was made with another configuration; use another out_dir or delete it")
         load_module_tensors(predictor, tensors, "model")
         load_module_tensors(ema, tensors, "ema")
-        if group_head is not None:
-            load_module_tensors(group_head, tensors, "group_head")
+        for name, head in heads.items():
+            load_module_tensors(head, tensors, f"{name}_head")
         optimizer_from_tensors(opt, tensors, meta["optim"])
         start_epoch, step, history = meta["epoch"], meta["step"], meta["history"]
         best_epoch = meta.get("best_epoch")
@@ -352,7 +376,8 @@ def fit_predictor(
         perm = train_idx[torch.randperm(train_idx.numel(), generator=g)]
         bar = tqdm(range(steps_per_epoch), desc=f"fit epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress or rank != 0, leave=False)
-        loss_sum, group_sum, seen = 0.0, 0.0, 0
+        loss_sum, seen = 0.0, 0
+        aux_sums = {name: 0.0 for name in heads}
         for s in bar:
             batch = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             mine = batch[rank::world]
@@ -367,16 +392,20 @@ def fit_predictor(
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 target = torch.where(flip[:, None], target[:, cfg.flip_permutation], target)
             x, target = x[rank::world], target[rank::world]
-            if group_head is not None:
-                pred, group_logits = net(x.to(device))
-                group_loss = nn.functional.cross_entropy(group_logits, groups[mine].to(device))
+            target = target.to(device)  # (B, T) losses, candidate order flipped with the image
+            if heads:
+                pred, aux_out = net(x.to(device))
             else:
-                pred, group_loss = net(x.to(device)), None
-            loss = ranking_loss(pred, target.to(device), cfg.listwise_weight, cfg.spearman_weight, cfg.tau,
-                                cfg.rank_temperature)
-            if group_loss is not None:
-                group_sum += float(group_loss.detach()) * mine.numel()
-                loss = loss + cfg.group_weight * group_loss
+                pred, aux_out = net(x.to(device)), {}
+            loss = ranking_loss(pred, target, cfg.listwise_weight, cfg.spearman_weight, cfg.tau, cfg.rank_temperature)
+            for name, out in aux_out.items():
+                if name == "group":
+                    term = nn.functional.cross_entropy(out, groups[mine].to(device))
+                else:
+                    soft = torch.softmax(teacher[mine].to(device), 1)
+                    term = nn.functional.kl_div(torch.log_softmax(out, 1), soft, reduction="batchmean")
+                aux_sums[name] += float(term.detach()) * mine.numel()
+                loss = loss + aux_weights[name] * term
             # DDP averages gradients over ranks: weight each rank's mean by its share of the global batch.
             scaled = loss * (mine.numel() * world / max(1, batch.numel()))
             opt.zero_grad(set_to_none=True)
@@ -391,8 +420,8 @@ def fit_predictor(
             seen += mine.numel()
             bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": cfg.lr * lr_scale}
-        if group_head is not None:
-            record["train_group_loss"] = group_sum / max(1, seen)
+        for name, total in aux_sums.items():
+            record[f"train_{name}_loss"] = total / max(1, seen)
         if val_idx.numel():
             pred_val = predict_losses(ema, images[val_idx], device=device)
             record.update({f"val_{k}": v for k, v in ranking_metrics(
@@ -406,7 +435,7 @@ def fit_predictor(
             if ckpt:
                 otensors, ometa = optimizer_to_tensors(opt)
                 best = {f"best.{k}": v for k, v in best_state.items()} if best_state is not None else {}
-                extra = module_tensors(group_head, "group_head") if group_head is not None else {}
+                extra = {k: v for name, head in heads.items() for k, v in module_tensors(head, f"{name}_head").items()}
                 atomic_save_tensors(ckpt, {**module_tensors(predictor, "model"), **module_tensors(ema, "ema"), **best,
                                            **extra, **otensors},
                                     {"epoch": epoch + 1, "step": step, "history": history, "optim": ometa,
