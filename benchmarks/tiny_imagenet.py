@@ -73,6 +73,7 @@ def stage_target(args, sets):
 
 def stage_labels(args, sets, model):
     from ttach_instance.registry import get_space
+    from ttach_instance.training.deformations import Deformation
     from ttach_instance.training.labels import generate_labels
 
     # seed 0 -> labels/, every extra seed s -> labels_seed<s>/ (independent corruption draws)
@@ -81,6 +82,13 @@ def stage_labels(args, sets, model):
         cache = generate_labels(model, sets["train"].images, sets["train"].labels, get_space("paper12"),
                                 os.path.join(args.out, name), size=args.size, draws=args.draws,
                                 corruption_p=args.corruption_p, seed=seed, shard_size=1000, batch_size=64)
+        log(f"{name}: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards")
+    for seed in [int(x) for x in args.deformed_label_seeds.split(",") if x.strip()]:
+        name = f"labels_deform_seed{seed}"
+        cache = generate_labels(model, sets["train"].images, sets["train"].labels, get_space("paper12"),
+                                os.path.join(args.out, name), size=args.size, draws=args.draws,
+                                corruption_p=args.corruption_p, seed=seed, shard_size=1000, batch_size=64,
+                                deformation=Deformation())
         log(f"{name}: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards")
 
 
@@ -127,7 +135,8 @@ def load_label_caches(args, n_images):
     from ttach_instance.training.labels import LabelCache
 
     parts, offset = [], 0
-    for name in ["labels"] + [d for d in sorted(os.listdir(args.out)) if d.startswith("labels_seed")]:
+    names = sorted(d for d in os.listdir(args.out) if d.startswith("labels_seed") or d.startswith("labels_deform_seed"))
+    for name in ["labels"] + names:
         cache = LabelCache(os.path.join(args.out, name))
         if not cache.complete:
             log(f"skipping incomplete label cache {name}")
@@ -141,6 +150,22 @@ def load_label_caches(args, n_images):
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+@torch.no_grad()
+def add_input_logits(data, model, batch_size=1000):
+    """The target model's logits on the cached images (what the label stage records as
+    ``input_logits`` since the distillation term exists) for caches made before it."""
+    if "input_logits" in data:
+        return data
+    from ttach_instance.data import normalizer
+
+    norm, model = normalizer(model), model.eval()
+    images = data["images"]
+    out = [model(norm(images[i:i + batch_size].float() / 255)).to(torch.float16)
+           for i in range(0, images.shape[0], batch_size)]
+    log(f"input logits of {images.shape[0]} cached images computed (caches made before they were recorded)")
+    return {**data, "input_logits": torch.cat(out)}
+
+
 def stage_fit(args, sets, model):
     from ttach_instance.registry import get_space
     from ttach_instance.training.trainer import FitConfig, fit_predictor, flip_permutation
@@ -151,11 +176,14 @@ def stage_fit(args, sets, model):
     if os.path.isfile(final):
         return load_fitted_predictor(final, space)
     data = load_label_caches(args, len(sets["train"]))
+    if args.distill_weight:
+        data = add_input_logits(data, model)
     cfg = FitConfig(epochs=args.fit_epochs, batch_size=128, optimizer=args.optimizer, lr=args.lr,
                     weight_decay=args.weight_decay, warmup_steps=200, ema_decay=args.ema, seed=args.seed,
                     flip_permutation=flip_permutation(space), clean_tolerance=args.clean_tolerance,
                     pretrain_epochs=args.pretrain_epochs, spearman_weight=args.spearman_weight,
-                    rank_temperature=args.rank_temperature, group_weight=args.group_weight)
+                    rank_temperature=args.rank_temperature, group_weight=args.group_weight,
+                    distill_weight=args.distill_weight)
     torch.manual_seed(args.init_seed)  # the predictor's initial weights (and its dropout draws)
     pred = make_predictor(args, space)
     res = fit_predictor(pred, data, out, cfg, num_images=len(sets["train"]), log=log)
@@ -193,6 +221,9 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=3, help="corruption draws per training image for the labels")
     p.add_argument("--corruption-p", type=float, default=0.4)
     p.add_argument("--extra-label-seeds", default="1,2", help="more label caches with these seeds (comma list)")
+    p.add_argument("--deformed-label-seeds", default="",
+                   help="more label caches labels_deform_seed<s>, every row's image deformed first "
+                        "(the library's default Deformation; comma list)")
     p.add_argument("--fit-epochs", type=int, default=6)
     p.add_argument("--predictor", choices=["loss", "small"], default="loss",
                    help="loss: LossPredictor (timm backbone); small: SmallLossPredictor CNN")
@@ -209,6 +240,8 @@ def main(argv=None):
     p.add_argument("--spearman-weight", type=float, default=2.0, help="soft-Spearman term's weight (listwise KL: 1)")
     p.add_argument("--group-weight", type=float, default=1.0,
                    help="weight of the auxiliary corruption-recognition term (FitConfig.group_weight; 0: off)")
+    p.add_argument("--distill-weight", type=float, default=1.0,
+                   help="weight of the auxiliary distillation term (FitConfig.distill_weight; 0: off)")
     p.add_argument("--rank-temperature", type=float, default=0.1, help="soft rank temperature")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=3e-3)

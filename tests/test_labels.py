@@ -174,3 +174,36 @@ def test_corrupt_one_is_a_function_of_its_seed(name):
     assert a.shape == src.shape and a.dtype == np.uint8
     assert np.array_equal(a, b), name
     assert not np.array_equal(a, src), name
+
+
+def test_input_logits_are_the_models_logits_on_the_stored_image(tmp_path):
+    model = tiny_model()
+    images, labels = tiny_data(6, size=32)
+    cache = generate_labels(model, images, labels, space(), str(tmp_path / "c"), size=16, corruption_p=1.0,
+                            corruptions=["contrast"], shard_size=4, progress=False)
+    data = cache.load()
+    assert data["input_logits"].dtype == torch.float16
+    with torch.no_grad():
+        ref = model(normalizer(model)(data["images"].float() / 255))
+    assert torch.allclose(data["input_logits"].float(), ref, atol=2e-3, rtol=1e-3)
+    # a space without an identity candidate records none (it would cost another model call)
+    from ttach_instance.space import Candidate, TransformSpace
+    from ttach_instance.ops import HFlip
+
+    no_identity = TransformSpace([Candidate(HFlip())], name="flip-only")
+    c2 = generate_labels(model, images, labels, no_identity, str(tmp_path / "c2"), progress=False)
+    assert "input_logits" not in c2.load()
+
+
+def test_shards_without_a_newer_field_still_load(tmp_path):
+    """A cache continued by a version that records one more field loads with the common fields."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    images, labels = tiny_data(6)
+    cache = generate_labels(model, images, labels, space(), str(tmp_path / "c"), shard_size=3, progress=False)
+    old = load_file(cache.shard_path(0))
+    old.pop("input_logits")
+    save_file(old, cache.shard_path(0))
+    data = cache.load()
+    assert "input_logits" not in data and data["losses"].shape == (6, len(space()))

@@ -148,11 +148,28 @@ def _cmd_labels(args: argparse.Namespace) -> int:
                             draws=args.draws, corruption_p=args.corruption_p,
                             corruptions=_corruption_list(args.corruptions, "--corruptions", args.task),
                             severities=[int(s) for s in _parse_list(args.severities, "--severities")], seed=args.seed,
-                            shard_size=args.shard_size, batch_size=args.batch_size, device=args.device)
+                            shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
+                            deformation=_deformation(args.deform))
     if dist.is_main():
         print(f"label cache {args.out}: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards, "
               f"{cache.manifest()['total_rows']} rows")
     return 0
+
+
+def _deformation(text):
+    """``--deform`` value ``ROTATE,ZOOM,BRIGHTNESS`` (or ``None``) -> a Deformation (or ``None``)."""
+    if text is None:
+        return None
+    from .training.deformations import Deformation
+
+    parts = _parse_list(text, "--deform")
+    if len(parts) != 3:
+        raise ValueError(f"--deform must be ROTATE,ZOOM,BRIGHTNESS (degrees, fractions), got {text!r}")
+    try:
+        rotate, zoom, brightness = (float(x) for x in parts)
+    except ValueError:
+        raise ValueError(f"--deform must be three numbers ROTATE,ZOOM,BRIGHTNESS, got {text!r}") from None
+    return Deformation(rotate, zoom, brightness)
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -368,6 +385,10 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (x |T| views)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deform", nargs="?", const="10,0.1,0.15", default=None, metavar="ROTATE,ZOOM,BRIGHTNESS",
+                   help="small random deformation of every row's image before the corruption (the paper's recipe; "
+                        "no two rows of an image alike): rotation degrees, zoom and brightness fractions "
+                        "(bare --deform: 10,0.1,0.15)")
     _add_task_args(p)
     p.set_defaults(func=_cmd_labels)
 

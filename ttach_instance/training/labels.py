@@ -9,7 +9,9 @@ On disk (``directory``): ``manifest.json`` (the configuration; a cache refuses t
 continued with another one) and ``shard_XXXXX.safetensors`` files, each holding a
 contiguous range of rows: ``images`` (uint8, the model-size input actually used),
 ``losses`` (float32 ``(n, |T|)``), ``labels``, ``rows``, ``corruption`` (index into
-:data:`~ttach_instance.training.corruptions.ALL`, -1 for clean) and ``severity``. Shards are
+:data:`~ttach_instance.training.corruptions.ALL`, -1 for clean) and ``severity``, plus the
+task's extra fields (classification: ``correct`` per view and, when the space has an identity
+candidate, ``input_logits``). Shards are
 written to a temporary file then renamed, so a killed job leaves only whole shards;
 restarting computes exactly the missing ones. Under ``torchrun`` rank ``r`` computes the
 shards ``s`` with ``s % world == r``.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from . import distributed as dist
 from .checkpoint import atomic_save_tensors, atomic_write_json
 from .corruptions import ALL, COMMON, SEVERITIES, check_names, corrupt_batch, draw_recipes
+from .deformations import Deformation, deform_batch, draw_deformations
 from .tasks import ClassificationTask, Task
 
 FORMAT_VERSION = 1
@@ -87,7 +90,10 @@ class LabelCache:
         parts = [load_file(self.shard_path(s)) for s in self.done_shards()]
         if not parts:
             raise ValueError(f"label cache {self.directory!r} has no finished shard")
-        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        # Fields every shard has: a cache continued by a newer version may add one (input_logits)
+        # to its later shards only.
+        keys = [k for k in parts[0] if all(k in p for p in parts)]
+        out = {k: torch.cat([p[k] for p in parts]) for k in keys}
         order = out["rows"].argsort()
         out = {k: v[order] for k, v in out.items()}
         rows = out["rows"]
@@ -140,6 +146,7 @@ def generate_labels(
     device: str = "cpu",
     progress: bool = True,
     max_shards: Optional[int] = None,
+    deformation: Optional[Union[Deformation, Dict]] = None,
 ) -> LabelCache:
     """Fill (or continue) the label cache in ``directory``; returns it.
 
@@ -147,7 +154,10 @@ def generate_labels(
     there), resized to ``size`` for the model when given. ``targets``: class indices ``(N,)``,
     or label maps ``(N, H, W)`` for a dense ``task`` (:class:`~.tasks.SegmentationLossTask`;
     resized with the images, nearest). ``max_shards`` stops after that many
-    new shards in this process (for tests and time-boxed runs).
+    new shards in this process (for tests and time-boxed runs). ``deformation``
+    (:class:`~.deformations.Deformation` or a dict of its fields): every row's image is first
+    rotated, zoomed and brightened by a small random amount (drawn per row; before the
+    corruption), so that no two rows of an image are the same input -- the paper's recipe.
     """
     from tqdm import tqdm
 
@@ -168,6 +178,11 @@ def generate_labels(
     if not 0.0 <= corruption_p <= 1.0:
         raise ValueError(f"corruption_p must be in [0, 1], got {corruption_p}")
     task = task or ClassificationTask()
+    if deformation is not None:
+        deformation = Deformation.from_spec(deformation)
+        if getattr(task, "dense", False):
+            raise ValueError("deformation is for classification labels: a dense task's label maps would need "
+                             "the same warp; pass deformation=None")
     normalize = normalize or normalizer(model)
     n = images.shape[0]
     total = n * draws
@@ -190,10 +205,12 @@ def generate_labels(
         "source_size": [int(images.shape[-2]), int(images.shape[-1])],
         "dataset": dataset_fingerprint(images, targets),
     }
+    if deformation is not None:  # absent otherwise, so caches made before it existed still continue
+        config["deformation"] = deformation.spec()
     cache = LabelCache(directory)
     if os.path.isfile(cache.manifest_path):
         old = cache.manifest()
-        diff = sorted(k for k in config if old.get(k) != config[k])
+        diff = sorted(k for k in set(config) | set(old) if old.get(k) != config.get(k))
         if diff:
             raise ValueError(f"directory {directory!r} holds a label cache made with other settings ({diff}); "
                              f"use another directory or delete it")
@@ -210,8 +227,10 @@ def generate_labels(
         rows = list(range(s * shard_size, min(total, (s + 1) * shard_size)))
         img_idx = torch.tensor([r % n for r in rows])
         recipes = draw_recipes(rows, seed, corruption_p, corruptions, severities)
-        batch = corrupt_batch(images[img_idx], [r[0] for r in recipes], [r[1] for r in recipes],
-                              [r[2] for r in recipes])
+        batch = images[img_idx]
+        if deformation is not None:
+            batch = deform_batch(batch, draw_deformations(rows, seed, deformation))
+        batch = corrupt_batch(batch, [r[0] for r in recipes], [r[1] for r in recipes], [r[2] for r in recipes])
         if size is not None and batch.shape[-1] != size:
             batch = resize_uint8(batch, size)
         tgt = targets[img_idx]
