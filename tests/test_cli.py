@@ -80,6 +80,17 @@ def test_labels_command_and_resume(folder, tmp_path, capsys):
     assert main(args) == 0
     again = LabelCache(out).load()
     assert torch.equal(again["losses"], data["losses"])
+    # --deform: every row's image deformed first; bare --deform takes the paper-like defaults
+    deformed = str(tmp_path / "deformed")
+    assert main(["labels", "--model", FACTORY, "--weights", w, "--data", folder, "--out", deformed, "--draws", "2",
+                 "--corruption-p", "0", "--deform"]) == 0
+    assert LabelCache(deformed).manifest()["deformation"] == {"rotate": 10.0, "zoom": 0.1, "brightness": 0.15}
+    images = LabelCache(deformed).load()["images"]
+    assert not (images[:8] == images[8:]).flatten(1).all(1).any()  # two draws of a clean image differ
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["labels", "--model", FACTORY, "--weights", w, "--data", folder, "--out", deformed + "2", "--deform", "5"])
+    assert "--deform must be ROTATE,ZOOM,BRIGHTNESS" in capsys.readouterr().err
 
 
 def test_eval_command_baselines(folder, tmp_path, weights, capsys):
@@ -133,7 +144,9 @@ def test_fit_and_predict_commands(folder, tmp_path, capsys):
     small = str(tmp_path / "fit_small")
     assert main(["fit", "--labels", labels, "--out", small, "--predictor", "small", "--width", "4",
                  "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw",
-                 "--val-fraction", "0.25"]) == 0
+                 "--val-fraction", "0.25", "--distill-weight", "0.5"]) == 0
+    with open(os.path.join(small, "history.json")) as f:
+        assert json.load(f)[0]["train_distill_loss"] > 0  # from the labels' input_logits
     from ttach_instance.models import SmallLossPredictor, load_predictor
 
     loaded = load_predictor(os.path.join(small, "predictor.safetensors"))

@@ -205,7 +205,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                     ema_decay=args.ema, val_fraction=args.val_fraction, listwise_weight=args.listwise_weight,
                     spearman_weight=args.spearman_weight, tau=tau, seed=args.seed, group_weight=args.group_weight,
                     flip_permutation=flip_permutation(space) if args.flip else None,
-                    clean_tolerance=args.clean_tolerance, pretrain_epochs=args.pretrain_epochs)
+                    clean_tolerance=args.clean_tolerance, pretrain_epochs=args.pretrain_epochs,
+                    distill_weight=args.distill_weight)
     input_size = args.input_size or manifest["size"]
     if args.predictor == "small" or LossPredictor is None:
         from .models import SmallLossPredictor
@@ -415,6 +416,9 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--group-weight", type=float, default=0.0,
                    help="auxiliary corruption recognition while training (a temporary head on the predictor's "
                         "features classifies each row's corruption and severity; the saved predictor is unchanged)")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="auxiliary distillation while training (a temporary head on the predictor's features matches "
+                        "the target model's class distribution on each row's image, the labels' input_logits)")
     p.add_argument("--tau", default=None,
                    help="listwise temperature: a number or 'auto' (from the labels' spread); default 1 (the paper's) "
                         "for classification labels, auto for segmentation labels (losses differ by hundredths)")
