@@ -65,7 +65,9 @@ def cmd_fit(args):
     if args.distill_weight:
         data = add_input_logits(data, target(args.out))
     torch.manual_seed(args.init_seed)
-    predictor = SmallLossPredictor(space, width=args.width, input_size=32)
+    predictor = SmallLossPredictor(space, width=args.width, input_size=args.input_size)
+    if args.init_from_target:  # the target's trained layers (same architecture), a fresh ranking head
+        predictor.init_from(target(args.out))
     res = fit_predictor(predictor, data, os.path.join(args.out, f"exp_{args.name}"), cfg, num_images=n_images,
                         progress=False, log=lambda m: print(m, flush=True))
     print(args.name, json.dumps({k: round(v, 4) for k, v in res["final"].items() if isinstance(v, float)}))
@@ -109,6 +111,9 @@ def main(argv=None):
     f.add_argument("--epochs", type=int, default=6)
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--width", type=int, default=8)
+    f.add_argument("--input-size", type=int, default=32)
+    f.add_argument("--init-from-target", action="store_true",
+                   help="start from the target model's weights (needs --width 16, the target's)")
     f.add_argument("--spearman-weight", type=float, default=1.0)
     f.add_argument("--rank-temperature", type=float, default=0.1)
     f.add_argument("--pretrain-epochs", type=int, default=0)

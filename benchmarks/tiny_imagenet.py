@@ -186,6 +186,8 @@ def stage_fit(args, sets, model):
                     distill_weight=args.distill_weight)
     torch.manual_seed(args.init_seed)  # the predictor's initial weights (and its dropout draws)
     pred = make_predictor(args, space)
+    if args.pred_init_from_target:
+        pred.init_from(model)
     res = fit_predictor(pred, data, out, cfg, num_images=len(sets["train"]), log=log)
     log(f"fit done: {res['final']}")
     return pred
@@ -230,6 +232,9 @@ def main(argv=None):
     p.add_argument("--pred-backbone", default=None, help="timm backbone of the LossPredictor (default: the library's)")
     p.add_argument("--pred-size", type=int, default=64, help="predictor input size (images are resized to it)")
     p.add_argument("--pred-width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
+    p.add_argument("--pred-init-from-target", action="store_true",
+                   help="start the SmallLossPredictor from the target model's layers (SmallLossPredictor.init_from; "
+                        "--pred-width must be the target's --width)")
     p.add_argument("--fit-dir", default="fit", help="sub-directory of --out holding the fitted predictor "
                    "(eval: a comma list evaluates the mean of their scores)")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the predictor's initial weights (fit)")

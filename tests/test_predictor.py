@@ -422,3 +422,35 @@ def test_small_predictor_load_rejects_altered_and_truncated_files(tmp_path, spac
         SmallLossPredictor.load(bad)
     with pytest.raises(ValueError, match="fingerprint"):
         SmallLossPredictor.load(path, space="flips")
+
+
+def test_small_predictor_init_from_a_small_resnet_classifier(tmp_path):
+    from ttach_instance.models import SmallLossPredictor, SmallResNet
+
+    torch.manual_seed(0)
+    classifier = SmallResNet(5, widths=(4, 8, 16), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)).eval()
+    for m in classifier.modules():  # non-trivial BN statistics, as a trained model has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    pred = SmallLossPredictor(get_space("paper12"), width=4, input_size=16)
+    head = pred.net.head.weight.detach().clone()
+    assert pred.init_from(classifier) is pred
+    pred.eval()
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        expect = classifier.layers(classifier.stem((x - torch.tensor(classifier.mean).view(1, 3, 1, 1))
+                                                   / torch.tensor(classifier.std).view(1, 3, 1, 1))).mean((2, 3))
+        assert torch.allclose(pred.features(x), expect, atol=1e-6)  # the classifier's own features
+    assert torch.equal(pred.net.head.weight, head)  # a fresh ranking head, not the class head
+    path = str(tmp_path / "p.safetensors")
+    pred.save(path)
+    again = SmallLossPredictor.load(path)
+    with torch.no_grad():
+        assert torch.allclose(again(x), pred(x), atol=1e-6)  # the normalisation travels with it
+    with pytest.raises(ValueError, match=r"stage widths \[4, 8, 16\].*width=8"):
+        SmallLossPredictor(get_space("paper12"), width=8).init_from(classifier)
+    with pytest.raises(TypeError, match="SmallResNet"):
+        SmallLossPredictor(get_space("paper12"), width=4).init_from(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unshuffle=1"):
+        SmallLossPredictor(get_space("paper12"), width=4, unshuffle=2).init_from(classifier)

@@ -126,6 +126,34 @@ class SmallLossPredictor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head_scores(self.features(x))
 
+    def init_from(self, model: nn.Module) -> "SmallLossPredictor":
+        """Start from a trained :class:`SmallResNet` classifier's layers (the target model itself,
+        when it is one): every weight but the classifier head, and its input normalisation; the
+        ranking head stays fresh. The stand-in for the pretrained backbone the paper starts from:
+        the features already know what this target model sees. Widths must match (a
+        ``SmallResNet`` of widths ``(w, 2w, 4w)`` -> ``width=w``); any ``input_size`` (the paper
+        runs its ImageNet-pretrained backbone at a quarter of the resolution it was trained at).
+        Returns ``self``."""
+        if not isinstance(model, SmallResNet):
+            raise TypeError(f"init_from needs a SmallResNet classifier, got {type(model).__name__}")
+        if self.unshuffle != 1:
+            raise ValueError(f"init_from needs unshuffle=1 (the classifier reads 3 channels), got {self.unshuffle}")
+        mine = self.net.state_dict()
+        theirs = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+        bad = [f"{k}: {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in theirs.items()
+               if k in mine and mine[k].shape != v.shape]
+        missing = sorted(set(mine) - set(theirs) - {"head.weight", "head.bias"})
+        if bad or missing or set(theirs) - set(mine):
+            widths = [m.conv1.out_channels for m in model.layers]
+            raise ValueError(f"init_from: the classifier (stage widths {widths}) does not match this predictor "
+                             f"(width={self.width}); mismatched {bad[:3]}, missing {missing[:3]}")
+        with torch.no_grad():
+            for k, v in theirs.items():
+                mine[k].copy_(v)
+            self.pix_mean.copy_(torch.tensor(model.mean).view(1, 3, 1, 1))
+            self.pix_std.copy_(torch.tensor(model.std).view(1, 3, 1, 1))
+        return self
+
     def save(self, path: str) -> None:
         from .training.checkpoint import atomic_save_tensors
 
