@@ -17,7 +17,6 @@ from ttach_instance.ops import (
     Color,
     CropResize,
     HFlip,
-    Rot90,
     Rotate,
     Sharpness,
     VFlip,

@@ -1,7 +1,6 @@
 """LossPredictor: contract (shape, dtype, lower = better), resize, level drop, checkpoints, errors."""
 
 import json
-import os
 
 import pytest
 import torch

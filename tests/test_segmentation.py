@@ -9,7 +9,7 @@ import torch.nn.functional as TF
 
 import ttach_instance as ti
 from ttach_instance import functional as F
-from ttach_instance.ops import CallableOp, CropResize, HFlip, Rotate, Zoom, Color
+from ttach_instance.ops import CallableOp, CropResize, Rotate, Zoom
 from ttach_instance.segmentation import (
     ConfusionMatrix,
     LossGuidedSegmentationWrapper,

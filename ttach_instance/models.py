@@ -177,8 +177,6 @@ class SmallLossPredictor(nn.Module):
 
 def load_predictor(path: str, space=None) -> nn.Module:
     """Load a predictor checkpoint: :class:`SmallLossPredictor` or ``LossPredictor``, by its metadata."""
-    from .training.checkpoint import load_tensors
-
     if not isinstance(path, str) or not path.endswith(".safetensors"):
         raise ValueError(f"predictor must be a .safetensors checkpoint, got {path!r}")
     import json

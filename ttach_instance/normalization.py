@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from functools import lru_cache
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn

@@ -52,7 +52,6 @@ this was written: it is skipped on CPU-only machines).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch

@@ -44,7 +44,7 @@ the wrappers here accept a ``ttach.Compose`` wherever they take a space.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as TF
