@@ -1,14 +1,18 @@
 """Predictor variants on the Tiny ImageNet benchmark's label caches, judged on the held-out fold.
 
 ``fit NAME [options]`` trains a ``SmallLossPredictor`` (32 px, AdamW, 6 epochs, flip
-augmentation, identity margin as the benchmark's fit stage) on the given caches into ``--out/exp_NAME``; ``score DIR [DIR ...]`` prints the
-held-out fold's Spearman (all / clean / corrupted rows), k=1 accuracy and regret of each fitted
-predictor, plain and flip-averaged, and of the mean of the flip-averaged ones. The fold is
-``fit_predictor``'s (20 % of the images, seed 0), so every variant is scored on the same rows.
+augmentation, identity margin as the benchmark's fit stage) on the given caches into
+``--out/exp_NAME``; ``score DIR [DIR ...]`` prints the held-out fold's Spearman (all / clean /
+corrupted rows), k=1 accuracy and regret of each fitted predictor, plain and flip-averaged, and
+of the mean of the flip-averaged ones; ``probe`` trains an MLP on the frozen target model's own
+features (the ranking a predictor that knew what the target knows could reach). The fold is
+``fit_predictor``'s (20 % of the images, seed 0) over ``labels`` and the undeformed
+``labels_seed*`` caches, so every variant is scored on the same rows.
 (docs/BENCHMARKS.md, "What limits the predictor's ranking".)
 
     python benchmarks/predictor_fold.py fit sw2 --spearman-weight 2 --caches labels
     python benchmarks/predictor_fold.py score exp_sw2 fit_s0 fit_s1
+    python benchmarks/predictor_fold.py probe
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def load_caches(out, names):
         data["rows"] = data["rows"] + offset
         offset += cache.manifest()["total_rows"]
         parts.append(data)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, n_images
+    common = [k for k in parts[0] if all(k in p for p in parts)]  # older caches lack input_logits
+    return {k: torch.cat([p[k] for p in parts]) for k in common}, n_images
 
 
 def cmd_fit(args):
@@ -73,9 +78,66 @@ def cmd_fit(args):
     print(args.name, json.dumps({k: round(v, 4) for k, v in res["final"].items() if isinstance(v, float)}))
 
 
+def fold_caches(out):
+    """The caches every variant is scored on: ``labels`` and the undeformed ``labels_seed*``."""
+    return ["labels"] + sorted(d for d in os.listdir(out) if d.startswith("labels_seed")
+                               and LabelCache(os.path.join(out, d)).complete)
+
+
+@torch.no_grad()
+def target_features(model, images, batch_size=1000):
+    """The target model's pooled features after each stage, its logits, top probability and
+    entropy on uint8 ``images`` (what it "knows" about each one)."""
+    from ttach_instance.data import normalizer
+
+    norm, out = normalizer(model), []
+    for i in range(0, images.shape[0], batch_size):
+        h, pooled = model.stem(norm(images[i:i + batch_size].float() / 255)), []
+        for layer in model.layers:
+            h = layer(h)
+            pooled.append(h.mean((2, 3)))
+        p = model.head(pooled[-1]).softmax(1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(1, keepdim=True)
+        out.append(torch.cat(pooled + [model.head(pooled[-1]), p.max(1, keepdim=True).values, entropy], 1))
+    return torch.cat(out)
+
+
+def cmd_probe(args):
+    """How well the target model's own features rank the candidates: an MLP on them (frozen),
+    trained with the benchmark's ranking loss on the training fold, scored on the held-out fold
+    each epoch. Not a deployable predictor (it needs the target's full forward pass first); a
+    reference for what a predictor that knew what the target model knows could reach."""
+    from ttach_instance.training.losses import ranking_loss
+
+    data, n_images = load_caches(args.out, fold_caches(args.out))
+    feats = target_features(target(args.out), data["images"])
+    train, val = split_rows(data["rows"], n_images, 0.2, 0)
+    x = (feats - feats[train].mean(0)) / (feats[train].std(0) + 1e-6)
+    losses, clean = data["losses"].float(), data["corruption"] < 0
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                              torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, losses.shape[1]))
+    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.05)
+    train_idx, val_idx = train.nonzero().squeeze(1), val.nonzero().squeeze(1)
+    print(f"target features {tuple(feats.shape)}; held-out fold {val_idx.numel()} rows")
+    for epoch in range(args.epochs):
+        net.train()
+        perm = train_idx[torch.randperm(train_idx.numel())]
+        for j in range(0, perm.numel(), 256):
+            b = perm[j:j + 256]
+            loss = ranking_loss(net(x[b]), losses[b], 1.0, 2.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            s = torch.nan_to_num(spearman(net(x[val_idx]), losses[val_idx]))
+        print(f"epoch {epoch + 1} spearman {s.mean():.4f} clean {s[clean[val_idx]].mean():.4f} "
+              f"corrupted {s[~clean[val_idx]].mean():.4f}", flush=True)
+
+
 def cmd_score(args):
-    names = ["labels"] + sorted(d for d in os.listdir(args.out) if d.startswith("labels_seed")
-                                and LabelCache(os.path.join(args.out, d)).complete)
+    names = fold_caches(args.out)
     data, n_images = load_caches(args.out, names)
     _, val = split_rows(data["rows"], n_images, 0.2, 0)
     idx = val.nonzero().squeeze(1)
@@ -121,6 +183,9 @@ def main(argv=None):
     f.add_argument("--group-weight", type=float, default=0.0)
     f.add_argument("--distill-weight", type=float, default=0.0)
     f.set_defaults(func=cmd_fit)
+    pr = sub.add_parser("probe", help="MLP on the frozen target model's features: the ranking it supports")
+    pr.add_argument("--epochs", type=int, default=6)
+    pr.set_defaults(func=cmd_probe)
     s = sub.add_parser("score")
     s.add_argument("dirs", nargs="+", help="fit directories under --out holding predictor.safetensors")
     s.set_defaults(func=cmd_score)

@@ -147,7 +147,8 @@ def load_label_caches(args, n_images):
         assert offset % n_images == 0
         parts.append(data)
         log(f"label cache {name}: {cache.manifest()['total_rows']} rows")
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    common = [k for k in parts[0] if all(k in p for p in parts)]  # older caches lack input_logits
+    return {k: torch.cat([p[k] for p in parts]) for k in common}
 
 
 @torch.no_grad()
