@@ -246,7 +246,7 @@ def main(argv=None):
     p.add_argument("--spearman-weight", type=float, default=2.0, help="soft-Spearman term's weight (listwise KL: 1)")
     p.add_argument("--group-weight", type=float, default=1.0,
                    help="weight of the auxiliary corruption-recognition term (FitConfig.group_weight; 0: off)")
-    p.add_argument("--distill-weight", type=float, default=1.0,
+    p.add_argument("--distill-weight", type=float, default=0.0,
                    help="weight of the auxiliary distillation term (FitConfig.distill_weight; 0: off)")
     p.add_argument("--rank-temperature", type=float, default=0.1, help="soft rank temperature")
     p.add_argument("--optimizer", default="adamw")

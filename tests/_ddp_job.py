@@ -16,8 +16,9 @@ LABEL_KW = dict(draws=2, corruption_p=0.5, corruptions=["gaussian_noise", "contr
 FIT = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5)
 FIT_PRETRAIN = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5,
                          pretrain_epochs=2)
+# Both auxiliary terms (corruption recognition and distillation): two temporary heads under DDP.
 FIT_GROUPS = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5,
-                       group_weight=1.0)
+                       group_weight=1.0, distill_weight=1.0)
 
 
 def main(out):
@@ -35,7 +36,7 @@ def main(out):
     fit_predictor(pre, data, None, FIT_PRETRAIN, num_images=11, progress=False, max_epochs_this_run=1,
                   log=lambda m: None)
     save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, os.path.join(out, f"pretrained_rank{rank}.safetensors"))
-    grouped = TinyPredictor(12)  # the corruption-recognition term (DDP over predictor + temporary head)
+    grouped = TinyPredictor(12)  # the auxiliary terms (DDP over predictor + temporary heads)
     fit_predictor(grouped, data, None, FIT_GROUPS, num_images=11, progress=False, max_epochs_this_run=1,
                   log=lambda m: None)
     save_file({k: v.contiguous() for k, v in grouped.state_dict().items()}, os.path.join(out, f"grouped_rank{rank}.safetensors"))

@@ -60,7 +60,7 @@ def test_torchrun_two_processes_match_and_continue_single_process(tmp_path):
     assert not torch.allclose(alone.conv.weight, TinyPredictor(12).conv.weight)
     for k, a in alone.state_dict().items():
         assert torch.allclose(a, p0[k], atol=1e-5), k
-    # the corruption-recognition term under DDP: the same
+    # the auxiliary terms (corruption recognition + distillation) under DDP: the same
     g0, g1 = (load_file(os.path.join(out, f"grouped_rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
     grouped = TinyPredictor(12)
@@ -68,6 +68,6 @@ def test_torchrun_two_processes_match_and_continue_single_process(tmp_path):
                   log=lambda m: None)
     plain = TinyPredictor(12)
     fit_predictor(plain, single, None, FIT, num_images=11, progress=False, max_epochs_this_run=1, log=lambda m: None)
-    assert not torch.allclose(grouped.conv.weight, plain.conv.weight)  # the term changed the features
+    assert not torch.allclose(grouped.conv.weight, plain.conv.weight)  # the terms changed the features
     for k, a in grouped.state_dict().items():
         assert torch.allclose(a, g0[k], atol=1e-5), k
