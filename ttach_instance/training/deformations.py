@@ -77,7 +77,7 @@ def deform_batch(images: Tensor, params: Sequence[Tuple[float, float, float]]) -
                          f"got {len(params)}")
     if not len(params):
         return images.clone()
-    angle, scale, bright = (torch.tensor(v, dtype=torch.float32) for v in zip(*params))
+    angle, scale, bright = (torch.tensor(v, dtype=torch.float32, device=images.device) for v in zip(*params))
     _, _, h, w = images.shape
     # One bicubic resampling through the composed map, mirrored borders. Not the PIL-exact
     # rotate/zoom of the candidates: a random deformation needs no bit-exactness, and distinct
