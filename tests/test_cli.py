@@ -264,3 +264,24 @@ def test_predict_size_falls_back_to_the_timm_data_config():
     assert _predict_image_size(48, Unfitted(), model) == (48, 48)
     with pytest.raises(ValueError, match="--size is required"):
         _predict_image_size(None, Unfitted(), torch.nn.Linear(2, 2))
+
+
+def test_fit_init_from_the_target_model(folder, tmp_path, capsys):
+    w, labels = _clean_labels(folder, tmp_path)
+    fit = str(tmp_path / "fit_init")
+    # the labels' model is a width-16 small_resnet: a width-16 SmallLossPredictor starts from it;
+    # its class count comes from the labels' input_logits
+    assert main(["fit", "--labels", labels, "--out", fit, "--predictor", "small", "--width", "16", "--input-size",
+                 "16", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw", "--lr", "1e-9",
+                 "--val-fraction", "0.25", "--init-from", FACTORY, "--init-weights", w]) == 0
+    from ttach_instance.models import load_predictor
+
+    target = torch.load(w, weights_only=True)
+    pred = load_predictor(os.path.join(fit, "predictor.safetensors"))
+    # lr ~0: the stem is still the target's (up to the EMA of almost-unchanged weights)
+    assert torch.allclose(pred.net.stem[0].weight, target["stem.0.weight"], atol=1e-6)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", "--labels", labels, "--out", fit + "2", "--predictor", "small", "--width", "8",
+              "--epochs", "1", "--init-from", FACTORY, "--init-weights", w])
+    assert "stage widths [16, 32, 64]" in capsys.readouterr().err

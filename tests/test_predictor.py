@@ -453,3 +453,36 @@ def test_small_predictor_init_from_a_small_resnet_classifier(tmp_path):
         SmallLossPredictor(get_space("paper12"), width=4).init_from(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unshuffle=1"):
         SmallLossPredictor(get_space("paper12"), width=4, unshuffle=2).init_from(classifier)
+
+
+def test_loss_predictor_init_from_a_timm_classifier_of_its_architecture(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    classifier = timm.create_model("lcnet_050", pretrained=False, num_classes=7).eval()
+    pred = LossPredictor(get_space("paper12"), backbone="lcnet_050", input_size=32)
+    head = pred.head.weight.detach().clone()
+    assert pred.init_from(classifier) is pred
+    theirs = classifier.state_dict()
+    for k, v in pred.backbone.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    assert torch.equal(pred.head.weight, head)  # the ranking head stays fresh
+    cfg = timm.data.resolve_data_config({}, model=classifier)
+    assert pred.mean == tuple(cfg["mean"]) and torch.allclose(pred.pix_std.flatten(), torch.tensor(cfg["std"]))
+    # the copied layers compute the classifier's own features
+    pred.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        normed = (x - pred.pix_mean) / pred.pix_std
+        levels = pred.backbone(normed)
+        expect = classifier.forward_intermediates(normed, intermediates_only=True)
+    assert len(levels) == len(expect) == 5
+    for got, ref in zip(levels, expect):
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)
+    path = str(tmp_path / "p.safetensors")
+    pred.save(path)
+    again = LossPredictor.load(path)
+    with torch.no_grad():
+        assert torch.allclose(again(x), pred(x), atol=1e-5)
+    with pytest.raises(ValueError, match="same-named, same-shaped.*'lcnet_050'"):
+        LossPredictor(get_space("paper12"), backbone="lcnet_050").init_from(timm.create_model("resnet10t"))

@@ -219,11 +219,25 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if args.backbone:
             kwargs["backbone"] = args.backbone
         predictor = LossPredictor(space, **kwargs)
+    if args.init_from:
+        predictor.init_from(_init_model(args, data))
     res = fit_predictor(predictor, data, args.out, cfg, num_images=manifest["num_images"], device=args.device)
     if dist.is_main():
         print(f"predictor: {args.out}/predictor.safetensors; held-out " +
               ", ".join(f"{k[4:]} {v:.4f}" for k, v in res["final"].items() if k.startswith("val_") and isinstance(v, float)))
     return 0
+
+
+def _init_model(args, data):
+    """The classifier ``fit --init-from`` starts the predictor from (usually the target model)."""
+    from .data import build_model
+
+    classes = args.init_num_classes
+    if classes is None and "input_logits" in data:
+        classes = int(data["input_logits"].shape[1])  # the labels' model's classes
+    if classes is None:
+        raise ValueError("--init-from needs --init-num-classes (the labels do not record the model's outputs)")
+    return build_model(args.init_from, num_classes=classes, weights=args.init_weights)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -403,6 +417,13 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--backbone", default=None, help="LossPredictor backbone (timm name or module:factory)")
     p.add_argument("--width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
     p.add_argument("--input-size", type=int, default=None, help="predictor input size (default: the labels' size)")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start the predictor from this classifier's layers (usually the target model, of the "
+                        "predictor's architecture: a timm name for --backbone, ttach_instance.models:small_resnet "
+                        "for --predictor small); with --init-weights")
+    p.add_argument("--init-weights", default=None, help="weights of the --init-from classifier")
+    p.add_argument("--init-num-classes", type=int, default=None,
+                   help="classes of the --init-from classifier (default: from the labels' input_logits)")
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="feature pretraining first: epochs of classifying the training fold (no pretrained weights)")
     p.add_argument("--epochs", type=int, default=60)

@@ -243,6 +243,36 @@ class LossPredictor(nn.Module):
                 "out_indices": self.out_indices, "level_drop": self.level_drop, "dropout": self.dropout_p,
                 "mean": list(self.mean), "std": list(self.std), "backbone_kwargs": self.backbone_kwargs}
 
+    def init_from(self, model: nn.Module) -> "LossPredictor":
+        """Start the backbone from a trained classifier of the same architecture -- typically the
+        target model itself (a timm ``resnet18`` target for a ``backbone="resnet18"`` predictor):
+        every backbone tensor is copied from the classifier's tensor of the same name and shape,
+        and the classifier's input normalisation is taken over (``resolve_mean_std``); the level
+        projections and the ranking head stay fresh. The stand-in for the pretrained backbone the
+        paper starts from, when no pretrained weights exist for the domain (docs/BENCHMARKS.md:
+        the target's own layers rank the candidates better than features learnt from scratch).
+        Raises ``ValueError`` naming the first backbone tensors without a counterpart. Returns
+        ``self``."""
+        from .normalization import _unwrap, resolve_mean_std
+
+        inner = _unwrap(model)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"init_from needs an nn.Module classifier, got {type(model).__name__}")
+        mine, theirs = self.backbone.state_dict(), inner.state_dict()
+        absent = [k for k, v in mine.items() if k not in theirs or theirs[k].shape != v.shape]
+        if absent:
+            raise ValueError(f"init_from: {len(absent)} of the backbone's {len(mine)} tensors have no same-named, "
+                             f"same-shaped tensor in the {type(inner).__name__} (first: {absent[:3]}); the "
+                             f"classifier must have the backbone's architecture ({self.backbone_name!r})")
+        self.backbone.load_state_dict({k: theirs[k] for k in mine})
+        mean, std = resolve_mean_std(inner)
+        if mean is not None:
+            self.mean, self.std = _check_triple(mean, "mean"), _check_triple(std, "std")
+            with torch.no_grad():
+                self.pix_mean.copy_(torch.tensor(self.mean).view(1, 3, 1, 1))
+                self.pix_std.copy_(torch.tensor(self.std).view(1, 3, 1, 1))
+        return self
+
     def metadata(self) -> Dict[str, Any]:
         return {"kind": self.kind, "format_version": FORMAT_VERSION, "space": self.space.name,
                 "space_params": self.space.params, "space_fingerprint": self.space_fingerprint,
