@@ -340,7 +340,6 @@ def fit_predictor(
                 raise ValueError(f"data['input_logits'] must be (N, C) with N = {images.shape[0]} rows, "
                                  f"got {tuple(teacher.shape)}")
         outputs = {"group": NUM_CORRUPTION_GROUPS, "distill": 0 if teacher is None else teacher.shape[1]}
-
         for i, name in enumerate(aux_weights):  # the group head's draw is the one it always had
             heads[name] = _temporary_head(width, outputs[name],
                                           torch.Generator().manual_seed(cfg.seed * 1000003 + 777 + 101 * i)).to(device)
