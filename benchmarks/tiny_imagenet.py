@@ -6,10 +6,11 @@ when done; kill it at any point and run the same command again to continue.
     python benchmarks/tiny_imagenet.py --data ../shared/data/tinyimagenet-dev20 --size 32
 
 Stages: data (decode JPEGs once) -> target (small ResNet, from scratch) -> labels (paper12
-losses, corruption p=0.4 from the 15 common corruptions, several draws per image) -> fit
-(loss predictor, listwise KL + soft Spearman + the corruption-recognition term, 80/20 split,
-best held-out epoch) -> eval (clean / 15 common x
-severities / 4 held-out; Table 1 as markdown + JSON + plots).
+losses, corruption p=0.4 from the 15 common corruptions, several draws per image; extra seeds,
+optionally with the images deformed first) -> fit (loss predictor, listwise KL + soft Spearman +
+the corruption-recognition term [+ distillation, from the target's layers], 80/20 split, best
+held-out epoch; every complete cache under --out) -> eval (clean / 15 common x severities / 4
+held-out; Table 1 as markdown + JSON + plots).
 """
 
 from __future__ import annotations
@@ -76,19 +77,17 @@ def stage_labels(args, sets, model):
     from ttach_instance.training.deformations import Deformation
     from ttach_instance.training.labels import generate_labels
 
-    # seed 0 -> labels/, every extra seed s -> labels_seed<s>/ (independent corruption draws)
-    for seed in [args.seed] + [int(x) for x in args.extra_label_seeds.split(",") if x.strip()]:
-        name = "labels" if seed == args.seed else f"labels_seed{seed}"
-        cache = generate_labels(model, sets["train"].images, sets["train"].labels, get_space("paper12"),
-                                os.path.join(args.out, name), size=args.size, draws=args.draws,
-                                corruption_p=args.corruption_p, seed=seed, shard_size=1000, batch_size=64)
-        log(f"{name}: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards")
-    for seed in [int(x) for x in args.deformed_label_seeds.split(",") if x.strip()]:
-        name = f"labels_deform_seed{seed}"
+    # seed 0 -> labels/, every extra seed s -> labels_seed<s>/ (independent corruption draws),
+    # every deformed seed s -> labels_deform_seed<s>/ (each row's image deformed first)
+    caches = [("labels" if seed == args.seed else f"labels_seed{seed}", seed, None)
+              for seed in [args.seed] + [int(x) for x in args.extra_label_seeds.split(",") if x.strip()]]
+    caches += [(f"labels_deform_seed{seed}", seed, Deformation())
+               for seed in [int(x) for x in args.deformed_label_seeds.split(",") if x.strip()]]
+    for name, seed, deformation in caches:
         cache = generate_labels(model, sets["train"].images, sets["train"].labels, get_space("paper12"),
                                 os.path.join(args.out, name), size=args.size, draws=args.draws,
                                 corruption_p=args.corruption_p, seed=seed, shard_size=1000, batch_size=64,
-                                deformation=Deformation())
+                                deformation=deformation)
         log(f"{name}: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards")
 
 
@@ -234,8 +233,8 @@ def main(argv=None):
     p.add_argument("--pred-size", type=int, default=64, help="predictor input size (images are resized to it)")
     p.add_argument("--pred-width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
     p.add_argument("--pred-init-from-target", action="store_true",
-                   help="start the SmallLossPredictor from the target model's layers (SmallLossPredictor.init_from; "
-                        "--pred-width must be the target's --width)")
+                   help="start the predictor from the target model's layers (init_from; it must have the target's "
+                        "architecture: --predictor small --pred-width = the target's --width)")
     p.add_argument("--fit-dir", default="fit", help="sub-directory of --out holding the fitted predictor "
                    "(eval: a comma list evaluates the mean of their scores)")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the predictor's initial weights (fit)")
