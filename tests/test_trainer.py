@@ -212,6 +212,17 @@ def with_groups(data, seed=0):
     return data
 
 
+def fit_fresh(data, c, out_dir):
+    """A TinyPredictor (init seed 0) fitted with ``c``: ``(predictor, fit result)``; its state
+    keeps exactly its own keys (temporary heads are not part of the predictor)."""
+    torch.manual_seed(0)
+    pred = TinyPredictor(4)
+    keys = set(pred.state_dict())
+    out = fit_predictor(pred, data, out_dir, c, progress=False, log=lambda m: None)
+    assert set(pred.state_dict()) == keys
+    return pred, out
+
+
 def assert_resumed_fit_matches(fitted, data, c, out_dir):
     """A fit (from init seed 0) killed after 2 epochs and continued ends where ``fitted`` (the
     uninterrupted one) did, auxiliary heads included (they live in the checkpoint)."""
@@ -229,16 +240,12 @@ def test_group_term_learns_the_corruption_and_leaves_the_saved_predictor_alone(t
 
     data = with_groups(synthetic(320))
     c = cfg(epochs=6, lr=0.03, group_weight=1.0)
-    torch.manual_seed(0)
-    pred = TinyPredictor(4)
-    keys = set(pred.state_dict())
-    out = fit_predictor(pred, data, str(tmp_path / "g"), c, progress=False, log=lambda m: None)
+    pred, out = fit_fresh(data, c, str(tmp_path / "g"))
     group_losses = [h["train_group_loss"] for h in out["history"]]
     # from chance over 96 classes to below log 3, what knowing only the 3 groups' frequencies
     # gives: the features tell the groups apart
     assert group_losses[0] > 3.0 and group_losses[-1] < 0.6 < math.log(3)
     assert NUM_CORRUPTION_GROUPS == 96
-    assert set(pred.state_dict()) == keys  # the temporary head is not part of the predictor
     assert_resumed_fit_matches(pred, data, c, str(tmp_path / "r"))
     with pytest.raises(ValueError, match="'corruption'"):
         fit_predictor(TinyPredictor(4), synthetic(64), None, c, progress=False, log=lambda m: None)
@@ -257,15 +264,11 @@ def with_teacher(data):
 def test_distill_term_matches_the_target_models_outputs_and_leaves_the_saved_predictor_alone(tmp_path):
     data = with_teacher(synthetic(320))
     c = cfg(epochs=6, lr=0.03, distill_weight=1.0)
-    torch.manual_seed(0)
-    pred = TinyPredictor(4)
-    keys = set(pred.state_dict())
-    out = fit_predictor(pred, data, str(tmp_path / "d"), c, progress=False, log=lambda m: None)
+    pred, out = fit_fresh(data, c, str(tmp_path / "d"))
     kl = [h["train_distill_loss"] for h in out["history"]]
     # KL to the teacher's softmax: from what a random head gives to a small fraction of it
     assert kl[-1] < 0.25 * kl[0]
     assert out["final"]["val_spearman"] > 0.8  # and the ranking is still learnt
-    assert set(pred.state_dict()) == keys
     assert_resumed_fit_matches(pred, data, c, str(tmp_path / "r"))
     with pytest.raises(ValueError, match="distill_weight needs the label cache's 'input_logits'.*identity"):
         fit_predictor(TinyPredictor(4), synthetic(64), None, c, progress=False, log=lambda m: None)
