@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ttach_instance.models import SmallLossPredictor, load_predictor  # noqa: E402
 from ttach_instance.predictor import FlipAveragedPredictor, PredictorEnsemble  # noqa: E402
 from ttach_instance.registry import get_space  # noqa: E402
-from ttach_instance.training.labels import LabelCache  # noqa: E402
+from ttach_instance.training.labels import LabelCache, load_label_caches  # noqa: E402
 from ttach_instance.training.losses import ranking_metrics, spearman  # noqa: E402
 from ttach_instance.training.trainer import FitConfig, fit_predictor, flip_permutation, predict_losses, split_rows  # noqa: E402
 from tiny_imagenet import add_input_logits  # noqa: E402
@@ -47,16 +47,8 @@ def target(out):
 
 
 def load_caches(out, names):
-    parts, offset, n_images = [], 0, None
-    for name in names:
-        cache = LabelCache(os.path.join(out, name))
-        n_images = cache.manifest()["num_images"]
-        data = cache.load()
-        data["rows"] = data["rows"] + offset
-        offset += cache.manifest()["total_rows"]
-        parts.append(data)
-    common = [k for k in parts[0] if all(k in p for p in parts)]  # older caches lack input_logits
-    return {k: torch.cat([p[k] for p in parts]) for k in common}, n_images
+    data, manifest = load_label_caches([os.path.join(out, name) for name in names])
+    return data, manifest["num_images"]
 
 
 def cmd_fit(args):

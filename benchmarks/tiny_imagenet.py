@@ -129,25 +129,20 @@ def evaluation_predictor(args, space):
     return members[0] if len(members) == 1 else PredictorEnsemble(members)
 
 
-def load_label_caches(args, n_images):
-    """The main cache plus any extra complete caches (other seeds), rows offset to stay unique."""
-    from ttach_instance.training.labels import LabelCache
+def training_label_caches(args):
+    """The main label cache plus any extra complete caches (other seeds, deformed draws), trained on as one set."""
+    from ttach_instance.training.labels import LabelCache, load_label_caches
 
-    parts, offset = [], 0
     names = sorted(d for d in os.listdir(args.out) if d.startswith("labels_seed") or d.startswith("labels_deform_seed"))
+    dirs = []
     for name in ["labels"] + names:
         cache = LabelCache(os.path.join(args.out, name))
         if not cache.complete:
             log(f"skipping incomplete label cache {name}")
             continue
-        data = cache.load()
-        data["rows"] = data["rows"] + offset
-        offset += cache.manifest()["total_rows"]
-        assert offset % n_images == 0
-        parts.append(data)
+        dirs.append(cache.directory)
         log(f"label cache {name}: {cache.manifest()['total_rows']} rows")
-    common = [k for k in parts[0] if all(k in p for p in parts)]  # older caches lack input_logits
-    return {k: torch.cat([p[k] for p in parts]) for k in common}
+    return load_label_caches(dirs)[0]
 
 
 @torch.no_grad()
@@ -175,7 +170,7 @@ def stage_fit(args, sets, model):
     final = os.path.join(out, "predictor.safetensors")
     if os.path.isfile(final):
         return load_fitted_predictor(final, space)
-    data = load_label_caches(args, len(sets["train"]))
+    data = training_label_caches(args)
     if args.distill_weight:
         data = add_input_logits(data, model)
     cfg = FitConfig(epochs=args.fit_epochs, batch_size=128, optimizer=args.optimizer, lr=args.lr,

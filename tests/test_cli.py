@@ -285,3 +285,22 @@ def test_fit_init_from_the_target_model(folder, tmp_path, capsys):
         main(["fit", "--labels", labels, "--out", fit + "2", "--predictor", "small", "--width", "8",
               "--epochs", "1", "--init-from", FACTORY, "--init-weights", w])
     assert "stage widths [16, 32, 64]" in capsys.readouterr().err
+
+
+def test_fit_on_several_label_caches(folder, tmp_path, capsys):
+    w, labels = _clean_labels(folder, tmp_path, "--draws", "2")
+    seed1 = str(tmp_path / "labels_seed1")
+    assert main(["labels", "--model", FACTORY, "--weights", w, "--data", folder, "--out", seed1, "--seed", "1",
+                 "--corruptions", "contrast", "--corruption-p", "1"]) == 0
+    fit = str(tmp_path / "fit")
+    args = ["--out", fit, "--predictor", "small", "--width", "4", "--epochs", "1", "--batch-size", "8",
+            "--optimizer", "adamw", "--val-fraction", "0.25"]
+    assert main(["fit", "--labels", labels, seed1, *args]) == 0
+    with open(os.path.join(fit, "history.json")) as f:
+        record = json.load(f)[0]
+    # 8 images, 2 of them held out: their 2 clean draws and 1 corrupted draw
+    assert record["val_n"] == 2 * 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", "--labels", labels, labels, *args[:1], fit + "2", *args[2:]])
+    assert "--labels: label cache" in capsys.readouterr().err

@@ -207,3 +207,48 @@ def test_shards_without_a_newer_field_still_load(tmp_path):
     save_file(old, cache.shard_path(0))
     data = cache.load()
     assert "input_logits" not in data and data["losses"].shape == (6, len(space()))
+
+
+def test_label_caches_combine_into_one_set_of_whole_draws(tmp_path):
+    from ttach_instance.training.labels import load_label_caches
+
+    model = tiny_model()
+    images, labels = tiny_data(5)
+    common = dict(corruption_p=1.0, corruptions=["contrast", "pixelate"], progress=False)
+    a = generate_labels(model, images, labels, space(), str(tmp_path / "a"), draws=2, seed=0, shard_size=3, **common)
+    b = generate_labels(model, images, labels, space(), str(tmp_path / "b"), draws=1, seed=1, shard_size=4,
+                        deformation={"rotate": 5}, **common)
+    data, manifest = load_label_caches([a.directory, b.directory])
+    da, db = a.load(), b.load()
+    assert torch.equal(data["rows"], torch.arange(15))  # b's rows follow a's: 10..14
+    for key in da:
+        assert torch.equal(data[key][:10], da[key]) and (key == "rows" or torch.equal(data[key][10:], db[key]))
+    assert torch.equal(data["labels"], labels.repeat(3))  # row r is still image r % 5
+    assert manifest["total_rows"] == 15 and manifest["draws"] == 3 and manifest["num_images"] == 5
+    assert manifest["caches"] == [a.directory, b.directory] and "num_shards" not in manifest
+
+
+def test_label_caches_that_do_not_combine_are_named(tmp_path):
+    from ttach_instance.training.labels import load_label_caches
+
+    model = tiny_model()
+    images, labels = tiny_data(4)
+    a = generate_labels(model, images, labels, space(), str(tmp_path / "a"), progress=False)
+    more = generate_labels(model, images, labels, space(), str(tmp_path / "more"), draws=2, shard_size=3,
+                           progress=False)  # seed 0 again: its first draw is a's rows
+    other = generate_labels(model, images.flip(-1), labels, space(), str(tmp_path / "other"), seed=1, progress=False)
+    small = generate_labels(model, images, labels, space(), str(tmp_path / "small"), size=8, seed=2, progress=False)
+    with pytest.raises(ValueError, match=r"'.*other' does not fit with .*\['dataset'\]"):
+        load_label_caches([a.directory, other.directory])
+    with pytest.raises(ValueError, match=r"\['size'\]"):
+        load_label_caches([a.directory, small.directory])
+    with pytest.raises(ValueError, match="same seed and settings"):
+        load_label_caches([a.directory, a.directory])
+    with pytest.raises(ValueError, match=r"'.*more' has the same seed and settings as '.*a'"):
+        load_label_caches([a.directory, more.directory])
+    with pytest.raises(ValueError, match="non-empty list"):
+        load_label_caches(a.directory)
+    os.remove(more.shard_path(0))
+    b = generate_labels(model, images, labels, space(), str(tmp_path / "b"), seed=5, progress=False)
+    with pytest.raises(ValueError, match="incomplete"):
+        load_label_caches([b.directory, more.directory])

@@ -179,17 +179,18 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         LossPredictor = None
     from .registry import get_space
     from .training import distributed as dist
-    from .training.labels import LabelCache
+    from .training.labels import load_label_caches
     from .training.trainer import FitConfig, fit_predictor, flip_permutation
 
     dist.init_from_env(args.device)
-    cache = LabelCache(args.labels)
-    manifest = cache.manifest()
+    try:
+        data, manifest = load_label_caches(args.labels)
+    except ValueError as e:
+        raise ValueError(f"--labels: {e}") from None
     space = get_space(args.space or manifest["space"])
     if space.fingerprint != manifest["space_fingerprint"]:
         raise ValueError(f"--space {space.name!r} (fingerprint {space.fingerprint}) is not the space the labels were "
                          f"made with ({manifest['space']!r}, {manifest['space_fingerprint']})")
-    data = cache.load()
     tau = args.tau or ("auto" if manifest.get("task", {}).get("name") == "segmentation" else "1")
     if tau == "auto":
         from .training.losses import tau_from_spread
@@ -407,8 +408,10 @@ def _add_pipeline_commands(sub) -> None:
     _add_task_args(p)
     p.set_defaults(func=_cmd_labels)
 
-    p = sub.add_parser("fit", help="train a loss predictor on a label cache (resumable; torchrun-ready)")
-    p.add_argument("--labels", required=True)
+    p = sub.add_parser("fit", help="train a loss predictor on label caches (resumable; torchrun-ready)")
+    p.add_argument("--labels", required=True, nargs="+", metavar="DIR",
+                   help="one or more label caches of the same images, space and size (e.g. other --seed or --deform "
+                        "runs of `labels`), trained on as one set")
     p.add_argument("--out", required=True)
     p.add_argument("--space", default=None, help="default: the labels' space")
     p.add_argument("--predictor", default="loss", choices=["loss", "small"],

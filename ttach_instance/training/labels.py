@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +102,57 @@ class LabelCache:
         if not allow_partial and not torch.equal(rows, torch.arange(m["total_rows"])):
             raise ValueError(f"label cache {self.directory!r}: rows are not exactly 0..{m['total_rows'] - 1}")
         return out
+
+
+# Manifest keys that must agree for rows of several caches to be one training set: the same
+# images (row r is image r % N in every cache), the same candidates, task and input size. The
+# rest (seed, draws, corruption and deformation settings, shard size) may differ: that is the
+# point of combining caches.
+SHARED_KEYS = ("space_fingerprint", "candidate_names", "task", "num_images", "size", "source_size", "dataset")
+_LAYOUT_KEYS = ("shard_size", "num_shards", "draws", "total_rows")
+
+
+def load_label_caches(directories: Sequence[str]) -> Tuple[Dict[str, Tensor], Dict]:
+    """The rows of several complete label caches of one dataset (other seeds, deformed draws) as
+    one set: ``(data, manifest)``.
+
+    Cache ``i``'s rows are offset by the rows of the caches before it, so row ``r`` is still image
+    ``r % num_images`` (each cache holds whole draws) and the trainer's image-level held-out fold
+    keeps every draw of an image on one side. Only the fields every cache holds are kept (caches
+    made before ``input_logits`` was recorded lack it). ``manifest``: the first cache's without
+    its shard layout, ``total_rows`` and ``draws`` summed, ``caches`` listing the directories. A cache that is
+    incomplete, made for other images / candidates / task / size, or that repeats another's rows
+    (listed twice, or the same seed and settings) is an error naming it.
+    """
+    if isinstance(directories, str) or not directories:
+        raise ValueError(f"directories must be a non-empty list of label cache paths, got {directories!r}")
+    parts, manifests, seen = [], [], {}
+    for directory in directories:
+        cache = LabelCache(directory)
+        m = cache.manifest()
+        if manifests:
+            diff = [k for k in SHARED_KEYS if m.get(k) != manifests[0].get(k)]
+            if diff:
+                raise ValueError(f"label cache {directory!r} does not fit with {directories[0]!r}: they differ in "
+                                 f"{diff} (caches combine only for the same images, space, task and size)")
+        # Row r is a pure function of these settings and r: two caches that share them share
+        # their first rows (whatever their draws), and training on a row twice only weights it.
+        settings = json.dumps({k: v for k, v in m.items() if k not in _LAYOUT_KEYS}, sort_keys=True)
+        if settings in seen:
+            raise ValueError(f"label cache {directory!r} has the same seed and settings as {seen[settings]!r}: "
+                             f"it repeats that cache's rows (make more labels with another seed)")
+        seen[settings] = directory
+        data = cache.load()
+        offset = sum(p["total_rows"] for p in manifests)
+        data["rows"] = data["rows"] + offset
+        parts.append(data)
+        manifests.append(m)
+    keys = [k for k in parts[0] if all(k in p for p in parts)]
+    data = {k: torch.cat([p[k] for p in parts]) for k in keys}
+    manifest = {k: v for k, v in manifests[0].items() if k not in ("shard_size", "num_shards")}
+    manifest.update(total_rows=sum(m["total_rows"] for m in manifests), draws=sum(m["draws"] for m in manifests),
+                    caches=list(directories))
+    return data, manifest
 
 
 @torch.no_grad()
