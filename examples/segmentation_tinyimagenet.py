@@ -34,8 +34,6 @@ import argparse
 import csv
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
