@@ -65,8 +65,8 @@ def make_predictor(space, size: int, backbone: Optional[str] = None):
     Nothing is downloaded, so no pretrained backbone: at 32 px on 3,600 training rows the paper's
     architecture (an ImageNet-style timm backbone that halves the image in its stem) ranks worse
     and trains slower than the CIFAR-style stand-in. On the demo's own label cache, 20 epochs,
-    1 thread, both from scratch at 32 px: SmallLossPredictor held-out Spearman 0.652, k=1 accuracy 90.1 % (275 s);
-    LossPredictor(lcnet_050) 0.614, 88.9 % (335 s); LossPredictor(mobilenetv3_small_100) is
+    1 thread, both from scratch at 32 px: SmallLossPredictor held-out Spearman 0.652, k=1
+    accuracy 90.1 % (275 s); LossPredictor(lcnet_050) 0.614, 88.9 % (335 s); LossPredictor(mobilenetv3_small_100) is
     ~3.5x the stand-in's cost per training step. ``LossPredictor`` is meant for pretrained
     backbones at 64 px (``ttach-instance fit``).
     """

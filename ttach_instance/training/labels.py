@@ -120,9 +120,9 @@ def load_label_caches(directories: Sequence[str]) -> Tuple[Dict[str, Tensor], Di
     ``r % num_images`` (each cache holds whole draws) and the trainer's image-level held-out fold
     keeps every draw of an image on one side. Only the fields every cache holds are kept (caches
     made before ``input_logits`` was recorded lack it). ``manifest``: the first cache's without
-    its shard layout, ``total_rows`` and ``draws`` summed, ``caches`` listing the directories. A cache that is
-    incomplete, made for other images / candidates / task / size, or that repeats another's rows
-    (listed twice, or the same seed and settings) is an error naming it.
+    its shard layout, ``total_rows`` and ``draws`` summed, ``caches`` listing the directories.
+    A cache that is incomplete, made for other images / candidates / task / size, or that
+    repeats another's rows (listed twice, or the same seed and settings) is an error naming it.
     """
     if isinstance(directories, str) or not directories:
         raise ValueError(f"directories must be a non-empty list of label cache paths, got {directories!r}")
