@@ -45,6 +45,12 @@ def dataset_fingerprint(images: Tensor, labels: Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def concat_common_fields(parts: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    """The fields every part holds, each concatenated along rows in the parts' order."""
+    keys = [k for k in parts[0] if all(k in p for p in parts)]
+    return {k: torch.cat([p[k] for p in parts]) for k in keys}
+
+
 class LabelCache:
     """A label cache directory: its manifest, which shards are done, and loading the rows."""
 
@@ -90,10 +96,8 @@ class LabelCache:
         parts = [load_file(self.shard_path(s)) for s in self.done_shards()]
         if not parts:
             raise ValueError(f"label cache {self.directory!r} has no finished shard")
-        # Fields every shard has: a cache continued by a newer version may add one (input_logits)
-        # to its later shards only.
-        keys = [k for k in parts[0] if all(k in p for p in parts)]
-        out = {k: torch.cat([p[k] for p in parts]) for k in keys}
+        # a cache continued by a newer version may add a field (input_logits) to its later shards only
+        out = concat_common_fields(parts)
         order = out["rows"].argsort()
         out = {k: v[order] for k, v in out.items()}
         rows = out["rows"]
@@ -147,8 +151,7 @@ def load_label_caches(directories: Sequence[str]) -> Tuple[Dict[str, Tensor], Di
         data["rows"] = data["rows"] + offset
         parts.append(data)
         manifests.append(m)
-    keys = [k for k in parts[0] if all(k in p for p in parts)]
-    data = {k: torch.cat([p[k] for p in parts]) for k in keys}
+    data = concat_common_fields(parts)  # caches made before input_logits was recorded lack it
     manifest = {k: v for k, v in manifests[0].items() if k not in ("shard_size", "num_shards")}
     manifest.update(total_rows=sum(m["total_rows"] for m in manifests), draws=sum(m["draws"] for m in manifests),
                     caches=list(directories))
