@@ -62,7 +62,8 @@ def cmd_fit(args):
     if args.distill_weight:
         data = add_input_logits(data, target(args.out))
     torch.manual_seed(args.init_seed)
-    predictor = SmallLossPredictor(space, width=args.width, input_size=args.input_size)
+    predictor = SmallLossPredictor(space, width=args.width, input_size=args.input_size, levels=args.levels,
+                                   detail_channels=args.detail_channels, detail_size=args.detail_size)
     if args.init_from_target:  # the target's trained layers (same architecture), a fresh ranking head
         predictor.init_from(target(args.out))
     res = fit_predictor(predictor, data, os.path.join(args.out, f"exp_{args.name}"), cfg, num_images=n_images,
@@ -166,6 +167,11 @@ def main(argv=None):
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--width", type=int, default=8)
     f.add_argument("--input-size", type=int, default=32)
+    f.add_argument("--levels", choices=["last", "all"], default="last",
+                   help="features: the last stage's pooled output, or every stage's (SmallLossPredictor levels=)")
+    f.add_argument("--detail-channels", type=int, default=0,
+                   help="filters of the full-resolution detail branch (0: none)")
+    f.add_argument("--detail-size", type=int, default=0, help="the detail branch's input size (0: 2 x input size)")
     f.add_argument("--init-from-target", action="store_true",
                    help="start from the target model's weights (needs --width 16, the target's)")
     f.add_argument("--spearman-weight", type=float, default=1.0)

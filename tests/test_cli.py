@@ -144,17 +144,21 @@ def test_fit_and_predict_commands(folder, tmp_path, capsys):
     small = str(tmp_path / "fit_small")
     assert main(["fit", "--labels", labels, "--out", small, "--predictor", "small", "--width", "4",
                  "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw",
-                 "--val-fraction", "0.25", "--distill-weight", "0.5"]) == 0
+                 "--val-fraction", "0.25", "--distill-weight", "0.5", "--levels", "all", "--detail-channels", "2"]) == 0
     with open(os.path.join(small, "history.json")) as f:
         assert json.load(f)[0]["train_distill_loss"] > 0  # from the labels' input_logits
     from ttach_instance.models import SmallLossPredictor, load_predictor
 
     loaded = load_predictor(os.path.join(small, "predictor.safetensors"))
     assert isinstance(loaded, SmallLossPredictor) and loaded.width == 4
+    assert (loaded.levels, loaded.detail_channels, loaded.net.head.in_features) == ("all", 2, 4 + 8 + 16 + 4)
     assert "held-out spearman" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["fit", "--labels", labels, "--out", small + "2", "--predictor", "small", "--backbone", "lcnet_050"])
     assert "--width" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--labels", labels, "--out", small + "2", "--detail-channels", "2"])
+    assert "--predictor small options" in capsys.readouterr().err
     img = os.path.join(folder, "val", "bees", "0.png")
     classes = tmp_path / "classes.txt"
     classes.write_text("ants\nbees\n")

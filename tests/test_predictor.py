@@ -486,3 +486,90 @@ def test_loss_predictor_init_from_a_timm_classifier_of_its_architecture(tmp_path
         assert torch.allclose(again(x), pred(x), atol=1e-5)
     with pytest.raises(ValueError, match="same-named, same-shaped.*'lcnet_050'"):
         LossPredictor(get_space("paper12"), backbone="lcnet_050").init_from(timm.create_model("resnet10t"))
+
+
+def test_small_predictor_levels_all_reads_every_stage(tmp_path):
+    from ttach_instance.models import SmallLossPredictor, SmallResNet, load_predictor
+    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+
+    torch.manual_seed(0)
+    classifier = SmallResNet(5, widths=(4, 8, 16)).eval()
+    space = get_space("paper12")
+    pred = SmallLossPredictor(space, width=4, input_size=16, levels="all").init_from(classifier).eval()
+    assert pred.net.head.in_features == 4 + 8 + 16
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        h = classifier.stem((x - torch.tensor(classifier.mean).view(1, 3, 1, 1))
+                            / torch.tensor(classifier.std).view(1, 3, 1, 1))
+        expect = []
+        for layer in classifier.layers:  # the classifier's stages, pooled one by one
+            h = layer(h)
+            expect.append(h.mean((2, 3)))
+        torch.testing.assert_close(pred.features(x), torch.cat(expect, 1))
+        torch.testing.assert_close(pred(x), torch.cat(expect, 1) @ pred.net.head.weight.T + pred.net.head.bias)
+    path = str(tmp_path / "all.safetensors")
+    pred.save(path)
+    again = load_predictor(path)
+    assert again.levels == "all"
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), pred(x))
+    # a checkpoint written before the option existed (no "levels" key) is the last-stage predictor
+    plain = str(tmp_path / "plain.safetensors")
+    SmallLossPredictor(space, width=4, input_size=16).save(plain)
+    tensors, meta = load_tensors(plain)
+    old = str(tmp_path / "old.safetensors")
+    atomic_save_tensors(old, tensors, {k: v for k, v in meta.items()
+                                       if k not in ("levels", "detail_channels", "detail_size")})
+    assert load_predictor(old).levels == "last" and load_predictor(old).detail_channels == 0
+    # metadata claiming every level over last-level weights: the head's shape names the mismatch
+    atomic_save_tensors(old, tensors, dict(meta, levels="all"))
+    with pytest.raises(ValueError, match=r"levels='all'.*net.head.weight \(12, 16\) \(expected \(12, 28\)\)"):
+        load_predictor(old)
+    atomic_save_tensors(old, tensors, dict(meta, levels="middle"))
+    with pytest.raises(ValueError, match="old.safetensors.*levels must be"):
+        load_predictor(old)
+    with pytest.raises(ValueError, match="levels must be 'last'.*'middle'"):
+        SmallLossPredictor(space, levels="middle")
+
+
+def test_small_predictor_detail_branch_reads_band_pass_energy_at_full_size(tmp_path):
+    import numpy as np
+
+    from ttach_instance.models import SmallLossPredictor, load_predictor
+
+    space = get_space("paper12")
+    pred = SmallLossPredictor(space, width=4, input_size=8, detail_channels=2).eval()
+    assert pred.detail_size == 16 and pred.net.head.in_features == 16 + 2 * 2
+    with torch.no_grad():  # filter 0: the red channel as it is; filter 1: a horizontal difference of green
+        w = torch.zeros(2, 3, 3, 3)
+        w[0, 0, 1, 1] = 1.0
+        w[1, 1, 1, 1], w[1, 1, 1, 2] = 1.0, -1.0
+        pred.detail[0].weight.copy_(w)
+    rng = np.random.default_rng(0)
+    img = rng.random((2, 3, 16, 16)).astype(np.float32)
+    mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
+    norm = (img - mean) / std
+    red = norm[:, 0]
+    green = np.pad(norm[:, 1], ((0, 0), (0, 0), (0, 1)))  # zero padding at the right border, as the conv's
+    diff = green[:, :, :-1] - green[:, :, 1:]
+    expect = np.stack([np.maximum(red, 0).mean((1, 2)), np.maximum(diff, 0).mean((1, 2)),
+                       red.reshape(2, -1).std(1, ddof=1), diff.reshape(2, -1).std(1, ddof=1)], 1)
+    with torch.no_grad():
+        got = pred.features(torch.from_numpy(img))[:, 16:]  # BN at its initial identity statistics
+    np.testing.assert_allclose(got.numpy(), expect, rtol=1e-4, atol=1e-5)
+    # the branch sees what the 8-px backbone input cannot: fine texture changes only its features
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    checker = flat + 0.2 * (torch.arange(16).view(1, 16) + torch.arange(16).view(16, 1)).remainder(2).sub(0.5)
+    with torch.no_grad():
+        a, b = pred.features(flat), pred.features(checker)
+    torch.testing.assert_close(a[:, :16], b[:, :16], atol=1e-2, rtol=0)   # the antialiased 8-px images ~ agree
+    assert (b[:, 16:] - a[:, 16:]).abs().max() > 0.5
+    path = str(tmp_path / "d.safetensors")
+    pred.save(path)
+    again = load_predictor(path)
+    assert (again.detail_channels, again.detail_size) == (2, 16)
+    x = torch.rand(2, 3, 24, 24)  # another size: both the backbone and the branch resize
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), pred(x))
+    with pytest.raises(ValueError, match="detail_channels must be an int >= 0"):
+        SmallLossPredictor(space, detail_channels=-1)

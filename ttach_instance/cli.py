@@ -214,8 +214,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
         if args.backbone:
             raise ValueError("--backbone is a LossPredictor option; --predictor small takes --width")
-        predictor = SmallLossPredictor(space, width=args.width, input_size=input_size)
+        predictor = SmallLossPredictor(space, width=args.width, input_size=input_size, levels=args.levels,
+                                       detail_channels=args.detail_channels)
     else:
+        if args.levels != "last" or args.detail_channels:
+            raise ValueError("--levels and --detail-channels are --predictor small options (LossPredictor already "
+                             "reads every level of its backbone)")
         kwargs = {"input_size": input_size, "pretrained": False}
         if args.backbone:
             kwargs["backbone"] = args.backbone
@@ -420,6 +424,11 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--backbone", default=None, help="LossPredictor backbone (timm name or module:factory)")
     p.add_argument("--width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
     p.add_argument("--input-size", type=int, default=None, help="predictor input size (default: the labels' size)")
+    p.add_argument("--levels", default="last", choices=["last", "all"],
+                   help="--predictor small: features of the last stage, or of every stage pooled and concatenated")
+    p.add_argument("--detail-channels", type=int, default=0,
+                   help="--predictor small: filters of a detail branch reading the image at twice the input size "
+                        "(band-pass energy a small input loses; 0: none)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="start the predictor from this classifier's layers (usually the target model, of the "
                         "predictor's architecture: a timm name for --backbone, ttach_instance.models:small_resnet "

@@ -84,35 +84,84 @@ class SmallLossPredictor(nn.Module):
     the same small resolution but sees every pixel of that size -- the fine texture that noise,
     blur and JPEG corruptions leave, which a resize to a few dozen pixels averages away.
 
+    ``levels="all"``: the features are every stage's pooled output concatenated (as the paper's
+    predictor reads four levels of its backbone), not the last stage's alone: the early stages'
+    statistics (how much fine texture, how much contrast) are what tells a blurred or washed-out
+    image from a clean one, and pooling them costs nothing.
+
+    ``detail_channels=c`` > 0: a full-resolution *detail branch* -- one 3x3 convolution with ``c``
+    filters on the image at ``detail_size`` (default ``2 * input_size``), each filter's response
+    pooled into its mean rectified value and its standard deviation (``2c`` features). The
+    backbone runs small (a 16-px input averages blur and noise away); this branch reads the
+    band-pass energy the small input loses, at ``9 * 3 * c`` MACs per pixel.
+
     ``model_image_size``: as :attr:`ttach_instance.predictor.LossPredictor.model_image_size`.
     """
 
     kind = "small-loss-predictor"
     model_image_size = None
 
-    def __init__(self, space, width: int = 8, input_size: int = 32, unshuffle: int = 1):
+    def __init__(self, space, width: int = 8, input_size: int = 32, unshuffle: int = 1, levels: str = "last",
+                 detail_channels: int = 0, detail_size: int = 0):
         super().__init__()
-        if isinstance(unshuffle, bool) or not isinstance(unshuffle, int) or unshuffle < 1:
-            raise ValueError(f"unshuffle must be an int >= 1, got {unshuffle!r}")
+        for name, value, low in (("unshuffle", unshuffle, 1), ("detail_channels", detail_channels, 0),
+                                 ("detail_size", detail_size, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if levels not in ("last", "all"):
+            raise ValueError(f"levels must be 'last' (the last stage's pooled features) or 'all' (every stage's), "
+                             f"got {levels!r}")
         self.unshuffle = unshuffle
+        self.levels = levels
         self.space = space
         self.space_fingerprint = space.fingerprint
         self.candidate_names = list(space.names)
         self.input_size = int(input_size)
         self.width = int(width)
-        self.net = SmallResNet(len(space), (width, 2 * width, 4 * width), in_channels=3 * unshuffle ** 2)
+        self.detail_channels = detail_channels
+        self.detail_size = detail_size or 2 * self.input_size
+        widths = (width, 2 * width, 4 * width)
+        self.net = SmallResNet(len(space), widths, in_channels=3 * unshuffle ** 2)
+        num_features = (sum(widths) if levels == "all" else widths[-1]) + 2 * detail_channels
+        if num_features != widths[-1]:  # the ranking head reads the wider feature vector
+            self.net.head = nn.Linear(num_features, len(space))
+        if detail_channels:
+            self.detail = nn.Sequential(nn.Conv2d(3, detail_channels, 3, 1, 1, bias=False),
+                                        nn.BatchNorm2d(detail_channels))
         self.register_buffer("pix_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pix_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def features(self, x: Tensor) -> Tensor:
-        """The pooled vector ``(B, 4 * width)`` that the final linear layer reads."""
+        """The pooled vector that the final linear layer reads: ``(B, 4 * width)``, ``(B, 7 * width)``
+        with ``levels="all"``, plus ``2 * detail_channels`` with the detail branch."""
         size = self.pixel_size
+        detail_input = None
+        if self.detail_channels:
+            d = self.detail_size
+            detail_input = x if x.shape[-2:] == (d, d) else nn.functional.interpolate(
+                x, size=(d, d), mode="bilinear", antialias=True, align_corners=False)
         if x.shape[-2:] != (size, size):
             x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.pix_mean) / self.pix_std
         if self.unshuffle > 1:
             x = nn.functional.pixel_unshuffle(x, self.unshuffle)
-        return self.net.layers(self.net.stem(x)).mean((2, 3))
+        h = self.net.stem(x)
+        pooled = []
+        for layer in self.net.layers:
+            h = layer(h)
+            if self.levels == "all":
+                pooled.append(h.mean((2, 3)))
+        if self.levels == "last":
+            pooled.append(h.mean((2, 3)))
+        if self.detail_channels:
+            pooled.extend(self._detail_features(detail_input))
+        return torch.cat(pooled, 1) if len(pooled) > 1 else pooled[0]
+
+    def _detail_features(self, x: Tensor) -> list:
+        """The detail branch on normalised pixels ``x`` at ``detail_size``: per filter, the mean
+        rectified response and the response's spatial standard deviation."""
+        y = self.detail((x - self.pix_mean) / self.pix_std)
+        return [torch.relu(y).mean((2, 3)), y.flatten(2).std(2)]
 
     @property
     def pixel_size(self) -> int:
@@ -138,11 +187,11 @@ class SmallLossPredictor(nn.Module):
             raise TypeError(f"init_from needs a SmallResNet classifier, got {type(model).__name__}")
         if self.unshuffle != 1:
             raise ValueError(f"init_from needs unshuffle=1 (the classifier reads 3 channels), got {self.unshuffle}")
-        mine = self.net.state_dict()
+        mine = {k: v for k, v in self.net.state_dict().items() if not k.startswith("head.")}
         theirs = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
         bad = [f"{k}: {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in theirs.items()
                if k in mine and mine[k].shape != v.shape]
-        missing = sorted(set(mine) - set(theirs) - {"head.weight", "head.bias"})
+        missing = sorted(set(mine) - set(theirs))
         if bad or missing or set(theirs) - set(mine):
             widths = [m.conv1.out_channels for m in model.layers]
             raise ValueError(f"init_from: the classifier (stage widths {widths}) does not match this predictor "
@@ -160,7 +209,8 @@ class SmallLossPredictor(nn.Module):
         atomic_save_tensors(path, self.state_dict(), {
             "kind": self.kind, "space": self.space.name, "space_params": self.space.params,
             "space_fingerprint": self.space_fingerprint, "candidate_names": self.candidate_names,
-            "width": self.width, "input_size": self.input_size, "unshuffle": self.unshuffle,
+            "width": self.width, "input_size": self.input_size, "unshuffle": self.unshuffle, "levels": self.levels,
+            "detail_channels": self.detail_channels, "detail_size": self.detail_size,
             "model_image_size": self.model_image_size})
 
     @classmethod
@@ -170,8 +220,15 @@ class SmallLossPredictor(nn.Module):
         from .predictor import load_predictor_weights, read_predictor_checkpoint
 
         tensors, meta, space = read_predictor_checkpoint(cls, path, space, ("width", "input_size"))
-        p = cls(space, meta["width"], meta["input_size"], int(meta.get("unshuffle", 1)))
-        load_predictor_weights(p, tensors, meta, path, f"width={meta['width']}, unshuffle={meta.get('unshuffle', 1)}")
+        # checkpoints from before levels / the detail branch existed are "last" / none
+        options = {"unshuffle": int(meta.get("unshuffle", 1)), "levels": meta.get("levels", "last"),
+                   "detail_channels": int(meta.get("detail_channels", 0)), "detail_size": int(meta.get("detail_size", 0))}
+        try:
+            p = cls(space, meta["width"], meta["input_size"], **options)
+        except ValueError as e:
+            raise ValueError(f"predictor checkpoint {path!r} has invalid options: {e}") from e
+        load_predictor_weights(p, tensors, meta, path,
+                               f"width={meta['width']}, " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
         return p.eval()
 
 
