@@ -58,12 +58,14 @@ def cmd_fit(args):
                     warmup_steps=200, ema_decay=0.995, seed=0, flip_permutation=flip_permutation(space),
                     spearman_weight=args.spearman_weight, rank_temperature=args.rank_temperature,
                     pretrain_epochs=args.pretrain_epochs, group_weight=args.group_weight, clean_tolerance=0.3,
-                    distill_weight=args.distill_weight)
+                    distill_weight=args.distill_weight, cutout=args.cutout, listwise_weight=args.listwise_weight,
+                    tau=args.tau)
     if args.distill_weight:
         data = add_input_logits(data, target(args.out))
     torch.manual_seed(args.init_seed)
     predictor = SmallLossPredictor(space, width=args.width, input_size=args.input_size, levels=args.levels,
-                                   detail_channels=args.detail_channels, detail_size=args.detail_size)
+                                   detail_channels=args.detail_channels, detail_size=args.detail_size,
+                                   unshuffle=args.unshuffle)
     if args.init_from_target:  # the target's trained layers (same architecture), a fresh ranking head
         predictor.init_from(target(args.out))
     res = fit_predictor(predictor, data, os.path.join(args.out, f"exp_{args.name}"), cfg, num_images=n_images,
@@ -167,6 +169,8 @@ def main(argv=None):
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--width", type=int, default=8)
     f.add_argument("--input-size", type=int, default=32)
+    f.add_argument("--unshuffle", type=int, default=1,
+                   help="fold the image at unshuffle x input size into 3 unshuffle^2 channels (every pixel seen)")
     f.add_argument("--levels", choices=["last", "all"], default="last",
                    help="features: the last stage's pooled output, or every stage's (SmallLossPredictor levels=)")
     f.add_argument("--detail-channels", type=int, default=0,
@@ -175,6 +179,9 @@ def main(argv=None):
     f.add_argument("--init-from-target", action="store_true",
                    help="start from the target model's weights (needs --width 16, the target's)")
     f.add_argument("--spearman-weight", type=float, default=1.0)
+    f.add_argument("--listwise-weight", type=float, default=1.0)
+    f.add_argument("--tau", type=float, default=1.0, help="listwise temperature")
+    f.add_argument("--cutout", type=float, default=0.5, help="probability of a cutout square on the predictor input")
     f.add_argument("--rank-temperature", type=float, default=0.1)
     f.add_argument("--pretrain-epochs", type=int, default=0)
     f.add_argument("--init-seed", type=int, default=0)

@@ -97,7 +97,8 @@ def make_predictor(args, space):
     if args.predictor == "small":
         from ttach_instance.models import SmallLossPredictor
 
-        return SmallLossPredictor(space, width=args.pred_width, input_size=args.pred_size)
+        return SmallLossPredictor(space, width=args.pred_width, input_size=args.pred_size, unshuffle=args.pred_unshuffle,
+                                  levels=args.pred_levels, detail_channels=args.pred_detail_channels)
     from ttach_instance.predictor import DEFAULT_BACKBONE, LossPredictor
 
     return LossPredictor(space, backbone=args.pred_backbone or DEFAULT_BACKBONE, input_size=args.pred_size,
@@ -227,6 +228,11 @@ def main(argv=None):
     p.add_argument("--pred-backbone", default=None, help="timm backbone of the LossPredictor (default: the library's)")
     p.add_argument("--pred-size", type=int, default=64, help="predictor input size (images are resized to it)")
     p.add_argument("--pred-width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
+    p.add_argument("--pred-unshuffle", type=int, default=1,
+                   help="SmallLossPredictor unshuffle: the image at unshuffle x --pred-size folded into channels")
+    p.add_argument("--pred-levels", choices=["last", "all"], default="last", help="SmallLossPredictor levels")
+    p.add_argument("--pred-detail-channels", type=int, default=0,
+                   help="SmallLossPredictor detail_channels (a full-resolution detail branch; 0: none)")
     p.add_argument("--pred-init-from-target", action="store_true",
                    help="start the predictor from the target model's layers (init_from; it must have the target's "
                         "architecture: --predictor small --pred-width = the target's --width)")

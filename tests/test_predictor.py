@@ -451,8 +451,29 @@ def test_small_predictor_init_from_a_small_resnet_classifier(tmp_path):
         SmallLossPredictor(get_space("paper12"), width=8).init_from(classifier)
     with pytest.raises(TypeError, match="SmallResNet"):
         SmallLossPredictor(get_space("paper12"), width=4).init_from(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="unshuffle=1"):
-        SmallLossPredictor(get_space("paper12"), width=4, unshuffle=2).init_from(classifier)
+    # unshuffle=2: the stem starts as the classifier's stem at full resolution, average-pooled 2x2
+    folded = SmallLossPredictor(get_space("paper12"), width=4, input_size=8, unshuffle=2).init_from(classifier).eval()
+    xn = (x - folded.pix_mean) / folded.pix_std
+    with torch.no_grad():
+        expect = torch.nn.functional.avg_pool2d(classifier.stem[1](classifier.stem[0](xn)), 2)  # conv + BN, pooled
+        got = folded.net.stem[1](folded.net.stem[0](torch.nn.functional.pixel_unshuffle(xn, 2)))
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    assert torch.equal(folded.net.layers[2].conv2.weight, classifier.layers[2].conv2.weight)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_unshuffled_stem_weight_equals_full_resolution_conv_then_average_pool(factor):
+    import torch.nn.functional as TF
+
+    from ttach_instance.models import unshuffled_stem_weight
+
+    torch.manual_seed(factor)
+    weight, x = torch.randn(5, 3, 3, 3), torch.randn(2, 3, 6 * factor, 4 * factor)
+    expect = TF.avg_pool2d(TF.conv2d(x, weight, padding=1), factor)  # zero padding at every border too
+    got = TF.conv2d(TF.pixel_unshuffle(x, factor), unshuffled_stem_weight(weight, factor), padding=1)
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="3x3"):
+        unshuffled_stem_weight(torch.randn(5, 3, 5, 5), 2)
 
 
 def test_loss_predictor_init_from_a_timm_classifier_of_its_architecture(tmp_path):
@@ -553,7 +574,7 @@ def test_small_predictor_detail_branch_reads_band_pass_energy_at_full_size(tmp_p
     green = np.pad(norm[:, 1], ((0, 0), (0, 0), (0, 1)))  # zero padding at the right border, as the conv's
     diff = green[:, :, :-1] - green[:, :, 1:]
     expect = np.stack([np.maximum(red, 0).mean((1, 2)), np.maximum(diff, 0).mean((1, 2)),
-                       red.reshape(2, -1).std(1, ddof=1), diff.reshape(2, -1).std(1, ddof=1)], 1)
+                       red.reshape(2, -1).std(1), diff.reshape(2, -1).std(1)], 1)
     with torch.no_grad():
         got = pred.features(torch.from_numpy(img))[:, 16:]  # BN at its initial identity statistics
     np.testing.assert_allclose(got.numpy(), expect, rtol=1e-4, atol=1e-5)
