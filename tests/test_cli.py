@@ -159,6 +159,15 @@ def test_fit_and_predict_commands(folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--labels", labels, "--out", small + "2", "--detail-channels", "2"])
     assert "--predictor small options" in capsys.readouterr().err
+    # from the labels' model, folded: 16-px images at unshuffle 2 -> an 8-px net that sees every pixel
+    folded = str(tmp_path / "fit_folded")
+    assert main(["fit", "--labels", labels, "--out", folded, "--predictor", "small", "--width", "16",
+                 "--input-size", "8", "--unshuffle", "2", "--init-from", FACTORY, "--init-weights", w,
+                 "--init-num-classes", "2", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw",
+                 "--val-fraction", "0.25"]) == 0
+    loaded = load_predictor(os.path.join(folded, "predictor.safetensors"))
+    assert (loaded.unshuffle, loaded.input_size, loaded.pixel_size) == (2, 8, 16)
+    assert "held-out spearman" in capsys.readouterr().out
     img = os.path.join(folder, "val", "bees", "0.png")
     classes = tmp_path / "classes.txt"
     classes.write_text("ants\nbees\n")

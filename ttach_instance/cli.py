@@ -215,11 +215,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if args.backbone:
             raise ValueError("--backbone is a LossPredictor option; --predictor small takes --width")
         predictor = SmallLossPredictor(space, width=args.width, input_size=input_size, levels=args.levels,
-                                       detail_channels=args.detail_channels)
+                                       detail_channels=args.detail_channels, unshuffle=args.unshuffle)
     else:
-        if args.levels != "last" or args.detail_channels:
-            raise ValueError("--levels and --detail-channels are --predictor small options (LossPredictor already "
-                             "reads every level of its backbone)")
+        if args.levels != "last" or args.detail_channels or args.unshuffle != 1:
+            raise ValueError("--levels, --detail-channels and --unshuffle are --predictor small options "
+                             "(LossPredictor reads every level of its backbone at --input-size)")
         kwargs = {"input_size": input_size, "pretrained": False}
         if args.backbone:
             kwargs["backbone"] = args.backbone
@@ -426,6 +426,10 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--input-size", type=int, default=None, help="predictor input size (default: the labels' size)")
     p.add_argument("--levels", default="last", choices=["last", "all"],
                    help="--predictor small: features of the last stage, or of every stage pooled and concatenated")
+    p.add_argument("--unshuffle", type=int, default=1,
+                   help="--predictor small: the image at UNSHUFFLE x --input-size folded into 3 UNSHUFFLE^2 channels "
+                        "(the net runs small but sees every pixel; with --init-from the stem starts as the "
+                        "classifier's at full resolution, average-pooled)")
     p.add_argument("--detail-channels", type=int, default=0,
                    help="--predictor small: filters of a detail branch reading the image at twice the input size "
                         "(band-pass energy a small input loses; 0: none)")
