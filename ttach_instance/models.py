@@ -85,15 +85,17 @@ class SmallLossPredictor(nn.Module):
     blur and JPEG corruptions leave, which a resize to a few dozen pixels averages away.
 
     ``levels="all"``: the features are every stage's pooled output concatenated (as the paper's
-    predictor reads four levels of its backbone), not the last stage's alone: the early stages'
-    statistics (how much fine texture, how much contrast) are what tells a blurred or washed-out
-    image from a clean one, and pooling them costs nothing.
+    predictor reads four levels of its backbone), not the last stage's alone, so the early stages'
+    statistics (how much fine texture, how much contrast) reach the head; nearly free, but it
+    ranked no better on the Tiny ImageNet benchmark (docs/BENCHMARKS.md).
 
     ``detail_channels=c`` > 0: a full-resolution *detail branch* -- one 3x3 convolution with ``c``
     filters on the image at ``detail_size`` (default ``2 * input_size``), each filter's response
     pooled into its mean rectified value and its standard deviation (``2c`` features). The
     backbone runs small (a 16-px input averages blur and noise away); this branch reads the
-    band-pass energy the small input loses, at ``9 * 3 * c`` MACs per pixel.
+    band-pass energy the small input loses, at ``9 * 3 * c`` MACs per pixel (few, but a 3-channel
+    convolution runs slowly on CPU: with ``c = 16`` at 32 px it triples a 16-px width-16
+    predictor's time, for +0.009 held-out Spearman on the benchmark).
 
     ``model_image_size``: as :attr:`ttach_instance.predictor.LossPredictor.model_image_size`.
     """
