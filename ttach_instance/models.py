@@ -136,25 +136,15 @@ class SmallLossPredictor(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """The pooled vector that the final linear layer reads: ``(B, 4 * width)``, ``(B, 7 * width)``
         with ``levels="all"``, plus ``2 * detail_channels`` with the detail branch."""
-        size = self.pixel_size
-        detail_input = None
-        if self.detail_channels:
-            d = self.detail_size
-            detail_input = x if x.shape[-2:] == (d, d) else nn.functional.interpolate(
-                x, size=(d, d), mode="bilinear", antialias=True, align_corners=False)
-        if x.shape[-2:] != (size, size):
-            x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        x = (x - self.pix_mean) / self.pix_std
+        detail_input = _resized(x, self.detail_size) if self.detail_channels else None
+        x = (_resized(x, self.pixel_size) - self.pix_mean) / self.pix_std
         if self.unshuffle > 1:
             x = nn.functional.pixel_unshuffle(x, self.unshuffle)
-        h = self.net.stem(x)
-        pooled = []
+        h, stages = self.net.stem(x), []
         for layer in self.net.layers:
             h = layer(h)
-            if self.levels == "all":
-                pooled.append(h.mean((2, 3)))
-        if self.levels == "last":
-            pooled.append(h.mean((2, 3)))
+            stages.append(h)
+        pooled = [s.mean((2, 3)) for s in (stages if self.levels == "all" else stages[-1:])]
         if self.detail_channels:
             pooled.extend(self._detail_features(detail_input))
         return torch.cat(pooled, 1) if len(pooled) > 1 else pooled[0]
@@ -239,6 +229,13 @@ class SmallLossPredictor(nn.Module):
         load_predictor_weights(p, tensors, meta, path,
                                f"width={meta['width']}, " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
         return p.eval()
+
+
+def _resized(x: Tensor, side: int) -> Tensor:
+    """``x`` resized (bilinear, antialiased) to ``side x side``; untouched when already that size."""
+    if x.shape[-2:] == (side, side):
+        return x
+    return nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
 
 def unshuffled_stem_weight(weight: Tensor, factor: int) -> Tensor:
