@@ -285,6 +285,30 @@ def test_bad_inputs(predictor, space):
         LossPredictor(space, backbone="nope:thing")
 
 
+@pytest.mark.parametrize("options", [{}, {"unshuffle": 2}, {"detail_channels": 4}])
+def test_small_predictor_rejects_bad_pixels_like_loss_predictor(space, options):
+    from ttach_instance.models import SmallLossPredictor
+
+    torch.manual_seed(0)
+    p = SmallLossPredictor(space, width=4, input_size=16, **options).eval()
+    with pytest.raises(TypeError, match="pixels must be a torch.Tensor"):
+        p([[0.0]])
+    with pytest.raises(TypeError, match="pixels must be a floating tensor.*uint8"):
+        p(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))  # 0..255 would pass as garbage pixel values
+    with pytest.raises(ValueError, match=r"pixels must have shape \(B, 3, H, W\).*\(1, 1, 32, 32\)"):
+        p(torch.rand(1, 1, 32, 32))  # would broadcast against the 3-channel mean
+    with pytest.raises(ValueError, match=r"pixels must have shape.*\(3, 32, 32\)"):
+        p(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match="at least one image"):
+        p(torch.rand(0, 3, 32, 32))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = p(x)
+        # float64 and half pixels run through the float32 net: same scores up to the input's rounding
+        assert torch.allclose(p(x.double()), ref, atol=1e-5)
+        assert p(x.half()).dtype == torch.float32 and torch.allclose(p(x.half()), ref, atol=2e-2)
+
+
 def test_load_predictor_dispatch_rejects_truncated_and_missing_files(tmp_path, predictor):
     from ttach_instance.models import load_predictor
 

@@ -10,6 +10,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .predictor import (LossPredictor, checked_pixels, load_predictor_weights, read_predictor_checkpoint,
+                        resize_antialiased)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -136,8 +139,9 @@ class SmallLossPredictor(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """The pooled vector that the final linear layer reads: ``(B, 4 * width)``, ``(B, 7 * width)``
         with ``levels="all"``, plus ``2 * detail_channels`` with the detail branch."""
-        detail_input = _resized(x, self.detail_size) if self.detail_channels else None
-        x = (_resized(x, self.pixel_size) - self.pix_mean) / self.pix_std
+        x = checked_pixels(x)
+        detail_input = resize_antialiased(x, self.detail_size) if self.detail_channels else None
+        x = ((resize_antialiased(x, self.pixel_size) - self.pix_mean) / self.pix_std).to(self.pix_mean.dtype)
         if self.unshuffle > 1:
             x = nn.functional.pixel_unshuffle(x, self.unshuffle)
         h, stages = self.net.stem(x), []
@@ -152,7 +156,7 @@ class SmallLossPredictor(nn.Module):
     def _detail_features(self, x: Tensor) -> list:
         """The detail branch on normalised pixels ``x`` at ``detail_size``: per filter, the mean
         rectified response and the response's spatial standard deviation."""
-        y = self.detail((x - self.pix_mean) / self.pix_std)
+        y = self.detail(((x - self.pix_mean) / self.pix_std).to(self.pix_mean.dtype))
         mean = y.mean((2, 3))
         # the population std from E[y^2] - E[y]^2: a tenth of Tensor.std's time on CPU here
         return [torch.relu(y).mean((2, 3)), (y.square().mean((2, 3)) - mean.square()).clamp_min(1e-12).sqrt()]
@@ -216,8 +220,6 @@ class SmallLossPredictor(nn.Module):
     def load(cls, path: str, space=None) -> "SmallLossPredictor":
         """Rebuild from a :meth:`save` checkpoint, with the checks of ``LossPredictor.load``
         (truncated file, another kind or space, missing or reshaped weights: ``ValueError``)."""
-        from .predictor import load_predictor_weights, read_predictor_checkpoint
-
         tensors, meta, space = read_predictor_checkpoint(cls, path, space, ("width", "input_size"))
         # checkpoints from before levels / the detail branch existed are "last" / none
         options = {"unshuffle": int(meta.get("unshuffle", 1)), "levels": meta.get("levels", "last"),
@@ -229,13 +231,6 @@ class SmallLossPredictor(nn.Module):
         load_predictor_weights(p, tensors, meta, path,
                                f"width={meta['width']}, " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
         return p.eval()
-
-
-def _resized(x: Tensor, side: int) -> Tensor:
-    """``x`` resized (bilinear, antialiased) to ``side x side``; untouched when already that size."""
-    if x.shape[-2:] == (side, side):
-        return x
-    return nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
 
 def unshuffled_stem_weight(weight: Tensor, factor: int) -> Tensor:
@@ -280,6 +275,5 @@ def load_predictor(path: str, space=None) -> nn.Module:
         raise ValueError(f"predictor checkpoint {path!r} is not a readable safetensors file ({exc})") from exc
     if meta.get("kind") == SmallLossPredictor.kind:
         return SmallLossPredictor.load(path, space)
-    from .predictor import LossPredictor
 
     return LossPredictor.load(path, space=space)

@@ -107,6 +107,30 @@ def _check_triple(value: Sequence[float], arg: str) -> tuple:
     return out
 
 
+
+def checked_pixels(pixels: Tensor) -> Tensor:
+    """A predictor's input validated: a floating ``(B, 3, H, W)`` tensor in pixel range, at least
+    one image. Half types come back as float32 (resample and normalise in float32 on every
+    device); float32/float64 come back as they are."""
+    if not isinstance(pixels, Tensor):
+        raise TypeError(f"pixels must be a torch.Tensor (B, 3, H, W) in [0, 1], got {type(pixels).__name__}")
+    if not pixels.is_floating_point():
+        raise TypeError(f"pixels must be a floating tensor with values in [0, 1], got dtype {pixels.dtype} "
+                        f"(convert uint8 images with images.float() / 255)")
+    if pixels.dim() != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"pixels must have shape (B, 3, H, W) (RGB), got {tuple(pixels.shape)}")
+    if pixels.shape[0] == 0:
+        raise ValueError("pixels must hold at least one image, got an empty batch")
+    return pixels if pixels.dtype in (torch.float32, torch.float64) else pixels.float()
+
+
+def resize_antialiased(x: Tensor, side: int) -> Tensor:
+    """``x`` resized (bilinear, antialiased) to ``side x side``; untouched when already that size."""
+    if tuple(x.shape[-2:]) == (side, side):
+        return x
+    return nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+
+
 class LossPredictor(nn.Module):
     """Predicted relative loss of every candidate of ``space`` for each image (lower = better).
 
@@ -192,21 +216,7 @@ class LossPredictor(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def _prepare(self, pixels: Tensor) -> Tensor:
-        if not isinstance(pixels, Tensor):
-            raise TypeError(f"pixels must be a torch.Tensor (B, 3, H, W) in [0, 1], got {type(pixels).__name__}")
-        if not pixels.is_floating_point():
-            raise TypeError(f"pixels must be a floating tensor with values in [0, 1], got dtype {pixels.dtype} "
-                            f"(convert uint8 images with images.float() / 255)")
-        if pixels.dim() != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"pixels must have shape (B, 3, H, W) (RGB), got {tuple(pixels.shape)}")
-        if pixels.shape[0] == 0:
-            raise ValueError("pixels must hold at least one image, got an empty batch")
-        x = pixels
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()  # half types: resample and normalise in float32 on every device
-        size = (self.input_size, self.input_size)
-        if tuple(x.shape[-2:]) != size:
-            x = nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = resize_antialiased(checked_pixels(pixels), self.input_size)
         x = (x - self.pix_mean.to(x.dtype)) / self.pix_std.to(x.dtype)
         return x.to(self.head.weight.dtype)
 
