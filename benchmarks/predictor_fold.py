@@ -5,14 +5,18 @@ augmentation, identity margin as the benchmark's fit stage) on the given caches 
 ``--out/exp_NAME``; ``score DIR [DIR ...]`` prints the held-out fold's Spearman (all / clean /
 corrupted rows), k=1 accuracy and regret of each fitted predictor, plain and flip-averaged, and
 of the mean of the flip-averaged ones; ``probe`` trains an MLP on the frozen target model's own
-features (the ranking a predictor that knew what the target knows could reach). The fold is
+features (the ranking a predictor that knew what the target knows could reach), or on a fitted
+predictor's, optionally with measured candidate effects appended; ``selfscore`` ranks by the
+target's own label-free confidence on all 12 views. The fold is
 ``fit_predictor``'s (20 % of the images, seed 0) over ``labels`` and the undeformed
 ``labels_seed*`` caches, so every variant is scored on the same rows.
 (docs/BENCHMARKS.md, "What limits the predictor's ranking".)
 
     python benchmarks/predictor_fold.py fit sw2 --spearman-weight 2 --caches labels
     python benchmarks/predictor_fold.py score exp_sw2 fit_s0 fit_s1
-    python benchmarks/predictor_fold.py probe
+    python benchmarks/predictor_fold.py probe [--features exp_in24_d270 --candidate-deltas]
+    python benchmarks/predictor_fold.py selfscore
+    python benchmarks/predictor_fold.py margins exp_in24_d270 --tolerances 0.3 0.1 0
 """
 
 from __future__ import annotations
@@ -97,15 +101,56 @@ def target_features(model, images, batch_size=1000):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def predictor_features(predictor, images, batch_size=2000):
+    """A fitted predictor's feature vector and its 12 scores on uint8 ``images``."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        f = predictor.features(images[i:i + batch_size].float() / 255)
+        out.append(torch.cat([f, predictor.head_scores(f)], 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def candidate_deltas(space, images, batch_size=500):
+    """What each candidate does to each image, measured: per candidate and channel, the mean
+    absolute pixel change and the change of mean, standard deviation and mean absolute Laplacian
+    (brightness, contrast, sharpness): ``(N, len(space) * 12)``."""
+    lap = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+
+    def stats(v):
+        return v.mean((2, 3)), v.std((2, 3)), torch.nn.functional.conv2d(v, lap, padding=1, groups=3).abs().mean((2, 3))
+
+    out, n = [], len(space)
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size].float() / 255
+        b = x.shape[0]
+        views = space.apply_all(x)
+        before = stats(x)
+        after = [a.view(b, n, 3) for a in stats(views)]
+        delta = (views.view(b, n, *x.shape[1:]) - x[:, None]).abs().mean((3, 4))
+        out.append(torch.cat([delta] + [a - z[:, None] for a, z in zip(after, before)], 2).flatten(1))
+    return torch.cat(out)
+
+
 def cmd_probe(args):
-    """How well the target model's own features rank the candidates: an MLP on them (frozen),
-    trained with the benchmark's ranking loss on the training fold, scored on the held-out fold
-    each epoch. Not a deployable predictor (it needs the target's full forward pass first); a
-    reference for what a predictor that knew what the target model knows could reach."""
+    """How well a frozen representation ranks the candidates: an MLP on it, trained with the
+    benchmark's ranking loss on the training fold, scored on the held-out fold each epoch.
+    ``--features target`` (default): the target model's own features -- not a deployable
+    predictor (it needs the target's full forward pass first), a reference for what a predictor
+    that knew what the target model knows could reach. ``--features DIR``: a fitted predictor's
+    features and scores. ``--candidate-deltas``: append what each candidate measurably does to
+    the image (:func:`candidate_deltas`) -- does that add what the features miss?"""
     from ttach_instance.training.losses import ranking_loss
 
     data, n_images = load_caches(args.out, fold_caches(args.out))
-    feats = target_features(target(args.out), data["images"])
+    if args.features == "target":
+        feats = target_features(target(args.out), data["images"])
+    else:
+        predictor = load_predictor(os.path.join(args.out, args.features, "predictor.safetensors"), get_space("paper12"))
+        feats = predictor_features(predictor.eval(), data["images"])
+    if args.candidate_deltas:
+        feats = torch.cat([feats, candidate_deltas(get_space("paper12"), data["images"])], 1)
     train, val = split_rows(data["rows"], n_images, 0.2, 0)
     x = (feats - feats[train].mean(0)) / (feats[train].std(0) + 1e-6)
     losses, clean = data["losses"].float(), data["corruption"] < 0
@@ -114,7 +159,7 @@ def cmd_probe(args):
                               torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, losses.shape[1]))
     opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.05)
     train_idx, val_idx = train.nonzero().squeeze(1), val.nonzero().squeeze(1)
-    print(f"target features {tuple(feats.shape)}; held-out fold {val_idx.numel()} rows")
+    print(f"{args.features} features{' + candidate deltas' if args.candidate_deltas else ''} {tuple(feats.shape)}; held-out fold {val_idx.numel()} rows")
     for epoch in range(args.epochs):
         net.train()
         perm = train_idx[torch.randperm(train_idx.numel())]
@@ -129,6 +174,64 @@ def cmd_probe(args):
             s = torch.nan_to_num(spearman(net(x[val_idx]), losses[val_idx]))
         print(f"epoch {epoch + 1} spearman {s.mean():.4f} clean {s[clean[val_idx]].mean():.4f} "
               f"corrupted {s[~clean[val_idx]].mean():.4f}", flush=True)
+
+
+@torch.no_grad()
+def cmd_selfscore(args):
+    """The target model itself on all 12 views of each held-out row, scored without the label:
+    how well its own confidence ranks the candidates. Not a predictor (12 target passes); a
+    yardstick for the ranking goal. Scores: the negative top probability; the cross-entropy
+    against the class the identity view predicts; against the class of the 12 views' mean."""
+    from ttach_instance.data import normalizer
+
+    data, n_images = load_caches(args.out, fold_caches(args.out))
+    _, val = split_rows(data["rows"], n_images, 0.2, 0)
+    idx = val.nonzero().squeeze(1)
+    losses, clean, labels = data["losses"][idx].float(), data["corruption"][idx] < 0, data["labels"][idx]
+    model, space = target(args.out), get_space("paper12")
+    norm, logp = normalizer(model), []
+    for i in range(0, idx.numel(), 250):
+        x = data["images"][idx[i:i + 250]].float() / 255
+        logp.append(model(norm(space.apply_all(x))).log_softmax(1).view(x.shape[0], len(space), -1))
+    logp = torch.cat(logp)
+
+    def ce(cls):
+        return -logp.gather(2, cls.view(-1, 1, 1).expand(-1, len(space), 1)).squeeze(2)
+
+    drift = float((ce(labels) - losses).abs().max())
+    print(f"held-out fold: {idx.numel()} rows ({int(clean.sum())} clean); recomputed losses differ from the "
+          f"cache's by at most {drift:.2e}")
+    for name, scores in (("negative top probability", -logp.max(2).values),
+                         ("CE vs the identity view's class", ce(logp[:, 0].argmax(1))),
+                         ("CE vs the mean of the views' class", ce(logp.exp().mean(1).argmax(1)))):
+        r = torch.nan_to_num(spearman(scores, losses))
+        print(f"{name:36s} spearman {r.mean():.4f} clean {r[clean].mean():.4f} corrupted {r[~clean].mean():.4f}")
+
+
+def cmd_margins(args):
+    """What the identity margin's clean tolerance trades, on the held-out fold: for each fitted
+    predictor (its calibrated margin undone) and each tolerance, the margin calibration picks,
+    k=1 accuracy on all / clean / corrupted rows and how often a non-identity candidate is chosen."""
+    from ttach_instance.training.trainer import calibrate_identity_margin
+
+    data, n_images = load_caches(args.out, fold_caches(args.out))
+    _, val = split_rows(data["rows"], n_images, 0.2, 0)
+    idx = val.nonzero().squeeze(1)
+    correct, clean = data["correct"][idx].float(), data["corruption"][idx] < 0
+    for d in args.dirs:
+        with open(os.path.join(args.out, d, "history.json")) as f:
+            fitted = next((h.get("identity_margin") for h in json.load(f) if h.get("selected")), None) or 0.0
+        pred = predict_losses(load_predictor(os.path.join(args.out, d, "predictor.safetensors"), get_space("paper12")),
+                              data["images"][idx])
+        pred[:, 0] += fitted  # the plain predictor
+        for tolerance in args.tolerances:
+            margin, info = calibrate_identity_margin(pred, correct, clean, tolerance)
+            choice = (pred - margin * torch.nn.functional.one_hot(torch.zeros((), dtype=torch.long), 12)).argmin(1)
+            acc, moved = correct.gather(1, choice[:, None]).squeeze(1), (choice != 0).float()
+            print(f"{d} (fitted margin {fitted:.3f}) tolerance {tolerance}: margin {margin:.3f} k1 {acc.mean():.4f} "
+                  f"clean {acc[clean].mean():.4f} (identity {correct[clean, 0].mean():.4f}) corrupted "
+                  f"{acc[~clean].mean():.4f}; non-identity picks clean {moved[clean].mean():.3f} "
+                  f"corrupted {moved[~clean].mean():.3f}")
 
 
 def cmd_score(args):
@@ -190,7 +293,17 @@ def main(argv=None):
     f.set_defaults(func=cmd_fit)
     pr = sub.add_parser("probe", help="MLP on the frozen target model's features: the ranking it supports")
     pr.add_argument("--epochs", type=int, default=6)
+    pr.add_argument("--features", default="target",
+                    help="'target' (the target model's own features) or a fit directory under --out")
+    pr.add_argument("--candidate-deltas", action="store_true",
+                    help="append what each candidate measurably does to the image (pixel change, contrast, sharpness)")
     pr.set_defaults(func=cmd_probe)
+    ss = sub.add_parser("selfscore", help="the target on all 12 views, scored without the label: a yardstick")
+    ss.set_defaults(func=cmd_selfscore)
+    mg = sub.add_parser("margins", help="k=1 accuracy against the identity margin's clean tolerance")
+    mg.add_argument("dirs", nargs="+", help="fit directories under --out")
+    mg.add_argument("--tolerances", type=float, nargs="+", default=[0.3, 0.1, 0.0])
+    mg.set_defaults(func=cmd_margins)
     s = sub.add_parser("score")
     s.add_argument("dirs", nargs="+", help="fit directories under --out holding predictor.safetensors")
     s.set_defaults(func=cmd_score)
