@@ -241,7 +241,7 @@ def pretrain_features(predictor: nn.Module, images: Tensor, labels: Tensor, rows
             loss_sum += float(loss.detach()) * y.numel()
             hits += float((logits.argmax(1) == y).sum())
             seen += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.3f}", acc=f"{hits / max(1, seen):.3f}")
+            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.3f}", acc=f"{hits / max(1, seen):.3f}", refresh=False)
         history.append({"pretrain_epoch": epoch + 1, "loss": loss_sum / max(1, seen), "accuracy": hits / max(1, seen)})
         if rank == 0:
             log(f"pretrain epoch {epoch + 1}/{cfg.pretrain_epochs}: loss {history[-1]['loss']:.4f} "
@@ -417,7 +417,7 @@ def fit_predictor(
             _ema_update(ema, predictor, decay)
             loss_sum += float(loss.detach()) * mine.numel()
             seen += mine.numel()
-            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}")
+            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.4f}", refresh=False)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "lr": cfg.lr * lr_scale}
         for name, total in aux_sums.items():
             record[f"train_{name}_loss"] = total / max(1, seen)
