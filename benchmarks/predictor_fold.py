@@ -17,6 +17,7 @@ target's own label-free confidence on all 12 views. The fold is
     python benchmarks/predictor_fold.py probe [--features exp_in24_d270 --candidate-deltas]
     python benchmarks/predictor_fold.py selfscore
     python benchmarks/predictor_fold.py margins exp_in24_d270 --tolerances 0.3 0.1 0
+    python benchmarks/predictor_fold.py gate exp_in24_d270 in24_gate01 --clean-tolerance 0.1
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def cmd_fit(args):
     cfg = FitConfig(epochs=args.epochs, batch_size=128, optimizer="adamw", lr=args.lr, weight_decay=0.05,
                     warmup_steps=200, ema_decay=0.995, seed=0, flip_permutation=flip_permutation(space),
                     spearman_weight=args.spearman_weight, rank_temperature=args.rank_temperature,
-                    pretrain_epochs=args.pretrain_epochs, group_weight=args.group_weight, clean_tolerance=0.3,
+                    identity_gate=args.identity_gate, pretrain_epochs=args.pretrain_epochs, group_weight=args.group_weight, clean_tolerance=0.3,
                     distill_weight=args.distill_weight, cutout=args.cutout, listwise_weight=args.listwise_weight,
                     tau=args.tau)
     if args.distill_weight:
@@ -221,8 +222,11 @@ def cmd_margins(args):
     for d in args.dirs:
         with open(os.path.join(args.out, d, "history.json")) as f:
             fitted = next((h.get("identity_margin") for h in json.load(f) if h.get("selected")), None) or 0.0
-        pred = predict_losses(load_predictor(os.path.join(args.out, d, "predictor.safetensors"), get_space("paper12")),
-                              data["images"][idx])
+        predictor = load_predictor(os.path.join(args.out, d, "predictor.safetensors"), get_space("paper12"))
+        if getattr(predictor, "identity_gate", None) is not None:  # gated: the plain predictor is without it
+            del predictor.identity_gate
+            fitted = 0.0
+        pred = predict_losses(predictor, data["images"][idx])
         pred[:, 0] += fitted  # the plain predictor
         for tolerance in args.tolerances:
             margin, info = calibrate_identity_margin(pred, correct, clean, tolerance)
@@ -232,6 +236,36 @@ def cmd_margins(args):
                   f"clean {acc[clean].mean():.4f} (identity {correct[clean, 0].mean():.4f}) corrupted "
                   f"{acc[~clean].mean():.4f}; non-identity picks clean {moved[clean].mean():.3f} "
                   f"corrupted {moved[~clean].mean():.3f}")
+
+
+def cmd_gate(args):
+    """A fitted predictor with an identity gate in place of its constant margin, into
+    ``--out/exp_NAME``. Fitted on the training fold of ``--caches``, calibrated on the held-out
+    fold at ``--clean-tolerance`` (:func:`~ttach_instance.training.trainer.fit_identity_gate`)."""
+    from ttach_instance.training.trainer import apply_identity_margin, fit_identity_gate
+    from ttach_instance.training.checkpoint import atomic_write_json
+
+    data, n_images = load_caches(args.out, args.caches.split(",") if args.caches else fold_caches(args.out))
+    train, val = split_rows(data["rows"], n_images, 0.2, 0)
+    with open(os.path.join(args.out, args.source, "history.json")) as f:
+        history = json.load(f)
+    fitted = next((h.get("identity_margin") for h in history if h.get("selected")), None) or 0.0
+    predictor = load_predictor(os.path.join(args.out, args.source, "predictor.safetensors"), get_space("paper12"))
+    apply_identity_margin(predictor, -fitted)  # the plain predictor
+    clean = data["corruption"] < 0
+    margin, info = fit_identity_gate(predictor, data["images"][train], clean[train], data["images"][val],
+                                     data["correct"][val], clean[val], args.clean_tolerance)
+    out = os.path.join(args.out, f"exp_{args.name}")
+    os.makedirs(out, exist_ok=True)
+    predictor.save(os.path.join(out, "predictor.safetensors"))
+    for h in history:
+        if h.get("selected"):
+            h.update(identity_margin=margin, identity_gate_accuracy=info["gate_accuracy"],
+                     gated_from=args.source, clean_tolerance=args.clean_tolerance)
+    atomic_write_json(os.path.join(out, "history.json"), history)
+    print(f"{args.name}: gated margin {margin:.3f} (constant was {fitted:.3f}); held-out k=1 {info['accuracy']:.4f} "
+          f"clean {info['clean']:.4f} (identity {info['identity_clean']:.4f}); gate right on "
+          f"{info['gate_accuracy']:.4f} of held-out rows")
 
 
 def cmd_score(args):
@@ -290,6 +324,7 @@ def main(argv=None):
     f.add_argument("--init-seed", type=int, default=0)
     f.add_argument("--group-weight", type=float, default=0.0)
     f.add_argument("--distill-weight", type=float, default=0.0)
+    f.add_argument("--identity-gate", action="store_true", help="a gated identity margin (FitConfig.identity_gate)")
     f.set_defaults(func=cmd_fit)
     pr = sub.add_parser("probe", help="MLP on the frozen target model's features: the ranking it supports")
     pr.add_argument("--epochs", type=int, default=6)
@@ -304,6 +339,12 @@ def main(argv=None):
     mg.add_argument("dirs", nargs="+", help="fit directories under --out")
     mg.add_argument("--tolerances", type=float, nargs="+", default=[0.3, 0.1, 0.0])
     mg.set_defaults(func=cmd_margins)
+    gt = sub.add_parser("gate", help="a fitted predictor with an identity gate instead of its constant margin")
+    gt.add_argument("source", help="fit directory under --out")
+    gt.add_argument("name", help="writes --out/exp_NAME")
+    gt.add_argument("--clean-tolerance", type=float, default=0.1)
+    gt.add_argument("--caches", default="", help="comma list (default: the fold's caches)")
+    gt.set_defaults(func=cmd_gate)
     s = sub.add_parser("score")
     s.add_argument("dirs", nargs="+", help="fit directories under --out holding predictor.safetensors")
     s.set_defaults(func=cmd_score)

@@ -119,11 +119,15 @@ def evaluation_predictor(args, space):
     members = []
     for fit_dir in args.fit_dir.split(","):
         pred = load_fitted_predictor(os.path.join(args.out, fit_dir, "predictor.safetensors"), space)
-        if args.uncalibrated:  # undo the identity margin calibrated after training: the plain predictor
+        if args.uncalibrated and getattr(pred, "identity_gate", None) is not None:
+            del pred.identity_gate  # the gated margin lives in the gate: without it, the plain predictor
+            log(f"{fit_dir}: evaluating without the identity gate")
+        elif args.uncalibrated:  # undo the identity margin calibrated after training: the plain predictor
             from ttach_instance.training.trainer import apply_identity_margin
 
             with open(os.path.join(args.out, fit_dir, "history.json")) as f:
-                margin = json.load(f)[-1].get("identity_margin") or 0.0
+                history = json.load(f)  # the margin is recorded on the selected epoch, not always the last
+            margin = next((h.get("identity_margin") for h in history if h.get("selected")), None) or 0.0
             apply_identity_margin(pred, -margin)
             log(f"{fit_dir}: evaluating without the identity margin ({margin:.3f})")
         members.append(FlipAveragedPredictor(pred) if args.predictor_flip else pred)
@@ -177,6 +181,7 @@ def stage_fit(args, sets, model):
     cfg = FitConfig(epochs=args.fit_epochs, batch_size=128, optimizer=args.optimizer, lr=args.lr,
                     weight_decay=args.weight_decay, warmup_steps=200, ema_decay=args.ema, seed=args.seed,
                     flip_permutation=flip_permutation(space), clean_tolerance=args.clean_tolerance,
+                    identity_gate=args.identity_gate,
                     pretrain_epochs=args.pretrain_epochs, spearman_weight=args.spearman_weight,
                     rank_temperature=args.rank_temperature, group_weight=args.group_weight,
                     distill_weight=args.distill_weight)
@@ -255,6 +260,8 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--clean-tolerance", type=float, default=0.3,
                    help="identity margin calibrated so held-out clean k=1 accuracy stays within this many points")
+    p.add_argument("--identity-gate", action="store_true",
+                   help="gate the identity margin by how clean each image looks (FitConfig.identity_gate)")
     p.add_argument("--severities", default="1,2,3,4,5")
     p.add_argument("--val-limit", type=int, default=None)
     p.add_argument("--uncalibrated", action="store_true", help="evaluate the predictor without its identity margin")

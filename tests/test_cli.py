@@ -317,3 +317,28 @@ def test_fit_on_several_label_caches(folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--labels", labels, labels, *args[:1], fit + "2", *args[2:]])
     assert "--labels: label cache" in capsys.readouterr().err
+
+
+def test_fit_with_an_identity_gate(folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    w = str(tmp_path / "w.pt")
+    torch.save(build_model(FACTORY, num_classes=2).state_dict(), w)
+    labels = str(tmp_path / "labels")
+    # the gate learns clean vs corrupted: labels with both
+    assert main(["labels", "--model", FACTORY, "--weights", w, "--data", folder, "--out", labels, "--draws", "4",
+                 "--corruptions", "contrast,gaussian_noise", "--corruption-p", "0.5"]) == 0
+    with pytest.raises(SystemExit):
+        main(["fit", "--labels", labels, "--out", str(tmp_path / "x"), "--predictor", "small", "--identity-gate"])
+    assert "--identity-gate needs --clean-tolerance" in capsys.readouterr().err
+    fit = str(tmp_path / "fit")
+    assert main(["fit", "--labels", labels, "--out", fit, "--predictor", "small", "--width", "4", "--epochs", "1",
+                 "--batch-size", "8", "--optimizer", "adamw", "--val-fraction", "0.25", "--clean-tolerance", "0.5",
+                 "--identity-gate"]) == 0
+    assert "gated (clean/corrupted told apart on" in capsys.readouterr().out
+    from ttach_instance.models import load_predictor
+
+    loaded = load_predictor(os.path.join(fit, "predictor.safetensors"))
+    with open(os.path.join(fit, "history.json")) as f:
+        selected = [h for h in json.load(f) if h.get("selected")][0]
+    assert float(loaded.identity_gate.margin) == pytest.approx(selected["identity_margin"])
+    assert 0.0 <= selected["identity_gate_accuracy"] <= 1.0

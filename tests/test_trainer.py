@@ -55,6 +55,13 @@ def test_resume_equals_uninterrupted(tmp_path):
     b = TinyPredictor(4)
     first = fit_predictor(b, data, str(tmp_path / "b"), c, progress=False, log=lambda m: None, max_epochs_this_run=2)
     assert not first["complete"] and len(first["history"]) == 2
+    # a checkpoint made before an option existed (here identity_gate) resumes under its default
+    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+
+    ckpt = str(tmp_path / "b" / "checkpoint.safetensors")
+    tensors, meta = load_tensors(ckpt)
+    del meta["config"]["identity_gate"]
+    atomic_save_tensors(ckpt, tensors, meta)
     b2 = TinyPredictor(4)  # a fresh process: everything comes from the checkpoint
     second = fit_predictor(b2, data, str(tmp_path / "b"), c, progress=False, log=lambda m: None)
     assert second["complete"] and len(second["history"]) == 3
@@ -278,3 +285,118 @@ def test_distill_term_matches_the_target_models_outputs_and_leaves_the_saved_pre
         fit_predictor(TinyPredictor(4), bad, None, c, progress=False, log=lambda m: None)
     with pytest.raises(ValueError, match="distill_weight"):
         FitConfig(distill_weight=-0.5)
+
+
+def test_identity_gate_hand_computed():
+    from ttach_instance.predictor import IdentityGate
+
+    gate = IdentityGate(2, identity=1)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([1.0, -1.0]))
+        gate.bias.fill_(0.5)
+        gate.margin.fill_(2.0)
+    features = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    scores = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.5, 1.0], [3.0, 2.0, 1.0]])
+    p = 1 / (1 + torch.exp(-torch.tensor([0.5, 2.5, -2.5])))  # sigmoid(w . f + b), by hand
+    out = gate(scores, features)
+    assert torch.allclose(gate.clean_probability(features), p)
+    assert torch.allclose(out[:, 1], scores[:, 1] - 2.0 * p)  # only the identity moves
+    assert torch.equal(out[:, [0, 2]], scores[:, [0, 2]])
+
+
+def test_gated_margin_keeps_the_corrupted_rows_gain_hand_computed():
+    from ttach_instance.training.trainer import calibrate_identity_margin
+
+    # row 0 clean: candidate 1 predicted better by 0.10, wrongly; row 1 corrupted: candidate 1
+    # predicted better by 0.05, rightly. A constant margin that saves row 0 (> 0.10) also sends
+    # row 1 back to the identity; a gate that says "row 0 is clean, row 1 is not" does not.
+    pred = torch.tensor([[1.0, 0.90], [1.0, 0.95]])
+    correct = torch.tensor([[1, 0], [0, 1]])
+    clean = torch.tensor([True, False])
+    grid = [0.0, 0.2]
+    m, info = calibrate_identity_margin(pred, correct, clean, 0.0, grid=grid)
+    assert m == 0.2 and info["accuracy"] == 0.5 and info["clean"] == 1.0
+    m, info = calibrate_identity_margin(pred, correct, clean, 0.0, grid=grid, gate=torch.tensor([1.0, 0.0]))
+    assert m == 0.2 and info["accuracy"] == 1.0 and info["clean"] == 1.0
+
+
+def test_fit_with_identity_gate_saves_a_gate_that_keeps_clean_rows_and_round_trips(tmp_path):
+    from ttach_instance.models import SmallLossPredictor, load_predictor
+    from ttach_instance.registry import get_space
+    from ttach_instance.training.trainer import apply_identity_margin, fit_identity_gate
+
+    space = get_space("paper12").subset([0, 1, 2, 3])
+    data = with_groups(synthetic(480))
+    # only the identity is right on clean rows, only the lowest-loss candidate on corrupted ones
+    # (almost never the identity): the predictor's clean picks must be overruled, its corrupted
+    # picks kept
+    clean_rows = data["corruption"] < 0
+    data["correct"] = torch.where(clean_rows[:, None], torch.eye(4, dtype=torch.long)[0],
+                                  torch.nn.functional.one_hot(data["losses"].argmin(1), 4)).to(torch.uint8)
+
+    def held_out_k1(out, pred):
+        val = out["val_rows"]
+        choice = predict_losses(pred, data["images"][val]).argmin(1)
+        picked = data["correct"][val].gather(1, choice[:, None]).squeeze(1).float()
+        clean = data["corruption"][val] < 0
+        return picked.mean().item(), picked[clean].mean().item(), data["correct"][val][clean, 0].float().mean().item()
+
+    results = {}
+    for gated in (False, True):
+        torch.manual_seed(0)
+        pred = SmallLossPredictor(space, width=4, input_size=8)
+        out = fit_predictor(pred, data, str(tmp_path) if gated else None,
+                            cfg(epochs=4, clean_tolerance=0.0, identity_gate=gated), progress=False, log=lambda m: None)
+        results[gated] = held_out_k1(out, pred)
+    (constant, constant_clean, identity_clean), (gated, gated_clean, _) = results[False], results[True]
+    # both keep every clean row right (tolerance 0); the constant margin does it by sending the
+    # corrupted rows back to the identity too (measured 0.47 overall), the gate does not (0.82)
+    assert identity_clean == 1.0 and constant_clean == 1.0 and gated_clean == 1.0
+    assert gated > constant + 0.2
+    rec = out["final"]
+    assert rec["identity_gate_accuracy"] > 0.9  # the dominant channel is readable from the features
+    gate = pred.identity_gate
+    assert float(gate.margin) == rec["identity_margin"] > 0 and int(gate.identity) == 0
+    # saved with the gate, loaded with it: the same scores
+    loaded = load_predictor(str(tmp_path / "predictor.safetensors"), space)
+    x = data["images"][:16].float() / 255
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pred(x))
+        # a constant margin still lands on the ranking head, not on the gate
+        before = pred(x)
+        apply_identity_margin(pred, 0.5)
+        assert torch.allclose(pred(x)[:, 0], before[:, 0] - 0.5) and torch.equal(pred(x)[:, 1:], before[:, 1:])
+    # refitting replaces the gate; a predictor whose head_scores ignores gates is refused
+    m, _ = fit_identity_gate(loaded, data["images"][:200], clean_rows[:200], data["images"][200:],
+                             data["correct"][200:], clean_rows[200:], 0.0)
+    assert float(loaded.identity_gate.margin) == m
+    with pytest.raises(TypeError, match="cannot take an identity gate"):
+        fit_predictor(TinyPredictor(4), data, None, cfg(clean_tolerance=0.0, identity_gate=True),
+                      progress=False, log=lambda m: None)
+    with pytest.raises(ValueError, match="identity_gate=True needs clean_tolerance"):
+        FitConfig(identity_gate=True)
+    with pytest.raises(ValueError, match="clean and corrupted training rows"):
+        fit_identity_gate(loaded, data["images"][:8], torch.ones(8, dtype=torch.bool), data["images"][8:16],
+                          data["correct"][8:16], torch.ones(8, dtype=torch.bool), 0.0)
+
+
+def test_gated_checkpoint_with_a_wrong_gate_is_rejected(tmp_path):
+    from safetensors.torch import load_file
+
+    from ttach_instance.models import SmallLossPredictor, load_predictor
+    from ttach_instance.predictor import IdentityGate
+    from ttach_instance.registry import get_space
+    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+
+    space = get_space("paper12")
+    p = SmallLossPredictor(space, width=4, input_size=8)
+    p.identity_gate = IdentityGate(16)
+    path = str(tmp_path / "p.safetensors")
+    p.save(path)
+    assert set(load_file(path)) >= {"identity_gate.weight", "identity_gate.margin"}
+    assert load_predictor(path, space).identity_gate.weight.shape == (16,)
+    tensors, meta = load_tensors(path)
+    tensors["identity_gate.weight"] = torch.zeros(5)
+    atomic_save_tensors(path, tensors, meta)
+    with pytest.raises(ValueError, match=r"identity_gate.weight has shape \(5,\), expected \(16,\)"):
+        load_predictor(path, space)

@@ -202,12 +202,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             tau = float(tau)
         except ValueError:
             raise ValueError(f"--tau must be a number or 'auto', got {args.tau!r}") from None
+    if args.identity_gate and args.clean_tolerance is None:
+        raise ValueError("--identity-gate needs --clean-tolerance (the gate scales the identity margin that "
+                         "calibration picks)")
     cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                     ema_decay=args.ema, val_fraction=args.val_fraction, listwise_weight=args.listwise_weight,
                     spearman_weight=args.spearman_weight, tau=tau, seed=args.seed, group_weight=args.group_weight,
                     flip_permutation=flip_permutation(space) if args.flip else None,
-                    clean_tolerance=args.clean_tolerance, pretrain_epochs=args.pretrain_epochs,
-                    distill_weight=args.distill_weight)
+                    clean_tolerance=args.clean_tolerance, identity_gate=args.identity_gate,
+                    pretrain_epochs=args.pretrain_epochs, distill_weight=args.distill_weight)
     input_size = args.input_size or manifest["size"]
     if args.predictor == "small" or LossPredictor is None:
         from .models import SmallLossPredictor
@@ -462,6 +465,9 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--flip", action="store_true", help="flip augmentation (candidates permuted to their mirrors)")
     p.add_argument("--clean-tolerance", type=float, default=None,
                    help="calibrate an identity margin keeping held-out clean accuracy within this many points")
+    p.add_argument("--identity-gate", action="store_true",
+                   help="with --clean-tolerance: scale the margin by how clean each image looks (a logistic gate "
+                        "on the predictor's features, saved with it); corrupted images keep more of their gain")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_fit)

@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .predictor import (LossPredictor, checked_pixels, load_predictor_weights, read_predictor_checkpoint,
-                        resize_antialiased)
+from .predictor import (LossPredictor, checked_pixels, gate_scores, load_predictor_weights,
+                        read_predictor_checkpoint, resize_antialiased)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,6 +104,7 @@ class SmallLossPredictor(nn.Module):
     """
 
     kind = "small-loss-predictor"
+    supports_identity_gate = True  # head_scores applies predictor.IdentityGate
     model_image_size = None
 
     def __init__(self, space, width: int = 8, input_size: int = 32, unshuffle: int = 1, levels: str = "last",
@@ -167,8 +168,9 @@ class SmallLossPredictor(nn.Module):
         return self.unshuffle * self.input_size
 
     def head_scores(self, features: Tensor) -> Tensor:
-        """The final layer: :meth:`features` -> relative losses (``forward = head_scores . features``)."""
-        return self.net.head(features)
+        """The final layer: :meth:`features` -> relative losses (``forward = head_scores . features``),
+        after the identity gate when the fit gave the predictor one (``predictor.IdentityGate``)."""
+        return gate_scores(self, self.net.head(features), features)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head_scores(self.features(x))

@@ -131,6 +131,44 @@ def resize_antialiased(x: Tensor, side: int) -> Tensor:
     return nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
 
+class IdentityGate(nn.Module):
+    """An identity margin that depends on how clean the image looks.
+
+    A constant margin (:func:`~ttach_instance.training.trainer.apply_identity_margin`) keeps
+    the identity on clean images, where the predictor's small differences are mostly noise.
+    It pays for that on corrupted images, which also lose candidates that would have helped.
+    The gate is a logistic regression on the predictor's features: ``p = sigmoid(w . f + b)``
+    estimates the probability that the image is uncorrupted. It lowers the identity's score
+    by ``margin * p``. Clean-looking images keep the identity; corrupted ones get the plain
+    ranking. Fitted after training by
+    :func:`~ttach_instance.training.trainer.fit_identity_gate`; saved with the predictor's
+    weights. The weights are plain parameters, not an ``nn.Linear``, because the ranking head
+    must stay the last ``nn.Linear``.
+    """
+
+    def __init__(self, num_features: int, identity: int = 0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_features))
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.register_buffer("margin", torch.zeros(()))
+        self.register_buffer("identity", torch.tensor(int(identity)))
+
+    def clean_probability(self, features: Tensor) -> Tensor:
+        """``(B,)``: how likely each image is uncorrupted, by the gate's logistic regression."""
+        return torch.sigmoid(features.float() @ self.weight.float() + self.bias.float())
+
+    def forward(self, scores: Tensor, features: Tensor) -> Tensor:
+        shift = torch.zeros_like(scores)
+        shift[:, int(self.identity)] = self.margin.to(scores.dtype) * self.clean_probability(features).to(scores.dtype)
+        return scores - shift
+
+
+def gate_scores(predictor: nn.Module, scores: Tensor, features: Tensor) -> Tensor:
+    """``scores`` after the predictor's :class:`IdentityGate`, when it has one."""
+    gate = getattr(predictor, "identity_gate", None)
+    return scores if gate is None else gate(scores, features)
+
+
 class LossPredictor(nn.Module):
     """Predicted relative loss of every candidate of ``space`` for each image (lower = better).
 
@@ -155,6 +193,8 @@ class LossPredictor(nn.Module):
     """
 
     kind = "loss-predictor"
+    #: head_scores applies an :class:`IdentityGate` when one is attached (fit_identity_gate checks)
+    supports_identity_gate = True
     model_image_size: Optional[Tuple[int, int]] = None
 
     def __init__(
@@ -239,8 +279,9 @@ class LossPredictor(nn.Module):
         return self.dropout(torch.cat(self._drop_levels(vectors), 1))
 
     def head_scores(self, features: Tensor) -> Tensor:
-        """The final layer: :meth:`features` -> relative losses (``forward = head_scores . features``)."""
-        return self.head(features).float()
+        """The final layer: :meth:`features` -> relative losses (``forward = head_scores . features``),
+        after the :class:`IdentityGate` when the fit gave the predictor one."""
+        return gate_scores(self, self.head(features).float(), features)
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Relative losses ``(B, len(space))`` float32, lower = better."""
@@ -350,6 +391,13 @@ def load_predictor_weights(predictor: nn.Module, tensors: Dict[str, Tensor], met
                            described: str = "") -> None:
     """Load ``tensors`` into ``predictor`` strictly (missing, unexpected or reshaped keys: a
     ``ValueError`` listing them) and set its ``model_image_size`` from ``meta``."""
+    if "identity_gate.weight" in tensors and getattr(predictor, "identity_gate", None) is None:
+        head = [m for m in predictor.modules() if isinstance(m, nn.Linear)][-1]
+        if tensors["identity_gate.weight"].shape != (head.in_features,):
+            raise ValueError(f"predictor checkpoint {path!r}: identity_gate.weight has shape "
+                             f"{tuple(tensors['identity_gate.weight'].shape)}, expected ({head.in_features},) "
+                             f"(one weight per feature of the ranking head)")
+        predictor.identity_gate = IdentityGate(head.in_features)  # fitted after training
     own = predictor.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

@@ -78,6 +78,10 @@ class FitConfig:
     #: held-out fold: the best k=1 accuracy whose clean-image accuracy stays within this many
     #: points of the identity's (``None``: no calibration).
     clean_tolerance: Optional[float] = None
+    #: With ``clean_tolerance``: make the margin depend on how clean each image looks
+    #: (:class:`~ttach_instance.predictor.IdentityGate`, :func:`fit_identity_gate`). For the same
+    #: clean accuracy, corrupted images keep more of their gain (docs/BENCHMARKS.md).
+    identity_gate: bool = False
     #: Which epoch's EMA weights the fit ends with: the best on this held-out metric (a key of
     #: :func:`~ttach_instance.training.losses.ranking_metrics`: ``"spearman"``, ``"k1_accuracy"``,
     #: ``"top1_hit"``; ``"regret"`` is minimised), or ``None`` for the last epoch's. Without a
@@ -87,6 +91,8 @@ class FitConfig:
     def __post_init__(self):
         if self.optimizer not in ("rmsprop", "adamw", "sgd"):
             raise ValueError(f"optimizer must be 'rmsprop', 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.identity_gate and self.clean_tolerance is None:
+            raise ValueError("identity_gate=True needs clean_tolerance (the calibration it gates)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -297,6 +303,8 @@ def fit_predictor(
             raise ValueError(f"data must be a loaded label cache with {key!r} (LabelCache(dir).load()), missing {key!r}")
     images, losses, rows = data["images"], data["losses"].float(), data["rows"]
     correct = data.get("correct")
+    if cfg.identity_gate:
+        check_gate_support(predictor)
     n_img = int(num_images or (int(rows.max()) + 1 if "num_images" not in data else data["num_images"]))
     train_mask, val_mask = split_rows(rows, n_img, cfg.val_fraction, cfg.seed)
     train_idx = train_mask.nonzero().squeeze(1)
@@ -356,7 +364,8 @@ def fit_predictor(
     best_state, best_epoch = None, None
     if ckpt and os.path.isfile(ckpt):
         tensors, meta = load_tensors(ckpt)
-        if meta.get("config") != asdict(cfg):
+        # options added after the checkpoint was made ran at their defaults then
+        if {**asdict(FitConfig()), **(meta.get("config") or {})} != asdict(cfg):
             raise ValueError(f"{ckpt} was made with another configuration; use another out_dir or delete it")
         load_module_tensors(predictor, tensors, "model")
         load_module_tensors(ema, tensors, "ema")
@@ -449,15 +458,24 @@ def fit_predictor(
         log(f"selected epoch {chosen}/{len(history)} (best held-out {cfg.select_by})")
     margin = None
     if done and cfg.clean_tolerance is not None and correct is not None and "corruption" in data and val_idx.numel():
-        pred_val = predict_losses(predictor, images[val_idx], device=device)
-        margin, info = calibrate_identity_margin(pred_val, correct[val_idx], data["corruption"][val_idx] < 0,
-                                                 cfg.clean_tolerance)
-        apply_identity_margin(predictor, margin)
+        clean = data["corruption"] < 0
+        if cfg.identity_gate:
+            margin, info = fit_identity_gate(predictor, images[train_idx], clean[train_idx], images[val_idx],
+                                             correct[val_idx], clean[val_idx], cfg.clean_tolerance,
+                                             seed=cfg.seed, device=device)
+        else:
+            pred_val = predict_losses(predictor, images[val_idx], device=device)
+            margin, info = calibrate_identity_margin(pred_val, correct[val_idx], clean[val_idx], cfg.clean_tolerance)
+            apply_identity_margin(predictor, margin)
         if rank == 0:
-            log(f"identity margin {margin:.3f}: held-out k=1 accuracy {info['accuracy']:.4f} "
+            gated = f" gated (clean/corrupted told apart on {info['gate_accuracy']:.4f} of held-out rows)" \
+                if cfg.identity_gate else ""
+            log(f"identity margin {margin:.3f}{gated}: held-out k=1 accuracy {info['accuracy']:.4f} "
                 f"(clean {info['clean']:.4f} vs identity {info['identity_clean']:.4f})")
         if history:
             history[chosen - 1]["identity_margin"] = margin
+            if cfg.identity_gate:
+                history[chosen - 1]["identity_gate_accuracy"] = info["gate_accuracy"]
     if done:  # what the target model saw: the labels' images (the predictor resizes to its own size)
         predictor.model_image_size = (int(images.shape[-2]), int(images.shape[-1]))
     if done and out_dir and rank == 0 and hasattr(predictor, "save"):
@@ -486,22 +504,29 @@ def _improves(record: Dict, history: List[Dict], best_epoch: Optional[int], metr
 
 
 def calibrate_identity_margin(pred: Tensor, correct: Tensor, clean: Tensor, tolerance: float = 0.0,
-                              identity: int = 0, grid: Optional[Sequence[float]] = None):
-    """Margin ``m`` >= 0 such that choosing ``argmin(pred - m * e_identity)`` maximises held-out k=1
-    accuracy while accuracy on clean rows stays >= identity's clean accuracy - ``tolerance`` points.
+                              identity: int = 0, grid: Optional[Sequence[float]] = None,
+                              gate: Optional[Tensor] = None):
+    """Margin ``m`` >= 0 such that choosing ``argmin(pred - m * g * e_identity)`` maximises held-out
+    k=1 accuracy while accuracy on clean rows stays >= identity's clean accuracy - ``tolerance``
+    points; ``g`` is 1, or per row the ``gate`` ``(N,)`` (an :class:`IdentityGate`'s clean
+    probability).
 
     Small predicted differences on clean images are mostly noise; the margin keeps the identity
     unless another candidate is predicted clearly better. Returns ``(margin, info)``.
     """
     if grid is None:
         spread = float((pred.max(1).values - pred.min(1).values).median())
-        grid = [spread * f for f in (0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 100.0)]
+        factors = (0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0)
+        if gate is not None:  # a gated margin is scaled down by the gate: larger ones can still matter
+            factors += (3.0, 4.0, 6.0, 8.0)
+        grid = [spread * f for f in factors + (100.0,)]
+    scale = 1.0 if gate is None else gate.float()
     c = correct.float()
     id_clean = float(c[clean, identity].mean()) if clean.any() else 0.0
     best = None
     for m in grid:
         q = pred.clone()
-        q[:, identity] -= m
+        q[:, identity] -= m * scale
         acc = c.gather(1, q.argmin(1, keepdim=True)).squeeze(1)
         clean_acc = float(acc[clean].mean()) if clean.any() else 1.0
         ok = clean_acc >= id_clean - tolerance / 100
@@ -520,3 +545,77 @@ def apply_identity_margin(predictor: nn.Module, margin: float, identity: int = 0
     if not last or last[-1].bias is None:
         raise ValueError("predictor must end in an nn.Linear with a bias to take an identity margin")
     last[-1].bias[identity] -= margin
+
+
+@torch.no_grad()
+def predict_features(predictor: nn.Module, images: Tensor, batch_size: int = 500, device: str = "cpu") -> Tensor:
+    """``predictor.features`` ``(N, F)`` for uint8 images ``(N, 3, H, W)``, in eval mode."""
+    predictor.eval()
+    return torch.cat([predictor.features(images[i:i + batch_size].to(device).float() / 255).float().cpu()
+                      for i in range(0, images.shape[0], batch_size)])
+
+
+def check_gate_support(predictor: nn.Module) -> None:
+    """``TypeError`` unless ``predictor`` applies an identity gate: ``features``, ``head_scores``
+    and ``supports_identity_gate`` (its ``head_scores`` calls ``predictor.gate_scores``)."""
+    if not (callable(getattr(predictor, "features", None)) and callable(getattr(predictor, "head_scores", None))
+            and getattr(type(predictor), "supports_identity_gate", False)):
+        raise TypeError(f"{type(predictor).__name__} cannot take an identity gate: it needs features(), "
+                        f"head_scores() that applies ttach_instance.predictor.gate_scores, and "
+                        f"supports_identity_gate = True (LossPredictor and SmallLossPredictor have them); "
+                        f"fit with identity_gate=False for a constant margin")
+
+
+def fit_identity_gate(predictor: nn.Module, train_images: Tensor, train_clean: Tensor, val_images: Tensor,
+                      val_correct: Tensor, val_clean: Tensor, tolerance: float, identity: int = 0,
+                      max_rows: int = 50_000, seed: int = 0, device: str = "cpu"):
+    """Give ``predictor`` an :class:`~ttach_instance.predictor.IdentityGate`, fitted and calibrated.
+
+    The gate is a logistic regression, L2-regularised, on the predictor's standardised features.
+    It is fitted on up to ``max_rows`` training rows (``train_clean``: rows with no corruption)
+    and folded back to raw features. Its margin then comes from
+    :func:`calibrate_identity_margin` on the held-out rows, with the gate's clean probability
+    per row. Replaces any gate the predictor had. It must have ``features`` and
+    ``head_scores``, and no constant margin folded in. Returns ``(margin, info)``: ``info`` is
+    calibrate's, plus ``gate_accuracy``, how often the gate tells clean from corrupted on the
+    held-out rows.
+    """
+    from ..predictor import IdentityGate
+
+    check_gate_support(predictor)
+    train_clean, val_clean = train_clean.bool(), val_clean.bool()
+    if train_clean.all() or not train_clean.any():
+        raise ValueError("fitting an identity gate needs clean and corrupted training rows (labels made with "
+                         "corruption_p strictly between 0 and 1)")
+    if getattr(predictor, "identity_gate", None) is not None:
+        del predictor.identity_gate
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(train_images.shape[0], generator=g)[:max_rows]
+    x = predict_features(predictor, train_images[rows], device=device).double()
+    y = train_clean[rows].double()
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / std
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + 1e-4 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    gate = IdentityGate(z.shape[1], identity)
+    with torch.no_grad():
+        gate.weight.copy_((w / std).float())
+        gate.bias.copy_((b - (w * mean / std).sum()).float())
+        f_val = predict_features(predictor, val_images, device=device)
+        p_val = gate.clean_probability(f_val)
+        scores = predictor.head_scores(f_val.to(device)).float().cpu()
+    margin, info = calibrate_identity_margin(scores, val_correct, val_clean, tolerance, identity, gate=p_val)
+    gate.margin.fill_(margin)
+    info["gate_accuracy"] = float(((p_val > 0.5) == val_clean).float().mean())
+    predictor.identity_gate = gate.to(device)
+    return margin, info
