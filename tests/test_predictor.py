@@ -618,3 +618,24 @@ def test_small_predictor_detail_branch_reads_band_pass_energy_at_full_size(tmp_p
         torch.testing.assert_close(again(x), pred(x))
     with pytest.raises(ValueError, match="detail_channels must be an int >= 0"):
         SmallLossPredictor(space, detail_channels=-1)
+
+
+def test_loss_predictor_takes_an_identity_gate_and_round_trips(tmp_path, space):
+    from ttach_instance.predictor import IdentityGate
+
+    torch.manual_seed(0)
+    p = LossPredictor(space, **TINY).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = p(x)
+        gate = IdentityGate(p.head.in_features)
+        gate.weight.normal_()
+        gate.margin.fill_(0.7)
+        p.identity_gate = gate
+        gated = p(x)
+        prob = gate.clean_probability(p.features(x))
+    assert torch.allclose(gated[:, 0], plain[:, 0] - 0.7 * prob) and torch.equal(gated[:, 1:], plain[:, 1:])
+    path = str(tmp_path / "gated.safetensors")
+    p.save(path)
+    with torch.no_grad():
+        assert torch.equal(LossPredictor.load(path)(x), gated)
