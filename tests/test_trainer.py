@@ -400,3 +400,32 @@ def test_gated_checkpoint_with_a_wrong_gate_is_rejected(tmp_path):
     atomic_save_tensors(path, tensors, meta)
     with pytest.raises(ValueError, match=r"identity_gate.weight has shape \(5,\), expected \(16,\)"):
         load_predictor(path, space)
+
+
+def test_identity_margin_goes_to_the_spaces_identity_and_is_skipped_without_one(tmp_path):
+    from ttach_instance.models import SmallLossPredictor
+    from ttach_instance.registry import get_space
+
+    data = with_groups(synthetic(480))
+    clean_rows = data["corruption"] < 0
+    # the identity is candidate 1 here; only it is right on clean rows
+    data["correct"] = torch.where(clean_rows[:, None], torch.eye(4, dtype=torch.long)[1],
+                                  torch.nn.functional.one_hot(data["losses"].argmin(1), 4)).to(torch.uint8)
+    moved = get_space("paper12").subset([3, 0, 1, 2])
+    assert [c.is_identity for c in moved] == [False, True, False, False]
+    for gated in (False, True):
+        torch.manual_seed(0)
+        pred = SmallLossPredictor(moved, width=4, input_size=8)
+        out = fit_predictor(pred, data, None, cfg(epochs=3, clean_tolerance=0.0, identity_gate=gated),
+                            progress=False, log=lambda m: None)
+        val = out["val_rows"][clean_rows[out["val_rows"]]]
+        assert out["final"]["identity_margin"] > 0
+        assert (predict_losses(pred, data["images"][val]).argmin(1) == 1).all()  # clean rows keep the identity
+    crops = get_space("five_crops", crop_size=4).subset([0, 1, 2, 3])
+    assert not any(c.is_identity for c in crops)
+    torch.manual_seed(0)
+    pred, logged = SmallLossPredictor(crops, width=4, input_size=8), []
+    out = fit_predictor(pred, data, None, cfg(epochs=1, clean_tolerance=0.0, identity_gate=True),
+                        progress=False, log=logged.append)
+    assert "no identity margin: space" in " ".join(logged) and "identity_margin" not in out["final"]
+    assert getattr(pred, "identity_gate", None) is None

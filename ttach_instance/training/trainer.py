@@ -457,16 +457,24 @@ def fit_predictor(
     if done and history and rank == 0 and chosen != len(history):
         log(f"selected epoch {chosen}/{len(history)} (best held-out {cfg.select_by})")
     margin = None
-    if done and cfg.clean_tolerance is not None and correct is not None and "corruption" in data and val_idx.numel():
+    identity = identity_index(predictor)
+    calibrate = done and cfg.clean_tolerance is not None and correct is not None and "corruption" in data \
+        and val_idx.numel() > 0
+    if calibrate and identity is None:
+        calibrate = False
+        if rank == 0:
+            log(f"no identity margin: space {predictor.space.name!r} has no identity candidate")
+    if calibrate:
         clean = data["corruption"] < 0
         if cfg.identity_gate:
             margin, info = fit_identity_gate(predictor, images[train_idx], clean[train_idx], images[val_idx],
-                                             correct[val_idx], clean[val_idx], cfg.clean_tolerance,
+                                             correct[val_idx], clean[val_idx], cfg.clean_tolerance, identity,
                                              seed=cfg.seed, device=device)
         else:
             pred_val = predict_losses(predictor, images[val_idx], device=device)
-            margin, info = calibrate_identity_margin(pred_val, correct[val_idx], clean[val_idx], cfg.clean_tolerance)
-            apply_identity_margin(predictor, margin)
+            margin, info = calibrate_identity_margin(pred_val, correct[val_idx], clean[val_idx], cfg.clean_tolerance,
+                                                     identity)
+            apply_identity_margin(predictor, margin, identity)
         if rank == 0:
             gated = f" gated (clean/corrupted told apart on {info['gate_accuracy']:.4f} of held-out rows)" \
                 if cfg.identity_gate else ""
@@ -501,6 +509,15 @@ def _improves(record: Dict, history: List[Dict], best_epoch: Optional[int], metr
         return True
     new, old = record[key], history[best_epoch - 1][key]
     return new > old if SELECTABLE_METRICS[metric] else new < old
+
+
+def identity_index(predictor: nn.Module) -> Optional[int]:
+    """Which candidate of the predictor's space is the identity (the first one), ``None`` when
+    the space has none (crops); 0 for a predictor without a ``space``."""
+    space = getattr(predictor, "space", None)
+    if space is None:
+        return 0
+    return next((i for i, candidate in enumerate(space) if candidate.is_identity), None)
 
 
 def calibrate_identity_margin(pred: Tensor, correct: Tensor, clean: Tensor, tolerance: float = 0.0,
