@@ -62,7 +62,7 @@ def cmd_fit(args):
     cfg = FitConfig(epochs=args.epochs, batch_size=128, optimizer="adamw", lr=args.lr, weight_decay=0.05,
                     warmup_steps=200, ema_decay=0.995, seed=0, flip_permutation=flip_permutation(space),
                     spearman_weight=args.spearman_weight, rank_temperature=args.rank_temperature,
-                    identity_gate=args.identity_gate, pretrain_epochs=args.pretrain_epochs, group_weight=args.group_weight, clean_tolerance=0.3,
+                    identity_gate=args.identity_gate, pretrain_epochs=args.pretrain_epochs, group_weight=args.group_weight, clean_tolerance=args.clean_tolerance,
                     distill_weight=args.distill_weight, cutout=args.cutout, listwise_weight=args.listwise_weight,
                     tau=args.tau)
     if args.distill_weight:
@@ -325,6 +325,7 @@ def main(argv=None):
     f.add_argument("--group-weight", type=float, default=0.0)
     f.add_argument("--distill-weight", type=float, default=0.0)
     f.add_argument("--identity-gate", action="store_true", help="a gated identity margin (FitConfig.identity_gate)")
+    f.add_argument("--clean-tolerance", type=float, default=0.3, help="the identity margin's calibration (points)")
     f.set_defaults(func=cmd_fit)
     pr = sub.add_parser("probe", help="MLP on the frozen target model's features: the ranking it supports")
     pr.add_argument("--epochs", type=int, default=6)
