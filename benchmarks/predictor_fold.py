@@ -102,14 +102,24 @@ def target_features(model, images, batch_size=1000):
     return torch.cat(out)
 
 
+def plain_predictor(out, fit_dir):
+    """``(predictor, undone)``: the fitted predictor of ``out/fit_dir`` without the identity margin
+    or gate its fit calibrated (``remove_identity_calibration``; ``undone`` is the constant margin,
+    ``None`` for a gate)."""
+    from ttach_instance.training.trainer import remove_identity_calibration
+
+    predictor = load_predictor(os.path.join(out, fit_dir, "predictor.safetensors"), get_space("paper12"))
+    with open(os.path.join(out, fit_dir, "history.json")) as f:
+        return predictor, remove_identity_calibration(predictor, json.load(f))
+
+
 @torch.no_grad()
-def predictor_features(predictor, images, batch_size=2000):
+def predictor_features(predictor, images):
     """A fitted predictor's feature vector and its 12 scores on uint8 ``images``."""
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        f = predictor.features(images[i:i + batch_size].float() / 255)
-        out.append(torch.cat([f, predictor.head_scores(f)], 1))
-    return torch.cat(out)
+    from ttach_instance.training.trainer import predict_features
+
+    f = predict_features(predictor, images, batch_size=2000)
+    return torch.cat([f, predictor.head_scores(f)], 1)
 
 
 @torch.no_grad()
@@ -149,7 +159,7 @@ def cmd_probe(args):
         feats = target_features(target(args.out), data["images"])
     else:
         predictor = load_predictor(os.path.join(args.out, args.features, "predictor.safetensors"), get_space("paper12"))
-        feats = predictor_features(predictor.eval(), data["images"])
+        feats = predictor_features(predictor, data["images"])
     if args.candidate_deltas:
         feats = torch.cat([feats, candidate_deltas(get_space("paper12"), data["images"])], 1)
     train, val = split_rows(data["rows"], n_images, 0.2, 0)
@@ -220,19 +230,13 @@ def cmd_margins(args):
     idx = val.nonzero().squeeze(1)
     correct, clean = data["correct"][idx].float(), data["corruption"][idx] < 0
     for d in args.dirs:
-        with open(os.path.join(args.out, d, "history.json")) as f:
-            fitted = next((h.get("identity_margin") for h in json.load(f) if h.get("selected")), None) or 0.0
-        predictor = load_predictor(os.path.join(args.out, d, "predictor.safetensors"), get_space("paper12"))
-        if getattr(predictor, "identity_gate", None) is not None:  # gated: the plain predictor is without it
-            del predictor.identity_gate
-            fitted = 0.0
+        predictor, fitted = plain_predictor(args.out, d)
         pred = predict_losses(predictor, data["images"][idx])
-        pred[:, 0] += fitted  # the plain predictor
         for tolerance in args.tolerances:
             margin, info = calibrate_identity_margin(pred, correct, clean, tolerance)
             choice = (pred - margin * torch.nn.functional.one_hot(torch.zeros((), dtype=torch.long), 12)).argmin(1)
             acc, moved = correct.gather(1, choice[:, None]).squeeze(1), (choice != 0).float()
-            print(f"{d} (fitted margin {fitted:.3f}) tolerance {tolerance}: margin {margin:.3f} k1 {acc.mean():.4f} "
+            print(f"{d} (fitted margin {'gated' if fitted is None else f'{fitted:.3f}'}) tolerance {tolerance}: margin {margin:.3f} k1 {acc.mean():.4f} "
                   f"clean {acc[clean].mean():.4f} (identity {correct[clean, 0].mean():.4f}) corrupted "
                   f"{acc[~clean].mean():.4f}; non-identity picks clean {moved[clean].mean():.3f} "
                   f"corrupted {moved[~clean].mean():.3f}")
@@ -242,16 +246,14 @@ def cmd_gate(args):
     """A fitted predictor with an identity gate in place of its constant margin, into
     ``--out/exp_NAME``. Fitted on the training fold of ``--caches``, calibrated on the held-out
     fold at ``--clean-tolerance`` (:func:`~ttach_instance.training.trainer.fit_identity_gate`)."""
-    from ttach_instance.training.trainer import apply_identity_margin, fit_identity_gate
+    from ttach_instance.training.trainer import fit_identity_gate
     from ttach_instance.training.checkpoint import atomic_write_json
 
     data, n_images = load_caches(args.out, args.caches.split(",") if args.caches else fold_caches(args.out))
     train, val = split_rows(data["rows"], n_images, 0.2, 0)
+    predictor, fitted = plain_predictor(args.out, args.source)
     with open(os.path.join(args.out, args.source, "history.json")) as f:
         history = json.load(f)
-    fitted = next((h.get("identity_margin") for h in history if h.get("selected")), None) or 0.0
-    predictor = load_predictor(os.path.join(args.out, args.source, "predictor.safetensors"), get_space("paper12"))
-    apply_identity_margin(predictor, -fitted)  # the plain predictor
     clean = data["corruption"] < 0
     margin, info = fit_identity_gate(predictor, data["images"][train], clean[train], data["images"][val],
                                      data["correct"][val], clean[val], args.clean_tolerance)
@@ -263,7 +265,7 @@ def cmd_gate(args):
             h.update(identity_margin=margin, identity_gate_accuracy=info["gate_accuracy"],
                      gated_from=args.source, clean_tolerance=args.clean_tolerance)
     atomic_write_json(os.path.join(out, "history.json"), history)
-    print(f"{args.name}: gated margin {margin:.3f} (constant was {fitted:.3f}); held-out k=1 {info['accuracy']:.4f} "
+    print(f"{args.name}: gated margin {margin:.3f} (was {'gated' if fitted is None else f'{fitted:.3f}'}); held-out k=1 {info['accuracy']:.4f} "
           f"clean {info['clean']:.4f} (identity {info['identity_clean']:.4f}); gate right on "
           f"{info['gate_accuracy']:.4f} of held-out rows")
 

@@ -119,17 +119,13 @@ def evaluation_predictor(args, space):
     members = []
     for fit_dir in args.fit_dir.split(","):
         pred = load_fitted_predictor(os.path.join(args.out, fit_dir, "predictor.safetensors"), space)
-        if args.uncalibrated and getattr(pred, "identity_gate", None) is not None:
-            del pred.identity_gate  # the gated margin lives in the gate: without it, the plain predictor
-            log(f"{fit_dir}: evaluating without the identity gate")
-        elif args.uncalibrated:  # undo the identity margin calibrated after training: the plain predictor
-            from ttach_instance.training.trainer import apply_identity_margin
+        if args.uncalibrated:  # undo the identity margin or gate calibrated after training: the plain predictor
+            from ttach_instance.training.trainer import remove_identity_calibration
 
             with open(os.path.join(args.out, fit_dir, "history.json")) as f:
-                history = json.load(f)  # the margin is recorded on the selected epoch, not always the last
-            margin = next((h.get("identity_margin") for h in history if h.get("selected")), None) or 0.0
-            apply_identity_margin(pred, -margin)
-            log(f"{fit_dir}: evaluating without the identity margin ({margin:.3f})")
+                margin = remove_identity_calibration(pred, json.load(f))
+            log(f"{fit_dir}: evaluating without the identity "
+                + ("gate" if margin is None else f"margin ({margin:.3f})"))
         members.append(FlipAveragedPredictor(pred) if args.predictor_flip else pred)
     return members[0] if len(members) == 1 else PredictorEnsemble(members)
 

@@ -429,3 +429,28 @@ def test_identity_margin_goes_to_the_spaces_identity_and_is_skipped_without_one(
                         progress=False, log=logged.append)
     assert "no identity margin: space" in " ".join(logged) and "identity_margin" not in out["final"]
     assert getattr(pred, "identity_gate", None) is None
+
+
+def test_remove_identity_calibration_gives_back_the_plain_ranking():
+    from ttach_instance.models import SmallLossPredictor
+    from ttach_instance.predictor import IdentityGate
+    from ttach_instance.registry import get_space
+    from ttach_instance.training.trainer import apply_identity_margin, remove_identity_calibration
+
+    space = get_space("paper12").subset([3, 0, 1, 2])  # the identity is candidate 1
+    torch.manual_seed(0)
+    p = SmallLossPredictor(space, width=4, input_size=8).eval()
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        plain = p(x)
+        apply_identity_margin(p, 0.4, 1)
+        # the margin recorded on the selected epoch, which need not be the last
+        history = [{"epoch": 1}, {"epoch": 2, "selected": True, "identity_margin": 0.4}, {"epoch": 3}]
+        assert remove_identity_calibration(p, history) == 0.4
+        assert torch.allclose(p(x), plain, atol=1e-6)
+        p.identity_gate = IdentityGate(16, identity=1)
+        p.identity_gate.margin.fill_(3.0)
+        assert not torch.allclose(p(x), plain, atol=1e-3)
+        assert remove_identity_calibration(p, history) is None  # a gate is removed, the bias left alone
+        assert getattr(p, "identity_gate", None) is None and torch.allclose(p(x), plain, atol=1e-6)
+        assert remove_identity_calibration(p, [{"epoch": 1}]) == 0.0  # nothing recorded: nothing undone

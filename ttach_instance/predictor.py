@@ -163,6 +163,14 @@ class IdentityGate(nn.Module):
         return scores - shift
 
 
+def ranking_head(predictor: nn.Module) -> Optional[nn.Linear]:
+    """The predictor's ranking head: its last registered ``nn.Linear`` (features -> one score per
+    candidate), where a constant identity margin is folded in and whose input an
+    :class:`IdentityGate` reads; ``None`` when it has no ``nn.Linear``."""
+    linears = [m for m in predictor.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 def gate_scores(predictor: nn.Module, scores: Tensor, features: Tensor) -> Tensor:
     """``scores`` after the predictor's :class:`IdentityGate`, when it has one."""
     gate = getattr(predictor, "identity_gate", None)
@@ -392,12 +400,13 @@ def load_predictor_weights(predictor: nn.Module, tensors: Dict[str, Tensor], met
     """Load ``tensors`` into ``predictor`` strictly (missing, unexpected or reshaped keys: a
     ``ValueError`` listing them) and set its ``model_image_size`` from ``meta``."""
     if "identity_gate.weight" in tensors and getattr(predictor, "identity_gate", None) is None:
-        head = [m for m in predictor.modules() if isinstance(m, nn.Linear)][-1]
-        if tensors["identity_gate.weight"].shape != (head.in_features,):
+        head = ranking_head(predictor)
+        num_features = head.in_features if head is not None else None
+        if tensors["identity_gate.weight"].shape != (num_features,):
             raise ValueError(f"predictor checkpoint {path!r}: identity_gate.weight has shape "
-                             f"{tuple(tensors['identity_gate.weight'].shape)}, expected ({head.in_features},) "
+                             f"{tuple(tensors['identity_gate.weight'].shape)}, expected ({num_features},) "
                              f"(one weight per feature of the ranking head)")
-        predictor.identity_gate = IdentityGate(head.in_features)  # fitted after training
+        predictor.identity_gate = IdentityGate(num_features)  # fitted after training
     own = predictor.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

@@ -558,10 +558,26 @@ def apply_identity_margin(predictor: nn.Module, margin: float, identity: int = 0
     """Fold the margin into the predictor: lower the identity's output bias (its last ``nn.Linear``)."""
     if not margin:
         return
-    last = [m for m in predictor.modules() if isinstance(m, nn.Linear)]
-    if not last or last[-1].bias is None:
+    from ..predictor import ranking_head
+
+    head = ranking_head(predictor)
+    if head is None or head.bias is None:
         raise ValueError("predictor must end in an nn.Linear with a bias to take an identity margin")
-    last[-1].bias[identity] -= margin
+    head.bias[identity] -= margin
+
+
+def remove_identity_calibration(predictor: nn.Module, history: Sequence[Dict]) -> Optional[float]:
+    """Undo what :func:`fit_predictor`'s calibration put into a fitted ``predictor``: its
+    :class:`~ttach_instance.predictor.IdentityGate` (removed; returns ``None``) or the constant
+    margin recorded on the selected epoch of its ``history`` (``history.json``; the identity's
+    bias raised back; returns that margin, 0 when none was recorded). What is left is the plain
+    ranking."""
+    if getattr(predictor, "identity_gate", None) is not None:
+        del predictor.identity_gate
+        return None
+    margin = next((h.get("identity_margin") for h in history if h.get("selected")), None) or 0.0
+    apply_identity_margin(predictor, -margin, identity_index(predictor) or 0)
+    return margin
 
 
 @torch.no_grad()
