@@ -247,7 +247,7 @@ def cmd_gate(args):
     ``--out/exp_NAME``. Fitted on the training fold of ``--caches``, calibrated on the held-out
     fold at ``--clean-tolerance`` (:func:`~ttach_instance.training.trainer.fit_identity_gate`)."""
     from ttach_instance.training.trainer import fit_identity_gate
-    from ttach_instance.training.checkpoint import atomic_write_json
+    from ttach_instance.io import atomic_write_json
 
     data, n_images = load_caches(args.out, args.caches.split(",") if args.caches else fold_caches(args.out))
     train, val = split_rows(data["rows"], n_images, 0.2, 0)

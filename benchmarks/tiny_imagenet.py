@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from ttach_instance.data import ImageSet, build_model, load_image_folder, normalizer, resize_uint8  # noqa: E402
-from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors  # noqa: E402
+from ttach_instance.io import atomic_save_tensors, load_tensors  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -30,7 +30,7 @@ def test_torchrun_two_processes_match_and_continue_single_process(tmp_path):
     ddp_cache = LabelCache(os.path.join(out, "labels"))
     ddp = ddp_cache.load()
     assert torch.equal(ddp["rows"], torch.arange(22))
-    from ttach_instance.training.checkpoint import load_tensors
+    from ttach_instance.io import load_tensors
 
     writers = {s: load_tensors(ddp_cache.shard_path(s))[1]["rank"] for s in ddp_cache.done_shards()}
     assert writers == {s: s % 2 for s in range(8)}

@@ -135,7 +135,7 @@ def test_round_trip(tmp_path, predictor, space):
 def test_model_image_size_round_trips_and_is_checked(tmp_path, predictor, space):
     from ttach_instance.models import SmallLossPredictor, load_predictor
     from ttach_instance.predictor import FlipAveragedPredictor
-    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+    from ttach_instance.io import atomic_save_tensors, load_tensors
 
     for p in (predictor, SmallLossPredictor(space, width=4, input_size=16)):
         p.model_image_size = (48, 40)
@@ -176,7 +176,7 @@ def test_load_errors(tmp_path, predictor, space):
         LossPredictor.load(str(tmp_path / "absent.safetensors"))
 
     from safetensors import safe_open
-    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+    from ttach_instance.io import atomic_save_tensors, load_tensors
 
     tensors, meta = load_tensors(path)
     altered = dict(tensors, **{"head.weight": torch.zeros(12, 3)})
@@ -421,7 +421,7 @@ def test_combined_predictors_drive_the_wrapper():
 
 def test_small_predictor_load_rejects_altered_and_truncated_files(tmp_path, space):
     from ttach_instance.models import SmallLossPredictor
-    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+    from ttach_instance.io import atomic_save_tensors, load_tensors
 
     path = str(tmp_path / "s.safetensors")
     SmallLossPredictor(space, width=4, input_size=16).save(path)
@@ -535,7 +535,7 @@ def test_loss_predictor_init_from_a_timm_classifier_of_its_architecture(tmp_path
 
 def test_small_predictor_levels_all_reads_every_stage(tmp_path):
     from ttach_instance.models import SmallLossPredictor, SmallResNet, load_predictor
-    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+    from ttach_instance.io import atomic_save_tensors, load_tensors
 
     torch.manual_seed(0)
     classifier = SmallResNet(5, widths=(4, 8, 16)).eval()

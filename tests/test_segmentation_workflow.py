@@ -141,7 +141,7 @@ def test_cli_segmentation_labels_fit_eval(segdata, tmp_path, capsys):
     assert main(["fit", "--labels", labels, "--out", fit, "--epochs", "2", "--batch-size", "4",
                  "--input-size", "32"]) == 0
     assert os.path.isfile(os.path.join(fit, "predictor.safetensors"))
-    from ttach_instance.training.checkpoint import load_tensors
+    from ttach_instance.io import load_tensors
     from ttach_instance.training.losses import tau_from_spread
 
     # segmentation labels: the listwise temperature comes from their spread, not the paper's 1

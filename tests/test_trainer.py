@@ -56,7 +56,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     first = fit_predictor(b, data, str(tmp_path / "b"), c, progress=False, log=lambda m: None, max_epochs_this_run=2)
     assert not first["complete"] and len(first["history"]) == 2
     # a checkpoint made before an option existed (here identity_gate) resumes under its default
-    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+    from ttach_instance.io import atomic_save_tensors, load_tensors
 
     ckpt = str(tmp_path / "b" / "checkpoint.safetensors")
     tensors, meta = load_tensors(ckpt)
@@ -386,7 +386,7 @@ def test_gated_checkpoint_with_a_wrong_gate_is_rejected(tmp_path):
     from ttach_instance.models import SmallLossPredictor, load_predictor
     from ttach_instance.predictor import IdentityGate
     from ttach_instance.registry import get_space
-    from ttach_instance.training.checkpoint import atomic_save_tensors, load_tensors
+    from ttach_instance.io import atomic_save_tensors, load_tensors
 
     space = get_space("paper12")
     p = SmallLossPredictor(space, width=4, input_size=8)

@@ -94,7 +94,7 @@ def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8,
     from .data import build_model, normalizer, resize_uint8
     from .evaluation import evaluate, markdown_table
     from .registry import get_space
-    from .training.checkpoint import atomic_save_tensors
+    from .io import atomic_save_tensors
     from .training.labels import generate_labels
     from .training.target import accuracy, train_classifier
     from .training.trainer import FitConfig, fit_predictor, flip_permutation

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .selection import select_random, select_topk
-from .training.checkpoint import atomic_save_tensors, atomic_write_json
+from .io import atomic_save_tensors, atomic_write_json
 from .training.corruptions import COMMON, HELD_OUT, SEVERITIES, check_names, corrupt_batch
 
 METHODS = ("identity", "hflip", "five_crops", "ten_crops", "random_k1", "random_k2", "random_k4", "full_mean",
@@ -140,7 +140,7 @@ def corrupted_set(images: Tensor, name: Optional[str], severity: int, size: Opti
     """``images`` (source resolution, uint8) corrupted by ``name`` at ``severity`` then resized to
     ``size``; cached as ``cache_dir/<name>_<severity>.safetensors``."""
     from .data import resize_uint8
-    from .training.checkpoint import load_tensors
+    from .io import load_tensors
 
     key = f"{name or 'clean'}_{severity if name else 0}"
     path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else None

@@ -209,7 +209,7 @@ class SmallLossPredictor(nn.Module):
         return self
 
     def save(self, path: str) -> None:
-        from .training.checkpoint import atomic_save_tensors
+        from .io import atomic_save_tensors
 
         atomic_save_tensors(path, self.state_dict(), {
             "kind": self.kind, "space": self.space.name, "space_params": self.space.params,

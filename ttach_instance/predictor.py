@@ -342,7 +342,7 @@ class LossPredictor(nn.Module):
 
     def save(self, path: str) -> None:
         """Write weights + metadata to one ``.safetensors`` file (atomically; no pickle)."""
-        from .training.checkpoint import atomic_save_tensors
+        from .io import atomic_save_tensors
 
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".safetensors"):
             raise ValueError(f"path must end in .safetensors, got {path!r}")
@@ -368,7 +368,7 @@ def read_predictor_checkpoint(cls: type, path: str, space: Optional[Union[Transf
     from safetensors import SafetensorError
 
     from .registry import get_space
-    from .training.checkpoint import load_tensors
+    from .io import load_tensors
 
     try:
         tensors, meta = load_tensors(os.fspath(path))

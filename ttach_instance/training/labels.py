@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist
-from .checkpoint import atomic_save_tensors, atomic_write_json
+from ..io import atomic_save_tensors, atomic_write_json
 from .corruptions import ALL, COMMON, SEVERITIES, check_names, corrupt_batch, draw_recipes
 from .deformations import Deformation, deform_batch, draw_deformations
 from .tasks import ClassificationTask, Task

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (atomic_save_tensors, load_module_tensors, load_tensors, module_tensors,
+from ..io import (atomic_save_tensors, load_module_tensors, load_tensors, module_tensors,
                          optimizer_from_tensors, optimizer_to_tensors)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..space import flip_permutation  # noqa: F401 - re-exported: FitConfig(flip_permutation=...)
 from . import distributed as dist
-from .checkpoint import (atomic_save_tensors, atomic_write_json, load_module_tensors, load_tensors,
+from ..io import (atomic_save_tensors, atomic_write_json, load_module_tensors, load_tensors,
                          module_tensors, optimizer_from_tensors, optimizer_to_tensors)
 from .corruptions import ALL, SEVERITIES
 from .losses import ranking_loss, ranking_metrics
