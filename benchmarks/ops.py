@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import pil_reference as R  # noqa: E402
 
-from ttach_instance.spaces import paper12  # noqa: E402
+from ttach_instance.builtin_spaces import paper12  # noqa: E402
 
 
 def photos(batch: int, size: int) -> torch.Tensor:

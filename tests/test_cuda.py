@@ -12,7 +12,7 @@ import torch
 from ttach_instance import functional as F
 from ttach_instance.ops import Rotate, Zoom
 from ttach_instance.space import Candidate
-from ttach_instance.spaces import d4, five_crops, paper12, ten_crops
+from ttach_instance.builtin_spaces import d4, five_crops, paper12, ten_crops
 
 DEVICE = os.environ.get("TTACH_INSTANCE_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(

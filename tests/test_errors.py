@@ -6,7 +6,7 @@ import torch
 import ttach_instance as ti
 from ttach_instance import functional as F
 from ttach_instance.ops import Color, CropResize, Rot90, Rotate, Sharpness, Zoom
-from ttach_instance.spaces import five_crops, paper12
+from ttach_instance.builtin_spaces import five_crops, paper12
 
 X = torch.rand(2, 3, 16, 16)
 

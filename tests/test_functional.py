@@ -23,7 +23,7 @@ from ttach_instance.ops import (
     Zoom,
 )
 from ttach_instance.space import Candidate
-from ttach_instance.spaces import d4, five_crops, paper12, ten_crops
+from ttach_instance.builtin_spaces import d4, five_crops, paper12, ten_crops
 
 SIZES = [(64, 64), (48, 80), (33, 57)]
 GEOMETRIC = [
@@ -389,7 +389,7 @@ def test_photometric_pass_through():
 def test_deaugment_outputs_at_lower_resolution():
     # A stride-2 head: 16x16 outputs of 32x32 views. Pixel crops (24 px) are defined on the
     # image, so the maps must be built for image_size and applied at the outputs' size.
-    from ttach_instance.spaces import five_crops as crops
+    from ttach_instance.builtin_spaces import five_crops as crops
 
     space = crops(24)
     x = smooth(1, 32, 32)

@@ -12,9 +12,9 @@ import ttach.transforms as tt
 
 from ttach_instance import functional as F
 from ttach_instance import ops as O
-from ttach_instance import transforms as T
+from ttach_instance import interop as T
 from ttach_instance.space import TransformSpace
-from ttach_instance.spaces import d4, paper12
+from ttach_instance.builtin_spaces import d4, paper12
 
 H, W = 32, 40
 

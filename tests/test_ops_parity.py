@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import pil_reference as R
-from ttach_instance.spaces import paper12
+from ttach_instance.builtin_spaces import paper12
 
 PHOTOS = ("astronaut", "chelsea", "coffee")
 SIZES = (32, 64, 224)

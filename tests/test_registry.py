@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ttach_instance as ti
-from ttach_instance import cli, registry as registry_module, spaces as builtin_spaces
+from ttach_instance import cli, registry as registry_module, builtin_spaces
 from ttach_instance.ops import BUILTIN_OPS, HFlip
 from ttach_instance.registry import PluginWarning
 from ttach_instance.space import Candidate, TransformSpace

@@ -10,7 +10,7 @@ import torch
 import ttach_instance as ti
 from ttach_instance.ops import CallableOp, Color, CropResize, HFlip, Rotate, Sharpness, Zoom
 from ttach_instance.space import Candidate, TransformSpace
-from ttach_instance.spaces import BUILTIN_SPACES, d4, five_crops, hflip, paper12, ten_crops
+from ttach_instance.builtin_spaces import BUILTIN_SPACES, d4, five_crops, hflip, paper12, ten_crops
 
 # sha256 of the canonical JSON of the candidates; changing these means every saved predictor
 # stops matching its space, so it must be a deliberate decision.

@@ -1,4 +1,5 @@
-"""ttach-compatible transforms over our ops, and conversion of ttach pipelines into spaces.
+"""ttach interop: ttach-compatible transforms over our ops, and conversion between ttach
+pipelines and spaces (:func:`to_ttach`, :func:`from_ttach`).
 
 Each class is a ``ttach`` ``DualTransform`` (geometric) or ``ImageOnlyTransform``
 (photometric) usable in ``ttach.Compose`` and ttach's wrappers. Like ttach's own transforms,
@@ -7,6 +8,10 @@ crop back to the input size and de-augment masks (pixels outside the crop come b
 
 Images must be in pixel range [0, 1] (the ops reproduce PIL's 8-bit pipeline and clip to
 [0, 1]); with ttach's wrappers, wrap a model that normalises its input itself.
+
+The dependency points one way (interop -> space): this module defines the conversions and
+attaches them to :class:`TransformSpace` as ``space.to_ttach()`` and
+``TransformSpace.from_ttach(compose)``; ``import ttach_instance`` imports this module.
 
 Keypoint de-augmentation needs the image size for aspect-dependent maps (rotations, crops);
 the transform remembers the size of the last image it augmented, as ttach's wrappers always
@@ -176,3 +181,21 @@ def candidates_from_ttach(compose: "ttach.Compose") -> List[Candidate]:
             ops.extend(_ops_of(t, p))
         cands.append(Candidate(ops))
     return cands
+
+
+def to_ttach(space: TransformSpace) -> "ttach.Compose":
+    """``space`` as a ``ttach.Compose`` (one transform whose parameter is the candidate)."""
+    return ttach.Compose([SpaceTransform(space)])
+
+
+def from_ttach(compose: "ttach.Compose", name: str = "ttach") -> TransformSpace:
+    """Convert a ``ttach.Compose``: one candidate per parameter combination, in ttach's order."""
+    return _from_ttach(TransformSpace, compose, name)
+
+
+def _from_ttach(cls, compose: "ttach.Compose", name: str = "ttach") -> TransformSpace:
+    return cls(candidates_from_ttach(compose), name=name)
+
+
+TransformSpace.to_ttach = to_ttach
+TransformSpace.from_ttach = classmethod(_from_ttach)

@@ -115,7 +115,7 @@ class Registry:
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
-        from . import spaces as builtin
+        from . import builtin_spaces as builtin
 
         self.pm.register(builtin, name=BUILTIN_PLUGIN)
         self._order.append((BUILTIN_PLUGIN, builtin))

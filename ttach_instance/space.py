@@ -457,21 +457,9 @@ class TransformSpace:
             out[rows] = self.candidates[c].deaugment_keypoints(keypoints[rows], h, w)
         return out
 
-    # -- ttach interop
-    def to_ttach(self):
-        """This space as a ``ttach.Compose`` (one transform whose parameter is the candidate)."""
-        from .transforms import SpaceTransform
-
-        import ttach
-
-        return ttach.Compose([SpaceTransform(self)])
-
-    @classmethod
-    def from_ttach(cls, compose: Any, name: str = "ttach") -> "TransformSpace":
-        """Convert a ``ttach.Compose``: one candidate per parameter combination, in ttach's order."""
-        from .transforms import candidates_from_ttach
-
-        return cls(candidates_from_ttach(compose), name=name)
+    # ttach interop: ``to_ttach()`` and ``TransformSpace.from_ttach(compose)`` are defined in
+    # interop.py and attached there (the arrow points interop -> space only); importing
+    # ttach_instance imports interop, so every TransformSpace has them.
 
 
 def _mirrored(spec: dict) -> dict:
