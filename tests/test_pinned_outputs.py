@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import ttach_instance as ti
-from ttach_instance.models import SmallLossPredictor, small_resnet
+from ttach_instance.models import small_resnet
+from ttach_instance.predictors import SmallLossPredictor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(HERE, "fixtures", "pinned_outputs.safetensors")

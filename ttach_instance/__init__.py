@@ -33,7 +33,8 @@ __all__ = [
     "space_from_specs",
 ]
 
-_LAZY = {"LossPredictor": "predictor"}
+_LAZY = {name: "predictors" for name in ("LossPredictor", "SmallLossPredictor", "create_predictor", "load_predictor",
+                                        "list_predictors", "register_predictor")}
 
 
 def __getattr__(name: str):

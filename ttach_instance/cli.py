@@ -173,10 +173,7 @@ def _deformation(text):
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    try:
-        from .predictor import LossPredictor
-    except ImportError:  # the light built-in CNN predictor then
-        LossPredictor = None
+    from .predictors import create_predictor
     from .registry import get_space
     from .training import distributed as dist
     from .training.labels import load_label_caches
@@ -210,23 +207,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                     spearman_weight=args.spearman_weight, tau=tau, seed=args.seed, group_weight=args.group_weight,
                     flip_permutation=flip_permutation(space) if args.flip else None,
                     clean_tolerance=args.clean_tolerance, identity_gate=args.identity_gate,
-                    pretrain_epochs=args.pretrain_epochs, distill_weight=args.distill_weight)
+                    distill_weight=args.distill_weight)
     input_size = args.input_size or manifest["size"]
-    if args.predictor == "small" or LossPredictor is None:
-        from .models import SmallLossPredictor
-
+    if args.predictor == "small":
         if args.backbone:
-            raise ValueError("--backbone is a LossPredictor option; --predictor small takes --width")
-        predictor = SmallLossPredictor(space, width=args.width, input_size=input_size, levels=args.levels,
-                                       detail_channels=args.detail_channels, unshuffle=args.unshuffle)
+            raise ValueError("--backbone is a --predictor timm option; --predictor small takes --width")
+        predictor = create_predictor("small", space, width=args.width, input_size=input_size)
     else:
-        if args.levels != "last" or args.detail_channels or args.unshuffle != 1:
-            raise ValueError("--levels, --detail-channels and --unshuffle are --predictor small options "
-                             "(LossPredictor reads every level of its backbone at --input-size)")
-        kwargs = {"input_size": input_size, "pretrained": False}
-        if args.backbone:
-            kwargs["backbone"] = args.backbone
-        predictor = LossPredictor(space, **kwargs)
+        kwargs = {"backbone": args.backbone} if args.backbone else {}
+        predictor = create_predictor("timm", space, input_size=input_size, **kwargs)
     if args.init_from:
         predictor.init_from(_init_model(args, data))
     res = fit_predictor(predictor, data, args.out, cfg, num_images=manifest["num_images"], device=args.device)
@@ -274,17 +263,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _load_predictor_arg(args: argparse.Namespace, space=None):
     """``--predictor`` loaded (for ``space`` when given; ``None`` without the option), wrapped in a
-    :class:`~ttach_instance.predictor.FlipAveragedPredictor` with ``--predictor-flip``."""
+    :class:`~ttach_instance.predictors.FlipAveragedPredictor` with ``--predictor-flip``."""
     if not args.predictor:
         if getattr(args, "predictor_flip", False):
             raise ValueError("--predictor-flip needs --predictor")
         return None
-    from .models import load_predictor
+    from .predictors import FlipAveragedPredictor, load_predictor
 
     predictor = load_predictor(args.predictor, space=space)
     if getattr(args, "predictor_flip", False):
-        from .predictor import FlipAveragedPredictor
-
         predictor = FlipAveragedPredictor(predictor)
     return predictor
 
@@ -421,21 +408,13 @@ def _add_pipeline_commands(sub) -> None:
                         "runs of `labels`), trained on as one set")
     p.add_argument("--out", required=True)
     p.add_argument("--space", default=None, help="default: the labels' space")
-    p.add_argument("--predictor", default="loss", choices=["loss", "small"],
-                   help="loss: LossPredictor (timm backbone, multi-level); small: SmallLossPredictor, a light plain "
-                        "CNN that ranks better when trained from scratch on small images (docs/BENCHMARKS.md)")
-    p.add_argument("--backbone", default=None, help="LossPredictor backbone (timm name or module:factory)")
+    p.add_argument("--predictor", default="timm", choices=["timm", "small"],
+                   help="predictor architecture (ttach_instance.predictors registry): timm, a timm backbone read at "
+                        "every level; small, a light plain CNN that ranks better when trained from scratch on small "
+                        "images (docs/BENCHMARKS.md)")
+    p.add_argument("--backbone", default=None, help="--predictor timm: the backbone's timm model name")
     p.add_argument("--width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
     p.add_argument("--input-size", type=int, default=None, help="predictor input size (default: the labels' size)")
-    p.add_argument("--levels", default="last", choices=["last", "all"],
-                   help="--predictor small: features of the last stage, or of every stage pooled and concatenated")
-    p.add_argument("--unshuffle", type=int, default=1,
-                   help="--predictor small: the image at UNSHUFFLE x --input-size folded into 3 UNSHUFFLE^2 channels "
-                        "(the net runs small but sees every pixel; with --init-from the stem starts as the "
-                        "classifier's at full resolution, average-pooled)")
-    p.add_argument("--detail-channels", type=int, default=0,
-                   help="--predictor small: filters of a detail branch reading the image at twice the input size "
-                        "(band-pass energy a small input loses; 0: none)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="start the predictor from this classifier's layers (usually the target model, of the "
                         "predictor's architecture: a timm name for --backbone, ttach_instance.models:small_resnet "
@@ -443,8 +422,6 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--init-weights", default=None, help="weights of the --init-from classifier")
     p.add_argument("--init-num-classes", type=int, default=None,
                    help="classes of the --init-from classifier (default: from the labels' input_logits)")
-    p.add_argument("--pretrain-epochs", type=int, default=0,
-                   help="feature pretraining first: epochs of classifying the training fold (no pretrained weights)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw", "sgd"])

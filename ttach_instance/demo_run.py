@@ -58,25 +58,15 @@ def photo_patch_task(n_train: int = 150, n_val: int = 40, size: int = 64, photos
 
 
 def make_predictor(space, size: int, backbone: Optional[str] = None):
-    """The demo's predictor: the light :class:`SmallLossPredictor` (width 8, the target's width, so
-    :meth:`~SmallLossPredictor.init_from` can start it from the target), or ``LossPredictor`` with
-    ``backbone``.
+    """The demo's predictor: ``"small"`` (width 8, the target's width, so ``init_from`` can start
+    it from the target), or ``"timm"`` with ``backbone``. Nothing is downloaded, so no pretrained
+    backbone: at 32 px the light CIFAR-style CNN ranks better and trains faster than a timm
+    backbone that halves the image in its stem (docs/BENCHMARKS.md, "Demo")."""
+    from .predictors import create_predictor
 
-    Nothing is downloaded, so no pretrained backbone: at 32 px on 3,600 training rows the paper's
-    architecture (an ImageNet-style timm backbone that halves the image in its stem) ranks worse
-    and trains slower than the CIFAR-style stand-in. On the demo's own label cache, 20 epochs,
-    1 thread, both from scratch at 32 px: SmallLossPredictor held-out Spearman 0.652, k=1
-    accuracy 90.1 % (275 s); LossPredictor(lcnet_050) 0.614, 88.9 % (335 s); LossPredictor(mobilenetv3_small_100) is
-    ~3.5x the stand-in's cost per training step. ``LossPredictor`` is meant for pretrained
-    backbones at 64 px (``ttach-instance fit``).
-    """
     if backbone is None:
-        from .models import SmallLossPredictor
-
-        return SmallLossPredictor(space, width=8, input_size=size)
-    from .predictor import LossPredictor
-
-    return LossPredictor(space, backbone=backbone, input_size=size, pretrained=False)
+        return create_predictor("small", space, width=8, input_size=size)
+    return create_predictor("timm", space, backbone=backbone, input_size=size)
 
 
 def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8, fit_epochs: int = 20, draws: int = 3,

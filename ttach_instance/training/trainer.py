@@ -25,6 +25,8 @@ from ..space import flip_permutation  # noqa: F401 - re-exported: FitConfig(flip
 from . import distributed as dist
 from ..io import (atomic_save_tensors, atomic_write_json, load_module_tensors, load_tensors,
                          module_tensors, optimizer_from_tensors, optimizer_to_tensors)
+from ..predictors import LossPredictorBase
+from ..predictors.calibration import fit_identity_calibration, identity_index
 from .corruptions import ALL, SEVERITIES
 from .losses import ranking_loss, ranking_metrics
 
@@ -56,12 +58,6 @@ class FitConfig:
     #: Horizontal-flip augmentation of the predictor input: candidate ``j`` of a flipped image has
     #: the loss of candidate ``flip_permutation[j]`` of the original (see :func:`flip_permutation`).
     flip_permutation: Optional[List[int]] = None
-    #: Epochs of *feature pretraining* before the ranking epochs: the predictor's ``features``
-    #: (with a temporary linear head) learn to classify the training fold's images (the label
-    #: cache's ``labels``, corrupted rows included), the stand-in for the pretrained backbone the
-    #: paper starts from when no pretrained weights can be had. ``0``: none.
-    pretrain_epochs: int = 0
-    pretrain_lr: float = 3e-3
     #: Weight of an auxiliary *corruption recognition* term during the ranking epochs: a temporary
     #: linear head on ``predictor.features`` classifies each row's corruption and severity (clean
     #: is one class; :func:`corruption_groups`), trained jointly and dropped afterwards, so the
@@ -79,7 +75,7 @@ class FitConfig:
     #: points of the identity's (``None``: no calibration).
     clean_tolerance: Optional[float] = None
     #: With ``clean_tolerance``: make the margin depend on how clean each image looks
-    #: (:class:`~ttach_instance.predictor.IdentityGate`, :func:`fit_identity_gate`). For the same
+    #: (a gated :class:`~ttach_instance.predictors.calibration.IdentityCalibration`). For the same
     #: clean accuracy, corrupted images keep more of their gain (docs/BENCHMARKS.md).
     identity_gate: bool = False
     #: Which epoch's EMA weights the fit ends with: the best on this held-out metric (a key of
@@ -102,8 +98,6 @@ class FitConfig:
         for name in ("group_weight", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.pretrain_epochs < 0:
-            raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
         if self.select_by is not None and self.select_by not in SELECTABLE_METRICS:
             raise ValueError(f"select_by must be one of {sorted(SELECTABLE_METRICS)} or None, got {self.select_by!r}")
         if self.flip_permutation is not None and sorted(self.flip_permutation) != list(range(len(self.flip_permutation))):
@@ -184,80 +178,6 @@ def _feature_width(predictor: nn.Module, probe: Tensor) -> int:
     return int(width)
 
 
-class _FeatureClassifier(nn.Module):
-    """``predictor.features`` + a temporary linear head: what feature pretraining trains."""
-
-    def __init__(self, predictor: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.predictor = predictor
-        self.head = head
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.predictor.features(x))
-
-
-def pretrain_features(predictor: nn.Module, images: Tensor, labels: Tensor, rows: Tensor, cfg: "FitConfig",
-                      device: str = "cpu", progress: bool = True, log: Callable[[str], None] = print) -> List[Dict]:
-    """Train ``predictor.features`` to classify ``images[rows]`` (uint8) by ``labels[rows]`` for
-    ``cfg.pretrain_epochs`` epochs (AdamW, cosine, flips and cutout; DDP under torchrun); the
-    predictor's own final layer is left as it was. Returns per-epoch ``{"loss", "accuracy"}``."""
-    from tqdm import tqdm
-
-    if not callable(getattr(predictor, "features", None)):
-        raise TypeError(f"pretrain_epochs needs a predictor with a features(pixels) -> (B, F) method, "
-                        f"{type(predictor).__name__} has none")
-    if labels.dim() != 1 or labels.is_floating_point():
-        raise ValueError(f"feature pretraining needs class labels (N,) in the label cache, got "
-                         f"{labels.dtype} {tuple(labels.shape)}")
-    rank, world = dist.rank(), dist.world_size()
-    num_classes = int(labels.max()) + 1
-    was = predictor.training
-    num_features = _feature_width(predictor, images[rows[:2]].to(device))
-    g = torch.Generator().manual_seed(cfg.seed * 1000003 + 424242)
-    clf = _FeatureClassifier(predictor, _temporary_head(num_features, num_classes, g)).to(device)
-    net: nn.Module = clf
-    if world > 1:  # the predictor's own final layer takes no part: find_unused_parameters
-        net = nn.parallel.DistributedDataParallel(clf, device_ids=None if device == "cpu" else [torch.device(device).index],
-                                                  find_unused_parameters=True)
-    opt = torch.optim.AdamW(clf.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(rows.numel() / cfg.batch_size)
-    total, step, history = cfg.pretrain_epochs * steps_per_epoch, 0, []
-    for epoch in range(cfg.pretrain_epochs):
-        net.train()
-        perm = rows[torch.randperm(rows.numel(), generator=g)]
-        bar = tqdm(range(steps_per_epoch), desc=f"pretrain epoch {epoch + 1}/{cfg.pretrain_epochs}",
-                   disable=not progress or rank != 0, leave=False)
-        loss_sum = hits = seen = 0.0
-        for s in bar:
-            batch = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            for group in opt.param_groups:
-                group["lr"] = cfg.pretrain_lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            x = _cutout(images[batch].float() / 255, cfg.cutout, g)
-            flip = torch.rand(batch.numel(), generator=g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)[rank::world].to(device)
-            y = labels[batch][rank::world].to(device)
-            logits = net(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            (loss * (y.numel() * world / max(1, batch.numel()))).backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(clf.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            loss_sum += float(loss.detach()) * y.numel()
-            hits += float((logits.argmax(1) == y).sum())
-            seen += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / max(1, seen):.3f}", acc=f"{hits / max(1, seen):.3f}", refresh=False)
-        history.append({"pretrain_epoch": epoch + 1, "loss": loss_sum / max(1, seen), "accuracy": hits / max(1, seen)})
-        if rank == 0:
-            log(f"pretrain epoch {epoch + 1}/{cfg.pretrain_epochs}: loss {history[-1]['loss']:.4f} "
-                f"accuracy {history[-1]['accuracy']:.4f}")
-    del net  # its DDP hooks must not outlive the pretraining
-    predictor.train(was)
-    return history
-
-
-@torch.no_grad()
 def predict_losses(predictor: nn.Module, images: Tensor, batch_size: int = 500, device: str = "cpu") -> Tensor:
     """Predicted relative losses ``(N, T)`` for uint8 images ``(N, 3, H, W)``."""
     predictor.eval()
@@ -303,8 +223,9 @@ def fit_predictor(
             raise ValueError(f"data must be a loaded label cache with {key!r} (LabelCache(dir).load()), missing {key!r}")
     images, losses, rows = data["images"], data["losses"].float(), data["rows"]
     correct = data.get("correct")
-    if cfg.identity_gate:
-        check_gate_support(predictor)
+    if cfg.clean_tolerance is not None and not isinstance(predictor, LossPredictorBase):
+        raise TypeError(f"clean_tolerance calibrates a LossPredictorBase's calibration slot; "
+                        f"{type(predictor).__name__} has none (fit with clean_tolerance=None)")
     n_img = int(num_images or (int(rows.max()) + 1 if "num_images" not in data else data["num_images"]))
     train_mask, val_mask = split_rows(rows, n_img, cfg.val_fraction, cfg.seed)
     train_idx = train_mask.nonzero().squeeze(1)
@@ -314,11 +235,6 @@ def fit_predictor(
     rank, world = dist.rank(), dist.world_size()
     predictor = predictor.to(device)
     ckpt = os.path.join(out_dir, "checkpoint.safetensors") if out_dir else None
-    pretrain_history: List[Dict] = []
-    if cfg.pretrain_epochs and not (ckpt and os.path.isfile(ckpt)):  # a resumed run has them in its checkpoint
-        if "labels" not in data:
-            raise ValueError("pretrain_epochs needs the label cache's class 'labels'")
-        pretrain_history = pretrain_features(predictor, images, data["labels"], train_idx, cfg, device, progress, log)
     ema = copy.deepcopy(predictor).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -457,24 +373,24 @@ def fit_predictor(
     if done and history and rank == 0 and chosen != len(history):
         log(f"selected epoch {chosen}/{len(history)} (best held-out {cfg.select_by})")
     margin = None
-    identity = identity_index(predictor)
     calibrate = done and cfg.clean_tolerance is not None and correct is not None and "corruption" in data \
         and val_idx.numel() > 0
-    if calibrate and identity is None:
+    if calibrate and identity_index(predictor.space) is None:
         calibrate = False
         if rank == 0:
-            log(f"no identity margin: space {predictor.space.name!r} has no identity candidate")
+            log(f"no identity calibration: space {predictor.space.name!r} has no identity candidate")
     if calibrate:
         clean = data["corruption"] < 0
+        val_features = predict_features(predictor, images[val_idx], device=device)
+        train_features = train_clean = None
         if cfg.identity_gate:
-            margin, info = fit_identity_gate(predictor, images[train_idx], clean[train_idx], images[val_idx],
-                                             correct[val_idx], clean[val_idx], cfg.clean_tolerance, identity,
-                                             seed=cfg.seed, device=device)
-        else:
-            pred_val = predict_losses(predictor, images[val_idx], device=device)
-            margin, info = calibrate_identity_margin(pred_val, correct[val_idx], clean[val_idx], cfg.clean_tolerance,
-                                                     identity)
-            apply_identity_margin(predictor, margin, identity)
+            g = torch.Generator().manual_seed(cfg.seed)
+            gate_rows = train_idx[torch.randperm(train_idx.numel(), generator=g)[:50_000]]
+            train_features = predict_features(predictor, images[gate_rows], device=device)
+            train_clean = clean[gate_rows]
+        info = fit_identity_calibration(predictor, val_features, correct[val_idx], clean[val_idx], cfg.clean_tolerance,
+                                        train_features, train_clean)
+        margin = info["margin"]
         if rank == 0:
             gated = f" gated (clean/corrupted told apart on {info['gate_accuracy']:.4f} of held-out rows)" \
                 if cfg.identity_gate else ""
@@ -495,7 +411,6 @@ def fit_predictor(
             atomic_write_json(os.path.join(out_dir, "history.json"), history)
     return {"history": history, "final": history[chosen - 1] if history else {}, "selected_epoch": chosen if history else None,
             "complete": done, "identity_margin": margin,
-            "pretrain": pretrain_history,
             "val_rows": val_idx, "train_rows": train_idx}
 
 
@@ -511,144 +426,9 @@ def _improves(record: Dict, history: List[Dict], best_epoch: Optional[int], metr
     return new > old if SELECTABLE_METRICS[metric] else new < old
 
 
-def identity_index(predictor: nn.Module) -> Optional[int]:
-    """Which candidate of the predictor's space is the identity (the first one), ``None`` when
-    the space has none (crops); 0 for a predictor without a ``space``."""
-    space = getattr(predictor, "space", None)
-    if space is None:
-        return 0
-    return next((i for i, candidate in enumerate(space) if candidate.is_identity), None)
-
-
-def calibrate_identity_margin(pred: Tensor, correct: Tensor, clean: Tensor, tolerance: float = 0.0,
-                              identity: int = 0, grid: Optional[Sequence[float]] = None,
-                              gate: Optional[Tensor] = None):
-    """Margin ``m`` >= 0 such that choosing ``argmin(pred - m * g * e_identity)`` maximises held-out
-    k=1 accuracy while accuracy on clean rows stays >= identity's clean accuracy - ``tolerance``
-    points; ``g`` is 1, or per row the ``gate`` ``(N,)`` (an :class:`IdentityGate`'s clean
-    probability).
-
-    Small predicted differences on clean images are mostly noise; the margin keeps the identity
-    unless another candidate is predicted clearly better. Returns ``(margin, info)``.
-    """
-    if grid is None:
-        spread = float((pred.max(1).values - pred.min(1).values).median())
-        factors = (0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0)
-        if gate is not None:  # a gated margin is scaled down by the gate: larger ones can still matter
-            factors += (3.0, 4.0, 6.0, 8.0)
-        grid = [spread * f for f in factors + (100.0,)]
-    scale = 1.0 if gate is None else gate.float()
-    c = correct.float()
-    id_clean = float(c[clean, identity].mean()) if clean.any() else 0.0
-    best = None
-    for m in grid:
-        q = pred.clone()
-        q[:, identity] -= m * scale
-        acc = c.gather(1, q.argmin(1, keepdim=True)).squeeze(1)
-        clean_acc = float(acc[clean].mean()) if clean.any() else 1.0
-        ok = clean_acc >= id_clean - tolerance / 100
-        cand = (ok, float(acc.mean()), -m)
-        if best is None or cand > best[0]:
-            best = (cand, m, {"accuracy": float(acc.mean()), "clean": clean_acc, "identity_clean": id_clean})
-    return float(best[1]), best[2]
-
-
-@torch.no_grad()
-def apply_identity_margin(predictor: nn.Module, margin: float, identity: int = 0) -> None:
-    """Fold the margin into the predictor: lower the identity's output bias (its last ``nn.Linear``)."""
-    if not margin:
-        return
-    from ..predictor import ranking_head
-
-    head = ranking_head(predictor)
-    if head is None or head.bias is None:
-        raise ValueError("predictor must end in an nn.Linear with a bias to take an identity margin")
-    head.bias[identity] -= margin
-
-
-def remove_identity_calibration(predictor: nn.Module, history: Sequence[Dict]) -> Optional[float]:
-    """Undo what :func:`fit_predictor`'s calibration put into a fitted ``predictor``: its
-    :class:`~ttach_instance.predictor.IdentityGate` (removed; returns ``None``) or the constant
-    margin recorded on the selected epoch of its ``history`` (``history.json``; the identity's
-    bias raised back; returns that margin, 0 when none was recorded). What is left is the plain
-    ranking."""
-    if getattr(predictor, "identity_gate", None) is not None:
-        del predictor.identity_gate
-        return None
-    margin = next((h.get("identity_margin") for h in history if h.get("selected")), None) or 0.0
-    apply_identity_margin(predictor, -margin, identity_index(predictor) or 0)
-    return margin
-
-
 @torch.no_grad()
 def predict_features(predictor: nn.Module, images: Tensor, batch_size: int = 500, device: str = "cpu") -> Tensor:
     """``predictor.features`` ``(N, F)`` for uint8 images ``(N, 3, H, W)``, in eval mode."""
     predictor.eval()
     return torch.cat([predictor.features(images[i:i + batch_size].to(device).float() / 255).float().cpu()
                       for i in range(0, images.shape[0], batch_size)])
-
-
-def check_gate_support(predictor: nn.Module) -> None:
-    """``TypeError`` unless ``predictor`` applies an identity gate: ``features``, ``head_scores``
-    and ``supports_identity_gate`` (its ``head_scores`` calls ``predictor.gate_scores``)."""
-    if not (callable(getattr(predictor, "features", None)) and callable(getattr(predictor, "head_scores", None))
-            and getattr(type(predictor), "supports_identity_gate", False)):
-        raise TypeError(f"{type(predictor).__name__} cannot take an identity gate: it needs features(), "
-                        f"head_scores() that applies ttach_instance.predictor.gate_scores, and "
-                        f"supports_identity_gate = True (LossPredictor and SmallLossPredictor have them); "
-                        f"fit with identity_gate=False for a constant margin")
-
-
-def fit_identity_gate(predictor: nn.Module, train_images: Tensor, train_clean: Tensor, val_images: Tensor,
-                      val_correct: Tensor, val_clean: Tensor, tolerance: float, identity: int = 0,
-                      max_rows: int = 50_000, seed: int = 0, device: str = "cpu"):
-    """Give ``predictor`` an :class:`~ttach_instance.predictor.IdentityGate`, fitted and calibrated.
-
-    The gate is a logistic regression, L2-regularised, on the predictor's standardised features.
-    It is fitted on up to ``max_rows`` training rows (``train_clean``: rows with no corruption)
-    and folded back to raw features. Its margin then comes from
-    :func:`calibrate_identity_margin` on the held-out rows, with the gate's clean probability
-    per row. Replaces any gate the predictor had. It must have ``features`` and
-    ``head_scores``, and no constant margin folded in. Returns ``(margin, info)``: ``info`` is
-    calibrate's, plus ``gate_accuracy``, how often the gate tells clean from corrupted on the
-    held-out rows.
-    """
-    from ..predictor import IdentityGate
-
-    check_gate_support(predictor)
-    train_clean, val_clean = train_clean.bool(), val_clean.bool()
-    if train_clean.all() or not train_clean.any():
-        raise ValueError("fitting an identity gate needs clean and corrupted training rows (labels made with "
-                         "corruption_p strictly between 0 and 1)")
-    if getattr(predictor, "identity_gate", None) is not None:
-        del predictor.identity_gate
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(train_images.shape[0], generator=g)[:max_rows]
-    x = predict_features(predictor, train_images[rows], device=device).double()
-    y = train_clean[rows].double()
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    z = (x - mean) / std
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + 1e-4 * w.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    gate = IdentityGate(z.shape[1], identity)
-    with torch.no_grad():
-        gate.weight.copy_((w / std).float())
-        gate.bias.copy_((b - (w * mean / std).sum()).float())
-        f_val = predict_features(predictor, val_images, device=device)
-        p_val = gate.clean_probability(f_val)
-        scores = predictor.head_scores(f_val.to(device)).float().cpu()
-    margin, info = calibrate_identity_margin(scores, val_correct, val_clean, tolerance, identity, gate=p_val)
-    gate.margin.fill_(margin)
-    info["gate_accuracy"] = float(((p_val > 0.5) == val_clean).float().mean())
-    predictor.identity_gate = gate.to(device)
-    return margin, info
