@@ -1,4 +1,7 @@
+import hashlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,18 +198,104 @@ def test_input_logits_are_the_models_logits_on_the_stored_image(tmp_path):
     assert "input_logits" not in c2.load()
 
 
-def test_shards_without_a_newer_field_still_load(tmp_path):
-    """A cache continued by a version that records one more field loads with the common fields."""
-    from safetensors.torch import load_file, save_file
+def _damage(path, how):
+    """Truncate the file to half, or flip one byte in its tensor data (same size)."""
+    with open(path, "r+b") as f:
+        if how == "truncate":
+            f.truncate(os.path.getsize(path) // 2)
+        else:
+            f.seek(-5, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-5, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0xFF]))
 
+
+@pytest.mark.parametrize("how, problem", [("truncate", "truncated or altered"), ("flip", "altered: its sha256")])
+def test_damaged_shard_is_refused_on_load_and_recomputed_on_resume(tmp_path, how, problem):
     model = tiny_model()
     images, labels = tiny_data(6)
-    cache = generate_labels(model, images, labels, space(), str(tmp_path / "c"), shard_size=3, progress=False)
-    old = load_file(cache.shard_path(0))
-    old.pop("input_logits")
-    save_file(old, cache.shard_path(0))
-    data = cache.load()
-    assert "input_logits" not in data and data["losses"].shape == (6, len(space()))
+    kw = dict(corruption_p=0.5, corruptions=["contrast"], shard_size=2, progress=False)
+    cache = generate_labels(model, images, labels, space(), str(tmp_path / "c"), **kw)
+    good = cache.load()
+    _damage(cache.shard_path(1), how)
+    with pytest.raises(ValueError, match=rf"shard_00001.safetensors {problem}.*labels step again"):
+        cache.load()
+    logged = []
+    generate_labels(model, images, labels, space(), str(tmp_path / "c"), log=logged.append, **kw)
+    assert len(logged) == 1 and "shard_00001.safetensors is " + problem in logged[0] and "recomputing" in logged[0]
+    again = cache.load()
+    for key in good:
+        assert torch.equal(good[key], again[key]), key
+    # the manifest lists every shard with the size and sha256 of its file
+    records = cache.manifest()["shards"]
+    assert sorted(records) == ["0", "1", "2"]
+    for s, rec in records.items():
+        with open(cache.shard_path(int(s)), "rb") as f:
+            payload = f.read()
+        assert rec == {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def test_unrecorded_shard_counts_as_missing_and_is_recomputed(tmp_path):
+    """A shard file written by a job killed before it was recorded: not done, recomputed."""
+    model = tiny_model()
+    images, labels = tiny_data(4)
+    cache = generate_labels(model, images, labels, space(), str(tmp_path / "c"), shard_size=2, progress=False)
+    m = cache.manifest()
+    del m["shards"]["1"]
+    with open(cache.manifest_path, "w") as f:
+        json.dump(m, f)
+    assert cache.done_shards() == [0] and not cache.complete
+    with pytest.raises(ValueError, match="incomplete"):
+        cache.load()
+    logged = []
+    generate_labels(model, images, labels, space(), str(tmp_path / "c"), shard_size=2, progress=False,
+                    log=logged.append)
+    assert "shard_00001.safetensors is written but not recorded" in logged[0] and cache.complete
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
+def test_bad_batch_size_writes_nothing(tmp_path, batch_size):
+    model = tiny_model()
+    images, labels = tiny_data(3)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer"):
+        generate_labels(model, images, labels, space(), str(tmp_path / "c"), batch_size=batch_size, progress=False)
+    assert not os.path.exists(tmp_path / "c")
+
+
+def test_writes_are_fsynced_file_and_directory(tmp_path, monkeypatch):
+    import stat
+
+    import ttach_instance.io as tio
+
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real(fd)
+
+    monkeypatch.setattr(tio.os, "fsync", spy)
+    model = tiny_model()
+    images, labels = tiny_data(2)
+    generate_labels(model, images, labels, space(), str(tmp_path / "c"), shard_size=2, progress=False)
+    # manifest, shard, manifest with the shard's record: each file then its directory
+    assert synced == ["file", "dir"] * 3
+    assert sorted(os.listdir(tmp_path / "c")) == ["manifest.json", "shard_00000.safetensors"]
+
+
+def test_cache_of_an_older_format_is_refused(tmp_path):
+    model = tiny_model()
+    images, labels = tiny_data(2)
+    cache = generate_labels(model, images, labels, space(), str(tmp_path / "c"), progress=False)
+    m = cache.manifest()
+    for fmt, words in ((1, "older ttach-instance (format 1"), (None, "older ttach-instance (no format version"),
+                       (99, "newer ttach-instance (format 99)")):
+        with open(cache.manifest_path, "w") as f:
+            json.dump({**m, "format": fmt}, f)
+        for call in (cache.load, lambda: generate_labels(model, images, labels, space(), cache.directory,
+                                                         progress=False)):
+            with pytest.raises(ValueError, match=re.escape(words)):
+                call()
 
 
 def test_label_caches_combine_into_one_set_of_whole_draws(tmp_path):
