@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from ttach_instance.data import normalizer
+from ttach_instance.io import tensors_sha256
 from ttach_instance.training.corruptions import ALL, COMMON, HELD_OUT, corrupt_one, draw_recipes
 from ttach_instance.training.labels import LabelCache, generate_labels
 from ttach_instance.training.tasks import ClassificationTask
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _tiny import space, tiny_data, tiny_model  # noqa: E402
+from _tiny import space, tiny_data, tiny_model
 
 
 def reference_losses(model, images_u8, labels):
@@ -99,8 +98,48 @@ def test_resume_equals_one_shot_and_config_mismatch(tmp_path):
     two = generate_labels(model, images, labels, space(), str(tmp_path / "two"), **kw).load()
     for key in one:
         assert torch.equal(one[key], two[key]), key
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="other settings.*draws: 2 -> 3"):
         generate_labels(model, images, labels, space(), str(tmp_path / "two"), **{**kw, "draws": 3})
+
+
+def test_resume_with_another_model_data_space_or_settings_is_refused_naming_what_differs(tmp_path):
+    model = tiny_model()
+    images, labels = tiny_data(4)
+    d = str(tmp_path / "c")
+    kw = dict(shard_size=2, progress=False, model_spec={"model": "tiny", "num_classes": 3})
+    generate_labels(model, images, labels, space(), d, max_shards=1, **kw)
+    other = tiny_model()
+    with torch.no_grad():
+        other[0].bias[0] += 1e-3  # the same architecture and spec, other weights
+    moved_pixel = images.clone()
+    moved_pixel[3, 0, 0, 0] ^= 1  # one pixel of the last image
+    relabelled = labels.clone()
+    relabelled[3] = (relabelled[3] + 1) % 3
+    old_hash, new_hash = tensors_sha256(model.state_dict())[:12], tensors_sha256(other.state_dict())[:12]
+    cases = [
+        (dict(model=other), re.escape(f'model.weights_sha256: "{old_hash}..." -> "{new_hash}...')),
+        (dict(images=moved_pixel), r"dataset: "),
+        (dict(labels=relabelled), r"dataset: "),
+        (dict(space=space().subset([0, 1, 2, 3])), r"space_fingerprint: "),
+        (dict(model_spec={"model": "tiny", "num_classes": 4}), r"model\.spec\.num_classes: 3 -> 4"),
+        (dict(corruption_p=0.5, corruptions=["contrast"]), r"corruption_p: 0\.0 -> 0\.5"),
+        (dict(deformation={"rotate": 5}), r"deformation: null -> "),
+        (dict(seed=1), r"seed: 0 -> 1"),
+    ]
+    for change, words in cases:
+        args = {"model": model, "images": images, "labels": labels, "space": space(), **kw, **change}
+        with pytest.raises(ValueError, match="other settings or another model/data.*" + words):
+            generate_labels(args.pop("model"), args.pop("images"), args.pop("labels"), args.pop("space"), d, **args)
+    assert LabelCache(d).done_shards() == [0]  # nothing was written by the refused runs
+    # a model rebuilt with the same weights continues the cache
+    same = tiny_model()
+    assert generate_labels(same, images, labels, space(), d, **kw).complete
+    # caches of two models do not combine into one training set
+    from ttach_instance.training.labels import load_label_caches
+
+    e = generate_labels(other, images, labels, space(), str(tmp_path / "e"), seed=1, **kw)
+    with pytest.raises(ValueError, match=r"differ in \['model'\]"):
+        load_label_caches([d, e.directory])
 
 
 def test_bad_arguments(tmp_path):
@@ -119,8 +158,7 @@ def test_bad_arguments(tmp_path):
 
 
 JOB = r"""
-import sys, time, torch
-sys.path.insert(0, {here!r})
+import time, torch
 from _tiny import tiny_model, tiny_data, space
 from ttach_instance.training.labels import generate_labels
 model = tiny_model()
@@ -136,10 +174,10 @@ print("finished")
 """
 
 
-def test_killed_job_resumes_without_loss_or_duplicates(tmp_path):
+def test_killed_job_resumes_without_loss_or_duplicates(tmp_path, helpers_env):
     out = str(tmp_path / "cache")
-    proc = subprocess.Popen([sys.executable, "-c", JOB.format(here=HERE, out=out, delay=0.4)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-c", JOB.format(out=out, delay=0.4)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=helpers_env)
     cache = LabelCache(out)
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -153,8 +191,8 @@ def test_killed_job_resumes_without_loss_or_duplicates(tmp_path):
     done_before = len(cache.done_shards())
     assert 2 <= done_before < 8, proc.stdout.read().decode()[-2000:]
     # restart: only the missing shards are computed
-    res = subprocess.run([sys.executable, "-c", JOB.format(here=HERE, out=out, delay=0.0)], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", JOB.format(out=out, delay=0.0)], capture_output=True,
+                         text=True, timeout=120, env=helpers_env)
     assert "finished" in res.stdout, res.stderr[-2000:]
     data = cache.load()
     assert torch.equal(data["rows"], torch.arange(24))
