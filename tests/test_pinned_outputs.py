@@ -5,7 +5,8 @@ The reference file ``fixtures/pinned_outputs.safetensors`` was written by this m
 changes any number shows up here. Intended changes are listed in ``INTENDED`` with the reason,
 and those entries are compared against their new definition instead.
 
-Regenerate (only when a change is intended and stated): ``python tests/test_pinned_outputs.py``.
+The reference file is never regenerated from the current code: it is the record of what the
+code computed before the rebuild.
 """
 
 from __future__ import annotations
@@ -64,83 +65,89 @@ def _normalised(pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_pinned() -> dict:
-    from ttach_instance.evaluation import _method_forward, evaluate_arrays, evaluate_segmentation_arrays
-    from ttach_instance.data import normalizer
-    from ttach_instance.segmentation import (LossGuidedSegmentationWrapper, OracleKSegmentationWrapper,
-                                             RandomKSegmentationWrapper, SegmentationTTAWrapper)
+    from ttach_instance.evaluation import OracleKSegmentationWrapper, OracleKWrapper, build_method
 
     out = {}
     space = ti.get_space("paper12")
     model, predictor = _classifier(), _predictor(space)
     pixels, labels, masks = _inputs()
     x = _normalised(pixels)
+    logits = {"merge_space": "logits"}  # the wrappers' merge before the default became "probs"
     # -- classification wrappers
     for name, wrapper in {
-        "lg_k1": ti.LossGuidedWrapper(model, predictor, k=1),
-        "lg_k2": ti.LossGuidedWrapper(model, predictor, k=2),
-        "lg_k2_flip": ti.LossGuidedWrapper(model, predictor, k=2, flip=True),
-        "lg_k3_weighted": ti.LossGuidedWrapper(model, predictor, k=3, merge_mode="weighted", temperature=0.5),
-        "lg_k2_gmean_chunk4": ti.LossGuidedWrapper(model, predictor, k=2, merge_mode="gmean", chunk_size=4),
-        "random_k2": ti.RandomKWrapper(model, space, k=2, seed=0),
-        "full_space": ti.FullSpaceWrapper(model, space),
-        "full_space_crops": ti.FullSpaceWrapper(model, "five_crops"),
+        "lg_k1": ti.LossGuidedWrapper(model, predictor, k=1, **logits),
+        "lg_k2": ti.LossGuidedWrapper(model, predictor, k=2, **logits),
+        "lg_k2_flip": ti.LossGuidedWrapper(model, predictor, k=2, flip=True, **logits),
+        "lg_k3_weighted": ti.LossGuidedWrapper(model, predictor, k=3, merge_mode="weighted", temperature=0.5,
+                                               **logits),
+        "lg_k2_gmean_chunk4": ti.LossGuidedWrapper(model, predictor, k=2, merge_mode="gmean", chunk_size=4, **logits),
+        "random_k2": ti.RandomKWrapper(model, space, k=2, seed=0, **logits),
+        "full_space": ti.FullSpaceWrapper(model, space, **logits),
+        "full_space_crops": ti.FullSpaceWrapper(model, "five_crops", **logits),
     }.items():
         out[f"cls/{name}"] = wrapper(x)
-    oracle, selection = ti.OracleKWrapper(model, space, k=2, return_selection=True)(x, labels)
+    oracle, selection = OracleKWrapper(model, space, k=2, return_selection=True, **logits)(x, labels)
     out["cls/oracle_k2"], out["cls/oracle_k2_index"] = oracle, selection.index
     _, selection = ti.LossGuidedWrapper(model, predictor, k=2, return_selection=True)(x)
     out["cls/lg_k2_index"] = selection.index
-    # -- evaluation methods (deployable forwards and the harness's errors)
-    crops = ti.get_space("ten_crops")
-    normalize = normalizer(model)
-    for m in ("identity", "hflip", "five_crops", "ten_crops", "random_k1", "random_k2", "random_k4", "full_mean",
-              "ours_k1", "ours_k2", "ours_k1_hflip", "ours_k2_hflip"):
-        out[f"eval/{m}"] = _method_forward(m, model, predictor, space, crops, normalize, pixels,
-                                           torch.Generator().manual_seed(0))
-    images = (pixels * 255).round().to(torch.uint8)
-    res = evaluate_arrays(model, images, labels, space, predictor, batch_size=4)
-    for m, err in res["errors"].items():
-        out[f"eval_errors/{m}"] = torch.tensor(err, dtype=torch.float64)
+    # -- evaluation methods: now the wrappers themselves (softmax probabilities, as measured)
+    for m in ("identity", "hflip", "five_crops", "ten_crops", "full_mean", "ours_k1", "ours_k2", "ours_k1_hflip",
+              "ours_k2_hflip"):
+        result = build_method(m, model, space, predictor, mean=MEAN, std=STD)(x)
+        out[f"eval/{m}"] = (result[0] if isinstance(result, tuple) else result).exp()
     # -- segmentation wrappers
     seg = _segmenter()
     seg_pred = _predictor(space)
     for name, wrapper in {
-        "full_d4": SegmentationTTAWrapper(seg, "d4", mean=MEAN, std=STD),
-        "full_paper12": SegmentationTTAWrapper(seg, space, mean=MEAN, std=STD),
-        "full_paper12_identity_cov": SegmentationTTAWrapper(seg, space, mean=MEAN, std=STD, coverage="identity"),
-        "full_paper12_zero_cov": SegmentationTTAWrapper(seg, space, mean=MEAN, std=STD, coverage="zero"),
-        "full_paper12_probs": SegmentationTTAWrapper(seg, space, mean=MEAN, std=STD, merge_mode="probs"),
-        "full_five_crops": SegmentationTTAWrapper(seg, "five_crops", mean=MEAN, std=STD),
-        "lg_k1": LossGuidedSegmentationWrapper(seg, seg_pred, k=1, mean=MEAN, std=STD),
-        "lg_k2": LossGuidedSegmentationWrapper(seg, seg_pred, k=2, mean=MEAN, std=STD),
-        "lg_k2_nearest": LossGuidedSegmentationWrapper(seg, seg_pred, k=2, mean=MEAN, std=STD,
-                                                       interpolation="nearest"),
-        "random_k2": RandomKSegmentationWrapper(seg, space, k=2, generator=torch.Generator().manual_seed(0),
-                                                mean=MEAN, std=STD),
+        "full_d4": ti.SegmentationTTAWrapper(seg, "d4", **logits),
+        "full_paper12": ti.SegmentationTTAWrapper(seg, space, **logits),
+        "full_paper12_identity_cov": ti.SegmentationTTAWrapper(seg, space, coverage="identity", **logits),
+        "full_paper12_zero_cov": ti.SegmentationTTAWrapper(seg, space, coverage="zero", **logits),
+        "full_five_crops": ti.SegmentationTTAWrapper(seg, "five_crops", **logits),
+        "lg_k1": ti.LossGuidedSegmentationWrapper(seg, seg_pred, k=1, **logits),
+        "lg_k2": ti.LossGuidedSegmentationWrapper(seg, seg_pred, k=2, **logits),
+        "lg_k2_nearest": ti.LossGuidedSegmentationWrapper(seg, seg_pred, k=2, interpolation="nearest", **logits),
+        "random_k2": ti.RandomKSegmentationWrapper(seg, space, k=2, seed=0, **logits),
     }.items():
         out[f"seg/{name}"] = wrapper(x)
-    out["seg/oracle_k1"] = OracleKSegmentationWrapper(seg, space, k=1, mean=MEAN, std=STD)(x, target=masks)
-    _, unc = SegmentationTTAWrapper(seg, space, mean=MEAN, std=STD).forward_with_uncertainty(x)
+    out["seg/full_paper12_probs"] = ti.SegmentationTTAWrapper(seg, space)(x).exp()
+    out["seg/oracle_k1"] = OracleKSegmentationWrapper(seg, space, k=1, **logits)(x, masks)
+    _, unc = ti.SegmentationTTAWrapper(seg, space, **logits).forward_with_uncertainty(x)
     out["seg/full_paper12_uncertainty"] = unc
-    res = evaluate_segmentation_arrays(seg, images, masks, space, 3, predictor=seg_pred, batch_size=4)
-    for m in res["miou"]:
-        out[f"seg_eval_miou/{m}"] = torch.tensor(res["miou"][m], dtype=torch.float64)
-        out[f"seg_eval_acc/{m}"] = torch.tensor(res["pixel_acc"][m], dtype=torch.float64)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+#: Entries that changed on purpose, and why; they are compared within ``tolerance`` instead.
+INTENDED = {
+    # The harness re-implemented each method with its own softmax mean (``.mean(1)``); it now runs
+    # the wrappers, whose probability merge accumulates view by view (ttach's Merger order) and
+    # whose views come from the un-normalised input: the same numbers up to float rounding.
+    **{f"eval/{m}": 1e-6 for m in ("identity", "hflip", "five_crops", "ten_crops", "full_mean", "ours_k1",
+                                   "ours_k2", "ours_k1_hflip", "ours_k2_hflip")},
+    # Segmentation's "probs" merge returned the merged probabilities; every wrapper now returns
+    # their logarithm (exp() is compared).
+    "seg/full_paper12_probs": 1e-6,
+    # Segmentation now moves between model input and pixels through the one normalisation of
+    # every wrapper (``x * std + mean`` as one addcmul; the identity view is the input itself,
+    # not re-normalised pixels): logits up to ~10 move by float rounding, at most 2e-6.
+    **{f"seg/{name}": 5e-6 for name in ("full_d4", "full_paper12", "full_paper12_identity_cov", "full_paper12_zero_cov",
+                                        "full_five_crops", "lg_k1", "lg_k2", "lg_k2_nearest", "random_k2", "oracle_k1",
+                                        "full_paper12_uncertainty")},
+}
+#: Random baselines draw per wrapper from their own seeded generator now (the harness drew all
+#: three from one shared generator), and the harness's errors are those of the wrappers'
+#: probability merge: these entries are no longer comparable and are checked by
+#: ``test_harness_equals_each_methods_wrapper`` in tests/test_evaluation.py instead.
+RETIRED = ("eval/random_k1", "eval/random_k2", "eval/random_k4", "eval_errors/", "seg_eval_miou/", "seg_eval_acc/")
 
 
 def test_outputs_match_the_pinned_reference():
     from safetensors.torch import load_file
 
-    reference = load_file(REFERENCE)
+    reference = {k: v for k, v in load_file(REFERENCE).items() if not k.startswith(RETIRED)}
     now = compute_pinned()
     assert sorted(now) == sorted(reference)
-    changed = [k for k in reference if not torch.equal(now[k], reference[k])]
-    assert not changed, f"outputs changed: {changed}"
-
-
-if __name__ == "__main__":
-    from safetensors.torch import save_file
-
-    save_file(compute_pinned(), REFERENCE)
-    print("wrote", REFERENCE)
+    exact = [k for k in reference if k not in INTENDED and not torch.equal(now[k], reference[k])]
+    assert not exact, f"outputs changed: {exact}"
+    for k, tol in INTENDED.items():
+        torch.testing.assert_close(now[k], reference[k], atol=tol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")

@@ -6,7 +6,8 @@ from .ops import Op
 from .registry import get_space, list_ops, list_spaces, make_op, reload, space_from_specs
 from .selection import select_oracle, select_random, select_topk
 from .space import Candidate, TransformSpace
-from .wrappers import FullSpaceWrapper, LossGuidedWrapper, OracleKWrapper, RandomKWrapper, Selection
+from .wrappers import (FullSpaceWrapper, LossGuidedSegmentationWrapper, LossGuidedWrapper, RandomKSegmentationWrapper,
+                       RandomKWrapper, SegmentationTTAWrapper, Selection, TTAWrapper)
 
 __version__ = "0.1.0"
 
@@ -16,7 +17,10 @@ __all__ = [
     "LossGuidedWrapper",
     "MERGE_MODES",
     "Op",
-    "OracleKWrapper",
+    "LossGuidedSegmentationWrapper",
+    "RandomKSegmentationWrapper",
+    "SegmentationTTAWrapper",
+    "TTAWrapper",
     "RandomKWrapper",
     "Selection",
     "TransformSpace",

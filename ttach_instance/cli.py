@@ -96,6 +96,11 @@ def _load_model(args, num_classes):
     return build_model(args.model, num_classes=args.num_classes or num_classes, weights=args.weights).to(args.device)
 
 
+def _model_spec(args, num_classes: int) -> dict:
+    """What the CLI built the model from, recorded with results next to its weights' hash."""
+    return {"model": args.model, "num_classes": args.num_classes or num_classes}
+
+
 def _parse_list(text: str, arg: str):
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -135,11 +140,11 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     dist.init_from_env(args.device)
     if args.task == "segmentation":
         from .data import load_segmentation_dataset
-        from .training.tasks import SegmentationLossTask
+        from .training.tasks import SegmentationTask
 
         ds = load_segmentation_dataset(args.data, split=args.split, num_classes=args.num_classes,
                                        ignore_index=args.ignore_index, progress=False)
-        targets, task = ds.masks, SegmentationLossTask(loss=args.seg_loss, ignore_index=args.ignore_index)
+        targets, task = ds.masks, SegmentationTask(loss=args.seg_loss, ignore_index=args.ignore_index)
     else:
         ds = load_dataset(args.data, split=args.split)
         targets, task = ds.labels, None
@@ -255,7 +260,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    corruptions=_corruption_list(args.corruptions, "--corruptions"),
                    held_out=_corruption_list(args.held_out, "--held-out"),
                    severities=[int(s) for s in _parse_list(args.severities, "--severities")], methods=methods,
-                   seed=args.seed, cost_images=args.cost_images)
+                   seed=args.seed, cost_images=args.cost_images, model_spec=_model_spec(args, len(ds.classes)))
     print(markdown_table(res))
     print(f"wrote {args.out}/table.md, results.json and plots")
     return 0
@@ -295,7 +300,8 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
                                 severities=[int(s) for s in _parse_list(args.severities, "--severities")],
                                 methods=methods, loss=args.seg_loss, ignore_index=args.ignore_index,
                                 batch_size=args.batch_size, seed=args.seed, cost_images=args.cost_images,
-                                cost_repeats=args.cost_repeats, progress=False)
+                                cost_repeats=args.cost_repeats, progress=False,
+                                model_spec=_model_spec(args, ds.num_classes))
     print(segmentation_markdown_table(res))
     print(f"wrote {args.out}/table.md and results.json")
     return 0
@@ -333,15 +339,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             img = img.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
             pixels.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
     x = torch.stack(pixels).float() / 255
-    # The CLI's models get the same normalisation as in labels/eval (data.model_mean_std);
-    # the wrapper takes model inputs and returns merged softmax outputs (the paper averages
-    # probabilities, not logits).
+    # The CLI's models get the same normalisation as in labels/eval (data.model_mean_std); the
+    # wrapper averages the views' probabilities (merge_space="probs") and returns their log.
     mean, std = model_mean_std(model)
-    prob_model = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
-    wrapper = LossGuidedWrapper(prob_model, predictor, k=args.k, flip=args.flip, mean=mean, std=std,
+    wrapper = LossGuidedWrapper(model.eval(), predictor, k=args.k, flip=args.flip, mean=mean, std=std,
                                 return_selection=True)
     with torch.no_grad():
-        probs, selection = wrapper(to_model_input(x, tuple(mean), tuple(std)))
+        log_probs, selection = wrapper(to_model_input(x, tuple(mean), tuple(std)))
+    probs = log_probs.exp()
     names = predictor.candidate_names
     for i, path in enumerate(args.images):
         cls = int(probs[i].argmax())

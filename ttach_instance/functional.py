@@ -603,13 +603,15 @@ def deaugment_dense(
     outputs: Tensor,
     theta: Tensor,
     mode: str = "bilinear",
+    fill: str = "zero",
 ) -> Tuple[Tensor, Tensor]:
     """Bring dense view outputs ``(N, K, h, w)`` back to the input frame.
 
     ``theta`` is the view->input map of each row (``(N, 2, 3)``, or one ``(2, 3)`` map for all
     rows). Returns the de-augmented outputs and a validity map ``(N, 1, h, w)``: 1 where the
     input pixel was seen by the view, 0 where it was not (outside a crop, a zoomed-in border,
-    a rotated corner). Invalid pixels hold 0. Works at the outputs' own resolution
+    a rotated corner). ``fill="zero"``: invalid pixels hold 0; ``fill="border"``: the nearest
+    covered value (the view's edge extrapolated). Works at the outputs' own resolution
     (normalised coordinates), on their device.
 
     Floating outputs keep their dtype (half types are resampled in float32 on CPU); the
@@ -621,11 +623,18 @@ def deaugment_dense(
         raise ValueError(
             f"outputs must be a dense (N, K, h, w) tensor, got {tuple(getattr(outputs, 'shape', ())) or type(outputs).__name__}"
         )
+    theta = _check_theta(theta, outputs.shape[0])
+    return warp_back(outputs, invert_theta(theta.to(device=outputs.device, dtype=torch.float64)), mode, fill)
+
+
+def warp_back(outputs: Tensor, inverse: Tensor, mode: str = "bilinear", fill: str = "zero") -> Tuple[Tensor, Tensor]:
+    """:func:`deaugment_dense` with the input->view maps ``inverse`` ``(N, 2, 3)`` given (the
+    inverses of the views' maps, e.g. computed once per space and size and cached)."""
     if mode not in ("bilinear", "nearest", "bicubic"):
         raise ValueError(f"mode must be 'bilinear', 'nearest' or 'bicubic', got {mode!r}")
+    if fill not in ("zero", "border"):
+        raise ValueError(f"fill must be 'zero' or 'border', got {fill!r}")
     n, _, h, w = outputs.shape
-    theta = _check_theta(theta, n)
-    inverse = invert_theta(theta.to(device=outputs.device, dtype=torch.float64))
     integer = not outputs.is_floating_point()
     if integer:
         mode = "nearest"
@@ -634,13 +643,14 @@ def deaugment_dense(
         work = _sample_dtype(outputs)
     grid = F.affine_grid(inverse.to(work.dtype), [n, 1, h, w], align_corners=False)
     # Border padding: a covered pixel within half a pixel of the view's edge reads the edge
-    # value instead of blending with zeros; uncovered pixels are zeroed below.
+    # value instead of blending with zeros; uncovered pixels are zeroed below (fill="zero").
     back = F.grid_sample(work, grid.to(work.dtype), mode=mode, padding_mode="border", align_corners=False)
     # A pixel is covered when its centre falls inside the view; the tolerance absorbs the
     # rounding of exact pixel-centre maps (flips, integer crops).
     tol = 1e-4
     valid = ((grid.abs() <= 1 + tol).all(-1)).unsqueeze(1)
-    back = back * valid.to(back.dtype)
+    if fill == "zero":
+        back = back * valid.to(back.dtype)
     if integer:
         return back.round().to(outputs.dtype), valid.to(torch.float32)
     return back.to(outputs.dtype), valid.to(outputs.dtype)

@@ -41,17 +41,27 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MERGE_MODES", "TTACH_MODES", "check_merge_mode", "check_temperature", "softmin_weights", "merge_outputs"]
+__all__ = ["MERGE_MODES", "MERGE_SPACES", "TTACH_MODES", "check_merge_mode", "check_merge_space", "check_temperature",
+           "softmin_weights", "merge_outputs"]
 
 #: ttach's merge modes, in ttach's order.
 TTACH_MODES = ("mean", "gmean", "sum", "max", "min", "tsharpen")
 MERGE_MODES = TTACH_MODES + ("weighted",)
+#: What is averaged: the raw outputs, their softmax probabilities or their log-softmax.
+MERGE_SPACES = ("logits", "probs", "log_probs")
 
 
 def check_merge_mode(mode: object) -> str:
     if mode not in MERGE_MODES:
         raise ValueError(f"unknown merge_mode {mode!r}; valid modes: {', '.join(MERGE_MODES)}")
     return mode  # type: ignore[return-value]
+
+
+def check_merge_space(space: object) -> str:
+    if space not in MERGE_SPACES:
+        raise ValueError(f"unknown merge_space {space!r}; valid: {', '.join(MERGE_SPACES)} (what the views' outputs "
+                         f"are averaged as)")
+    return space  # type: ignore[return-value]
 
 
 def check_temperature(temperature: object) -> float:
@@ -127,14 +137,32 @@ def merge_outputs(
     losses: Optional[Tensor] = None,
     temperature: float = 1.0,
     weights: Optional[Tensor] = None,
+    merge_space: str = "logits",
 ) -> Tensor:
     """Merge ``outputs`` ``(B, k, ...)`` over the view dim 1 -> ``(B, ...)``.
 
     ``losses`` ``(B, k)``: predicted losses of the views, used (and required) by ``"weighted"``
     with ``temperature``. ``weights``: optional per-element weights broadcastable to
     ``outputs`` (validity maps); see the module docstring for every mode's weighted form.
+
+    ``merge_space``: ``"logits"`` merges the outputs as they are (ttach's behaviour);
+    ``"probs"`` merges their softmax over the class dim (dim 2, ``(B, k, classes, ...)``) and
+    returns the *logarithm* of the merged probabilities, so the result is still a logit-like
+    vector (``softmax(result)`` is the merged probability; argmax and cross-entropy read it as
+    they read logits); ``"log_probs"`` merges their log-softmax and returns that.
     """
     mode = check_merge_mode(mode)
+    merge_space = check_merge_space(merge_space)
+    if merge_space != "logits":
+        if not isinstance(outputs, Tensor) or outputs.dim() < 3:
+            raise ValueError(f"merge_space {merge_space!r} needs outputs (B, k, classes, ...), got "
+                             f"{tuple(getattr(outputs, 'shape', ())) or type(outputs).__name__}")
+        if not outputs.is_floating_point():
+            raise TypeError(f"outputs must be floating point to be merged, got dtype {outputs.dtype}")
+        if merge_space == "log_probs":
+            return merge_outputs(outputs.log_softmax(2), mode, losses, temperature, weights)
+        merged = merge_outputs(outputs.softmax(2), mode, losses, temperature, weights)
+        return merged.clamp_min(torch.finfo(merged.dtype).tiny).log()
     if not isinstance(outputs, Tensor) or outputs.dim() < 2:
         raise ValueError(f"outputs must be a (B, k, ...) tensor, got {tuple(getattr(outputs, 'shape', ())) or type(outputs).__name__}")
     if not outputs.is_floating_point():

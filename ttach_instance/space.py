@@ -386,32 +386,56 @@ class TransformSpace:
             return None
         return torch.stack(maps)  # type: ignore[arg-type]
 
+    def _inverse_table(self, height: int, width: int, device: torch.device) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(inverse maps (T, 2, 3) float32, moves pixels (T,) bool)`` on ``device`` for images of
+        ``height x width``, built once per size and device (then only indexed: no host transfer
+        in a forward); ``None`` when some geometric candidate has no affine map."""
+        cache = self.__dict__.setdefault("_inverse_tables", {})
+        key = (int(height), int(width), str(device))
+        if key not in cache:
+            table = self.thetas(height, width, "cpu")
+            if table is None:
+                cache[key] = None
+            else:
+                inverse = F.invert_theta(table.to(torch.float64)).to(torch.float32)
+                moved = torch.tensor([c.geometric for c in self.candidates])
+                cache[key] = (inverse.to(device), moved.to(device))
+        return cache[key]
+
     def deaugment(
         self,
         outputs: Tensor,
         index: IndexLike,
         mode: str = "bilinear",
-        grouped: Optional[bool] = None,
+        fill: str = "zero",
         image_size: Optional[Tuple[int, int]] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Bring dense view outputs ``(B * k, K, h, w)`` (rows as :meth:`apply` made them)
-        back to the input frame. Returns ``(outputs, validity)``, validity ``(B * k, 1, h, w)``
-        with 0 where the view did not see the input pixel (those outputs are 0 too).
+        back to the input frame: the one de-augmentation of the library. Returns ``(outputs,
+        validity)``, validity ``(B * k, 1, h, w)``: 1 where the view saw the input pixel, 0 where
+        it did not.
 
-        ``mode``: ``"bilinear"`` for logits/probabilities, ``"nearest"`` for label maps.
-        ``grouped=False`` (default on accelerators when every candidate has an affine map)
-        de-augments all rows in one ``grid_sample`` with per-row maps, without host sync.
-        ``image_size``: ``(H, W)`` of the input images when the outputs have another
-        resolution (see :meth:`Candidate.deaugment`).
+        ``mode``: ``"bilinear"`` for logits/probabilities, ``"nearest"`` for label maps (integer
+        outputs are always resampled ``nearest``). ``fill``: what uncovered pixels hold,
+        ``"zero"`` or ``"border"`` (the nearest covered value). ``image_size``: ``(H, W)`` of the
+        input images when the outputs have another resolution (a strided head): the maps are
+        built for the images (pixel-exact crop boxes) and applied at the outputs' resolution.
+
+        When every candidate has an affine map the moved rows are resampled in one
+        ``grid_sample`` through cached inverse maps; on accelerators all rows are, without a
+        host synchronisation. Photometric rows pass through untouched. Spaces with other
+        geometric ops are undone candidate by candidate (grouped on CPU; on accelerators every
+        candidate's inverse on all rows and a device-side choice, ``fill="zero"`` only).
         """
         if not isinstance(outputs, Tensor) or outputs.dim() != 4:
             raise ValueError(f"outputs must be a dense (N, K, h, w) tensor, got {getattr(outputs, 'shape', type(outputs))}")
         if mode not in ("bilinear", "nearest", "bicubic"):
             raise ValueError(f"mode must be 'bilinear', 'nearest' or 'bicubic', got {mode!r}")
+        if fill not in ("zero", "border"):
+            raise ValueError(f"fill must be 'zero' or 'border', got {fill!r}")
         if not isinstance(index, Tensor):
             index = torch.as_tensor(index, dtype=torch.long, device=outputs.device)
-        batch = index.shape[0]
-        idx = self.check_index(index, batch, outputs.device)
+        idx = self.check_index(index, index.shape[0], outputs.device)
         b, k = idx.shape
         if outputs.shape[0] != b * k:
             raise ValueError(f"outputs has {outputs.shape[0]} rows but index selects B*k = {b}*{k} = {b * k} views")
@@ -420,23 +444,36 @@ class TransformSpace:
             if len(image_size) != 2 or not all(isinstance(v, int) and v > 0 for v in image_size):
                 raise ValueError(f"image_size must be (height, width) in pixels, got {image_size!r}")
         ih, iw = image_size if image_size is not None else (h, w)
-        if grouped is None:
-            grouped = outputs.device.type == "cpu"
         flat = idx.reshape(-1)
-        if not grouped:
-            table = self.thetas(ih, iw, outputs.device)
-            if table is None:
-                grouped = True
-            else:
-                back, valid = F.deaugment_dense(outputs, table[flat], mode=mode)
-                moved = torch.tensor([c.geometric for c in self.candidates], device=outputs.device)[flat]
-                # Photometric rows pass through untouched (no resampling blur at all).
-                back = torch.where(moved[:, None, None, None], back, outputs)
-                valid = torch.where(moved[:, None, None, None], valid, torch.ones_like(valid))
-                return back, valid
-        self.check_invertible()
-        back = torch.empty_like(outputs)
         vdtype = outputs.dtype if outputs.is_floating_point() else torch.float32
+        entry = self._inverse_table(int(ih), int(iw), outputs.device)
+        if entry is not None:
+            inverse, moved = entry
+            if outputs.device.type == "cpu":
+                # A host-side selection costs nothing here: resample only the rows that moved.
+                rows = moved[flat].nonzero().squeeze(1)
+                back = outputs.clone()
+                valid = torch.ones((outputs.shape[0], 1, h, w), dtype=vdtype)
+                if rows.numel():
+                    back[rows], valid[rows] = F.warp_back(outputs[rows], inverse[flat[rows]], mode, fill)
+                return back, valid
+            back, valid = F.warp_back(outputs, inverse[flat], mode, fill)
+            rows_moved = moved[flat][:, None, None, None]
+            return (torch.where(rows_moved, back, outputs),
+                    torch.where(rows_moved, valid, torch.ones_like(valid)))
+        self.check_invertible()
+        if outputs.device.type != "cpu":
+            # No affine map for some candidate: each candidate's inverse on all rows, then a
+            # device-side choice per row -- no host synchronisation, T times the work.
+            back = torch.zeros_like(outputs)
+            valid = torch.zeros((outputs.shape[0], 1, h, w), dtype=vdtype, device=outputs.device)
+            for c, cand in enumerate(self.candidates):
+                back_c, valid_c = cand.deaugment(outputs, mode=mode, image_size=image_size)
+                pick = (flat == c)[:, None, None, None]
+                back = torch.where(pick, back_c.to(back.dtype), back)
+                valid = torch.where(pick, valid_c.to(vdtype), valid)
+            return back, valid
+        back = torch.empty_like(outputs)
         valid = torch.ones((outputs.shape[0], 1, h, w), dtype=vdtype, device=outputs.device)
         for c in torch.unique(flat).tolist():
             rows = (flat == c).nonzero().squeeze(1)

@@ -1,69 +1,67 @@
-"""Classification wrappers: loss-guided top-k TTA and its baselines, as drop-in ``nn.Module``\\ s.
+"""One TTA pipeline for every task, and its presets: loss-guided top-k, random-k, full space.
 
-Each wrapper is called like the model (``wrapper(x, *args)``; ``x`` normalised as the model
-wants it) and returns what the model returns: a tensor ``(B, ...)`` or, with
-``output_label_key``, ``{key: merged}`` taken from a dict output (ttach's convention).
+Every wrapper is called like the model (``wrapper(x, *args)``; ``x`` normalised as the model
+wants it) and returns what the model returns: a tensor, or ``{output_key: merged}`` taken from
+a dict output (ttach's ``output_label_key`` / ``output_mask_key``). One forward, for ``B``
+inputs and ``k`` views each:
 
-One forward of :class:`LossGuidedWrapper`, for ``B`` inputs and ``k`` views each:
+1. ``x`` -> pixels in [0, 1] (``mean``/``std`` resolved from the arguments, the model's
+   attributes or its timm config, for every task); pixels outside [0, 1] or non-finite are
+   refused (0-255 or unnormalised input would otherwise turn every view white);
+2. select ``index`` ``(B, k)``: the predictor's ``k`` lowest predicted losses
+   (:class:`LossGuidedWrapper`), ``k`` random candidates, or every candidate;
+3. ``space.apply`` builds the views, **sample-major**: row ``i * k + j`` is sample ``i`` under
+   ``index[i, j]``; the identity candidate takes ``x`` itself (exact, free);
+4. the model runs in chunks: ``chunk_size=None`` calls it once per rank ``j`` on the ``B``
+   views ``index[:, j]`` -- each call holds the inputs in their order, like one of ttach's
+   calls, so per-sample extra ``*args`` line up; an int runs chunks of that many rows
+   (batch-independent extras only). On CPU, ``k`` calls of ``B`` rows measured faster than one
+   call of ``kB`` rows (docs/BENCHMARKS.md); on accelerators a larger chunk usually is faster;
+5. dense outputs (``dense=True``: segmentation) go back to the input frame through
+   ``space.deaugment`` with a validity map, on the outputs' device;
+6. ``merge_outputs`` merges the views (validity maps as weights): ``merge_mode`` is the rule
+   (ttach's modes or ``"weighted"``), ``merge_space`` what is averaged -- ``"probs"`` (the
+   default: the views' softmax probabilities, returned as their logarithm so the output stays
+   logit-like; the paper's rule and what the evaluation measures), ``"log_probs"`` or
+   ``"logits"`` (the raw outputs, ttach's behaviour; use it for outputs that are not class
+   scores).
 
-1. ``x`` -> pixels in [0, 1] (:mod:`ttach_instance.normalization`; ``mean``/``std`` resolved
-   from the arguments, the model's attributes or its timm config);
-2. the predictor scores every candidate of its space on the pixels (it resizes them itself),
-   without gradient; :func:`~ttach_instance.selection.select_topk` keeps the ``k`` lowest;
-3. the views are built grouped by candidate (each candidate once, on its samples) and brought
-   back to model input; the identity candidate takes ``x`` itself, so it is exact and free;
-4. the model runs in chunks of ``chunk_size`` rows (default ``B``: ``k`` calls of ``B`` rows,
-   like ttach -- on CPU stacking 12 views into one 12B batch measured 19x a plain call against
-   12x for 12 calls; on accelerators a larger chunk is usually faster);
-5. :func:`~ttach_instance.merge.merge_outputs` merges over the views.
+``flip=True`` adds the horizontal flip of every chosen view (``"Ours + H-Flip"``: ``2k``
+views per sample, the ``k`` views then their ``k`` flips); the flip is of the *view*.
 
-**Row order of the model batch** (what the model and a forward hook see): *rank-major*, row
-``j * B + i`` is sample ``i`` under its ``j``-th choice ``index[i, j]``. With the default
-chunk size every model call therefore holds the ``B`` inputs in their order (the ``j``-th
-choice of each), exactly like one of ttach's calls, so per-sample extra ``*args`` line up;
-with another ``chunk_size`` they do not (pass only batch-independent extras then). With
-``flip=True`` the horizontally flipped views follow as rows ``(k + j) * B + i``; the merge sees,
-per sample, the ``k`` views then their ``k`` flips (``"Ours k + H-Flip"``: ``2k`` calls).
-Note: the flip is of the *view* (``hflip(candidate(x))``), not the candidate of the flipped
-image; the two agree for every candidate but rotations (where they swap sign).
-
-**Gradient.** The model branch follows the caller's grad mode (no ``torch.no_grad`` is
-forced); the predictor and the selection never carry a gradient.
-
-**Devices.** Everything stays on the input's device. On CPU the views are grouped on the
-host (``torch.unique``: free there); on accelerators, for spaces of built-in ops, they are
-built per row (``space.apply(..., grouped=False)``) with no host synchronisation; the forward
-has no ``.item()``, ``.cpu()`` or ``.tolist()`` on accelerator tensors.
-
-**ttach.** Any of our spaces plugs into ttach itself: ``ttach.ClassificationTTAWrapper(model,
-space.to_ttach())`` runs every candidate (what :class:`FullSpaceWrapper` does, chunked and in
-pixel space); ttach's own ``Compose`` becomes a space with ``TransformSpace.from_ttach``, and
-the wrappers here accept a ``ttach.Compose`` wherever they take a space.
+**Gradient.** The model branch follows the caller's grad mode; the predictor and the
+selection never carry a gradient. **Devices.** Everything stays on the input's device; on
+accelerators the forward has no ``.item()``, ``.cpu()`` or ``.tolist()`` (views per row, inverse
+maps cached on the device, selection by ``torch.sort``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from .merge import check_merge_mode, check_temperature, merge_outputs
+from . import functional as F
+from .merge import check_merge_mode, check_merge_space, check_temperature, merge_outputs
 from .normalization import resolve_mean_std, to_model_input, to_pixels
-from .selection import check_k, select_oracle, select_random, select_topk
+from .selection import check_k, select_random, select_topk
 from .space import TransformSpace
 
-__all__ = ["Selection", "LossGuidedWrapper", "RandomKWrapper", "OracleKWrapper", "FullSpaceWrapper"]
+__all__ = ["Selection", "TTAWrapper", "LossGuidedWrapper", "RandomKWrapper", "FullSpaceWrapper",
+           "LossGuidedSegmentationWrapper", "RandomKSegmentationWrapper", "SegmentationTTAWrapper", "resolve_space"]
+
+COVERAGE_MODES = ("extrapolate", "identity", "zero")
+INTERPOLATIONS = ("bilinear", "nearest")
+UNCERTAINTY_MODES = ("variance", "entropy")
 
 
 @dataclass(frozen=True)
 class Selection:
     """What a wrapper chose: ``index`` ``(B, k)`` (best first); ``predicted_losses`` ``(B, T)``
-    (the predictor's scores of every candidate, :class:`LossGuidedWrapper`); ``true_losses``
-    ``(B, T)`` (:class:`OracleKWrapper`); ``flip``: the flipped views were added. Also readable
-    as a mapping: ``selection["index"]``."""
+    (the predictor's scores, loss-guided wrappers); ``true_losses`` ``(B, T)`` (the oracle);
+    ``flip``: the flipped views were added. Also readable as a mapping: ``selection["index"]``."""
 
     index: Tensor
     predicted_losses: Optional[Tensor] = None
@@ -87,41 +85,51 @@ def resolve_space(space: Any, name: str = "space") -> TransformSpace:
         from .registry import get_space
 
         return get_space(space)
-    try:
-        import ttach
+    import ttach
 
-        if isinstance(space, ttach.Compose):
-            return TransformSpace.from_ttach(space)
-    except ImportError:  # pragma: no cover - ttach is a dependency
-        pass
-    raise TypeError(f"{name} must be a TransformSpace, a registered space name or a ttach.Compose, got {type(space).__name__}")
+    if isinstance(space, ttach.Compose):
+        return TransformSpace.from_ttach(space)
+    raise TypeError(f"{name} must be a TransformSpace, a registered space name or a ttach.Compose, got "
+                    f"{type(space).__name__}")
 
 
-def _check_chunk_size(chunk_size: Any) -> Optional[int]:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int (rows per model call) or None (the batch size), got {chunk_size!r}")
-    return chunk_size
+def _choice(value: Any, choices: Tuple[str, ...], name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
-class _TTABase(nn.Module):
-    """Shared machinery: pixels, views grouped by candidate, chunked model calls, merge."""
+class TTAWrapper(nn.Module):
+    """The pipeline: select -> ``space.apply`` -> model (chunked) -> [``space.deaugment``] ->
+    ``merge_outputs``. Presets subclass it and implement :meth:`select`.
 
-    _needs_losses_for_weighted = True
+    Args:
+        model: the wrapped model (takes normalised images, returns ``(N, ...)`` or a dict).
+        space: a :class:`TransformSpace`, a registered name or a ``ttach.Compose``.
+        k: views per input.
+        merge_mode: ttach's modes (``mean``, ``gmean``, ``sum``, ``max``, ``min``, ``tsharpen``) or
+            ``"weighted"`` (softmax of the negative predicted losses, ``temperature``).
+        merge_space: ``"probs"`` (default), ``"log_probs"`` or ``"logits"``: see the module docstring.
+        mean, std: the model's input normalisation (default: resolved from the model).
+        chunk_size: rows per model call (``None``: one call per rank of ``B`` rows).
+        output_key: the key of the output to merge when the model returns a dict.
+        flip: add the horizontal flip of every chosen view.
+        dense: the outputs are per-pixel ``(N, K, h, w)`` maps to de-augment (segmentation).
+        interpolation: resampling of dense outputs (``"bilinear"``, or ``"nearest"`` to keep every
+            value an actual model output).
+        coverage: dense pixels no chosen view saw get the views' nearest covered value
+            (``"extrapolate"``), the identity view's output (``"identity"``: one more model call of
+            ``B`` rows) or 0 (``"zero"``).
+        return_selection: return ``(output, Selection)``.
+    """
 
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        space: Any,
-        k: int,
-        merge_mode: str = "mean",
-        mean: Any = None,
-        std: Any = None,
-        chunk_size: Optional[int] = None,
-        temperature: float = 1.0,
-        output_label_key: Optional[str] = None,
-        flip: bool = False,
-        return_selection: bool = False,
-    ):
+    #: Whether :meth:`select` yields the predicted losses that ``merge_mode="weighted"`` needs.
+    has_losses = False
+
+    def __init__(self, model: Callable[..., Any], space: Any, k: int, merge_mode: str = "mean",
+                 merge_space: str = "probs", mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
+                 temperature: float = 1.0, output_key: Optional[str] = None, flip: bool = False, dense: bool = False,
+                 interpolation: str = "bilinear", coverage: str = "extrapolate", return_selection: bool = False):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
@@ -129,19 +137,33 @@ class _TTABase(nn.Module):
         self.space = resolve_space(space)
         self.k = check_k(k, len(self.space), self.space.name)
         self.merge_mode = check_merge_mode(merge_mode)
-        if self.merge_mode == "weighted" and not self._needs_losses_for_weighted:
+        if self.merge_mode == "weighted" and not self.has_losses:
             raise ValueError(f"merge_mode 'weighted' weighs views by predicted losses, which {type(self).__name__} "
                              f"does not have; use one of mean, gmean, sum, max, min, tsharpen")
+        self.merge_space = check_merge_space(merge_space)
         self.temperature = check_temperature(temperature)
         self.mean, self.std = resolve_mean_std(model, mean, std)
-        self.chunk_size = _check_chunk_size(chunk_size)
-        self.output_label_key = output_label_key
-        if not isinstance(flip, bool):
-            raise TypeError(f"flip must be True or False, got {flip!r}")
-        self.flip = flip
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int (rows per model call) or None (one call per rank "
+                             f"of B rows), got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.output_key = output_key
+        for name, value in (("flip", flip), ("dense", dense)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        self.flip, self.dense = flip, dense
+        self.interpolation = _choice(interpolation, INTERPOLATIONS, "interpolation")
+        self.coverage = _choice(coverage, COVERAGE_MODES, "coverage")
+        if dense:
+            self.space.check_invertible()
         self.return_selection = bool(return_selection)
         self._identity = torch.tensor([c.is_identity for c in self.space.candidates])
-        self._identity_dev: dict = {}
+        self._identity_on: Dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ selection (presets)
+    def select(self, x: Tensor, pixels: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Optional[Tensor], Selection]:
+        """``(index (B, k), predicted losses of the chosen views (B, k) or None, Selection)``."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ input / output
     def _check_input(self, x: Any) -> Tensor:
@@ -159,198 +181,205 @@ class _TTABase(nn.Module):
                                  f"{len(values)} values ({values})")
         return x
 
-    def _output(self, out: Any, rows: int) -> Tensor:
-        key = self.output_label_key
+    def _pixels(self, x: Tensor) -> Tensor:
+        """``x`` un-normalised, checked to be finite pixels in [0, 1] (on CPU; on accelerators
+        an asynchronous device assertion, no host synchronisation)."""
+        pixels = to_pixels(x, self.mean, self.std)  # not detached: views keep the caller's gradient
+        norm = f"mean={self.mean}, std={self.std}" if self.mean is not None else "no normalisation"
+        what = f"{type(self).__name__}: the input un-normalised ({norm})"
+        if pixels.numel() and pixels.device.type == "cpu":
+            lo, hi = torch.aminmax(pixels.detach())
+            if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also false for NaN
+                raise ValueError(f"{what} holds values in [{float(lo):.4g}, {float(hi):.4g}], not finite pixels in "
+                                 f"[0, 1]: pass images normalised as the model expects (0-255 input: divide by 255 "
+                                 f"first), or give the wrapper the model's mean= and std=")
+        elif pixels.numel():
+            torch._assert_async(((pixels >= -1e-3) & (pixels <= 1 + 1e-3)).all(),
+                                f"{what} is not finite pixels in [0, 1]")
+        F.check_images(pixels, "pixels", check_range=False)
+        return pixels
+
+    def _output(self, out: Any, rows: int, height: int, width: int) -> Tensor:
+        key = self.output_key
         if key is not None:
             if not isinstance(out, Mapping):
-                raise TypeError(f"output_label_key={key!r} was given but the model returned {type(out).__name__}, not a dict")
+                raise TypeError(f"output key {key!r} was given but the model returned {type(out).__name__}, not a dict")
             if key not in out:
-                raise KeyError(f"output_label_key {key!r} is not among the model's outputs {list(out)}")
+                raise KeyError(f"output key {key!r} is not among the model's outputs {list(out)}")
             out = out[key]
         elif isinstance(out, Mapping):
-            raise TypeError(f"the model returned a dict (keys {list(out)}); pass output_label_key= naming the output to merge")
-        if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != rows:
-            raise ValueError(f"the model must return a tensor with one row per input ({rows}), got "
-                             f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+            raise TypeError(f"the model returned a dict (keys {list(out)}); pass the key of the output to merge "
+                            f"(output_label_key= / output_mask_key=)")
+        if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != rows or not out.is_floating_point():
+            raise ValueError(f"the model must return a float tensor with one row per input ({rows}), got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+        if self.dense:
+            h, w = out.shape[-2:] if out.dim() == 4 else (0, 0)
+            if out.dim() != 4 or h < 1 or w < 1 or height % h or width % w or height // h != width // w:
+                raise ValueError(f"a dense (segmentation) model must return (N, K, h, w) maps of the input's size "
+                                 f"{height}x{width} or that size divided by an integer stride, got "
+                                 f"{tuple(out.shape)}")
         return out
 
     def _wrap(self, merged: Tensor, selection: Selection) -> Any:
-        result = {self.output_label_key: merged} if self.output_label_key is not None else merged
+        result = {self.output_key: merged} if self.output_key is not None else merged
         return (result, selection) if self.return_selection else result
 
     # ------------------------------------------------------------------ views and model calls
-    def _is_identity(self, device: torch.device) -> Tensor:
-        t = self._identity_dev.get(device)
-        if t is None:
-            t = self._identity_dev[device] = self._identity.to(device)
-        return t
+    def _identity_rows(self, flat: Tensor) -> Tensor:
+        key = str(flat.device)
+        if key not in self._identity_on:
+            self._identity_on[key] = self._identity.to(flat.device)
+        return self._identity_on[key][flat]
 
-    def _views(self, x: Tensor, pixels: Tensor, index: Tensor) -> Tensor:
-        """Model inputs of the selected views, rank-major: row ``j * B + i`` = sample ``i``
-        under candidate ``index[i, j]``."""
+    def _model_inputs(self, x: Tensor, pixels: Tensor, index: Tensor) -> Tensor:
+        """Model inputs of the views, sample-major ``(B * k, C, H, W)``; identity rows are ``x``."""
         b, k = index.shape
-        flat = index.t().reshape(-1)
-        if x.device.type != "cpu" and self.space.row_plan() is not None:
-            # Per-row kernels: no data-dependent shapes, no host synchronisation.
-            views = to_model_input(self.space.apply(pixels.repeat(k, 1, 1, 1), flat[:, None], grouped=False),
-                                   self.mean, self.std)
-            # The identity view is the input itself (bit-exact, no normalisation round trip).
-            same = self._is_identity(x.device)[flat][:, None, None, None]
-            return torch.where(same, x.repeat(k, 1, 1, 1), views)
-        groups = torch.unique(flat).tolist()  # host-side grouping: free on CPU
-        if len(groups) == 1 and k == 1:  # one candidate covers the batch: no gather, no copy
-            return self._candidate_views(groups[0], x, pixels)
-        out = torch.empty((b * k,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        for c in groups:
-            rows = (flat == c).nonzero().squeeze(1)
-            src = rows % b
-            out[rows] = self._candidate_views(c, x[src], pixels[src])
-        return out
+        same = self._identity_rows(index.reshape(-1))
+        if x.device.type == "cpu" and bool(same.all()):  # every view is the input itself: no copy at all
+            return x if k == 1 else x.repeat_interleave(k, 0)
+        views = self.space.apply(pixels, index)
+        inplace = not (torch.is_grad_enabled() and views.requires_grad) and views is not pixels
+        model_in = to_model_input(views, self.mean, self.std, inplace=inplace).to(x.dtype)
+        source = x if k == 1 else x.repeat_interleave(k, 0)
+        if x.device.type == "cpu":
+            rows = same.nonzero().squeeze(1)
+            if rows.numel():
+                model_in[rows] = source[rows]
+            return model_in
+        return torch.where(same[:, None, None, None], source, model_in)
 
-    def _candidate_views(self, c: int, x: Tensor, pixels: Tensor) -> Tensor:
-        cand = self.space.candidates[c]
-        if cand.is_identity:
-            return x
-        views = cand.apply(pixels)
-        # A fresh tensor that no autograd graph holds can be normalised in place.
-        fresh = views.untyped_storage().data_ptr() != pixels.untyped_storage().data_ptr()
-        inplace = fresh and not (torch.is_grad_enabled() and views.requires_grad)
-        return to_model_input(views, self.mean, self.std, inplace=inplace).to(x.dtype)
+    def _call(self, inputs: Tensor, args: Tuple, kwargs: Dict, height: int, width: int) -> Tensor:
+        return self._output(self.model(inputs, *args, **kwargs), inputs.shape[0], height, width)
 
-    def _call_model(self, views: Tensor, b: int, args: Tuple, kwargs: dict, flip: bool = False) -> Tensor:
-        n = views.shape[0]
-        chunk = self.chunk_size or max(b, 1)
-        outs = []
-        for start in range(0, max(n, 1), chunk):
-            part = views[start:start + chunk]
-            if flip:
-                part = part.flip(-1)
-            outs.append(self._output(self.model(part, *args, **kwargs), part.shape[0]))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    def _call_model(self, inputs: Tensor, b: int, args: Tuple, kwargs: Dict) -> Tensor:
+        """The model on sample-major rows ``(B * v, ...)``: one call per rank, or chunks."""
+        n, (h, w) = inputs.shape[0], inputs.shape[-2:]
+        if n == 0:
+            return self._call(inputs, args, kwargs, h, w)
+        if self.chunk_size is not None:
+            outs = [self._call(inputs[s:s + self.chunk_size], args, kwargs, h, w) for s in range(0, n, self.chunk_size)]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        v = n // b
+        if v == 1:
+            return self._call(inputs, args, kwargs, h, w)
+        grid = inputs.view((b, v) + tuple(inputs.shape[1:]))
+        outs = [self._call(grid[:, j].contiguous(), args, kwargs, h, w) for j in range(v)]
+        return torch.stack(outs, 1).flatten(0, 1)
 
-    def _run(self, x: Tensor, pixels: Tensor, index: Tensor, args: Tuple, kwargs: dict,
-             losses: Optional[Tensor] = None) -> Tensor:
-        """Views of ``index`` -> model -> merge; ``losses`` ``(B, k)`` for the weighted merge."""
+    def run(self, x: Tensor, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """The whole pipeline with its intermediate results: ``output`` (merged), ``selection``,
+        ``views`` ``(B, v, ...)`` (the views' outputs, de-augmented when dense; ``v = k``, or ``2k``
+        with ``flip``), ``validity`` ``(B, v, 1, h, w)`` (dense; ones otherwise ``None``) and, dense,
+        ``coverage`` ``(B, 1, h, w)`` (summed validity)."""
+        x = self._check_input(x)
+        pixels = self._pixels(x)
+        index, losses, selection = self.select(x, pixels, *args, **kwargs)
+        per_view, validity = self.view_outputs(x, pixels, index, args, kwargs)
+        if self.flip and losses is not None:
+            losses = torch.cat([losses, losses], 1)
+        merged, coverage = self.merge(per_view, validity, losses, x, args, kwargs)
+        return {"output": merged, "selection": selection, "views": per_view, "validity": validity,
+                "coverage": coverage}
+
+    def view_outputs(self, x: Tensor, pixels: Tensor, index: Tensor, args: Tuple = (),
+                     kwargs: Optional[Dict] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """The model's outputs of the views of ``index``: ``(B, v, ...)`` (de-augmented with validity
+        ``(B, v, 1, h, w)`` when dense), ``v = k`` or ``2k`` with ``flip``."""
+        kwargs = kwargs or {}
         b, k = index.shape
-        views = self._views(x, pixels, index)
-        out = self._call_model(views, b, args, kwargs)
-        per_view = out.reshape((k, b) + out.shape[1:])
+        inputs = self._model_inputs(x, pixels, index)
+        outs = [self._call_model(inputs, b, args, kwargs)]
         if self.flip:
-            flipped = self._call_model(views, b, args, kwargs, flip=True).reshape(per_view.shape)
-            per_view = torch.cat([per_view, flipped], 0)
-            if losses is not None:
-                losses = torch.cat([losses, losses], 1)
-        outputs = per_view.transpose(0, 1)  # (B, k or 2k, ...)
-        return merge_outputs(outputs, self.merge_mode, losses=losses if self.merge_mode == "weighted" else None,
-                             temperature=self.temperature)
+            flipped = self._call_model(inputs.flip(-1), b, args, kwargs)
+            outs.append(flipped.flip(-1) if self.dense else flipped)
+        validity = None
+        if self.dense:
+            fill = "border" if self.coverage == "extrapolate" else "zero"
+            pairs = [self.space.deaugment(o, index, mode=self.interpolation, fill=fill,
+                                          image_size=tuple(pixels.shape[-2:])) for o in outs]
+            outs = [p[0] for p in pairs]
+            validity = torch.cat([p[1].view((b, k) + tuple(p[1].shape[1:])) for p in pairs], 1)
+        per_view = torch.cat([o.view((b, k) + tuple(o.shape[1:])) for o in outs], 1)
+        return per_view, validity
 
-    def _pixels(self, x: Tensor) -> Tensor:
-        # Not detached: the views (and so the model branch) keep the caller's gradient.
-        return to_pixels(x, self.mean, self.std)
+    def merge(self, per_view: Tensor, validity: Optional[Tensor], losses: Optional[Tensor], x: Tensor,
+              args: Tuple = (), kwargs: Optional[Dict] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """``merge_outputs`` over the views (validity as weights), and the dense coverage; with
+        ``coverage="identity"`` uncovered pixels take the identity view's output (one more call)."""
+        merged = merge_outputs(per_view, self.merge_mode, losses=losses if self.merge_mode == "weighted" else None,
+                               temperature=self.temperature, weights=validity, merge_space=self.merge_space)
+        if validity is None:
+            return merged, None
+        coverage = validity.sum(1)
+        if self.coverage == "identity":
+            plain = self._call_model(x, x.shape[0], args, kwargs or {})
+            fallback = merge_outputs(plain[:, None], "mean", merge_space=self.merge_space)
+            merged = torch.where(coverage > 0, merged, fallback)
+        return merged, coverage
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        r = self.run(x, *args, **kwargs)
+        return self._wrap(r["output"], r["selection"])
 
     def extra_repr(self) -> str:
         return (f"space={self.space.name!r} ({len(self.space)} candidates), k={self.k}, merge_mode={self.merge_mode!r}, "
-                f"flip={self.flip}, chunk_size={self.chunk_size}")
+                f"merge_space={self.merge_space!r}, flip={self.flip}, dense={self.dense}, chunk_size={self.chunk_size}")
 
 
-class LossGuidedWrapper(_TTABase):
-    """Instance-aware TTA: per input, the ``k`` candidates with the lowest predicted loss.
+# ---------------------------------------------------------------------- selections
 
-    ``predictor``: ``pixels (B, 3, H, W) in [0, 1] -> (B, |T|)`` relative losses (lower is
-    better) with a ``.space`` (a :class:`~ttach_instance.predictor.LossPredictor`,
-    :class:`~ttach_instance.models.SmallLossPredictor`). ``space`` defaults to
-    ``predictor.space``; if given it must be the space the predictor was trained for (same
-    fingerprint). ``mean``/``std``: the model's input normalisation (default: resolved from the
-    model, see :func:`~ttach_instance.normalization.resolve_mean_std`). ``merge_mode``: ttach's
-    modes or ``"weighted"`` (softmax of negative predicted losses over the chosen views, with
-    ``temperature``). ``flip``: add the horizontal flip of every chosen view (``2k`` calls).
-    ``return_selection``: return ``(output, Selection)``. See the module docstring.
-    """
 
-    def __init__(
-        self,
-        model: Callable[..., Any],
-        predictor: Callable[[Tensor], Tensor],
-        k: int = 1,
-        merge_mode: str = "mean",
-        mean: Any = None,
-        std: Any = None,
-        chunk_size: Optional[int] = None,
-        temperature: float = 1.0,
-        output_label_key: Optional[str] = None,
-        flip: bool = False,
-        return_selection: bool = False,
-        space: Any = None,
-    ):
+class _LossGuided(TTAWrapper):
+    has_losses = True
+
+    def _bind_predictor(self, predictor: Any, space: Any) -> TransformSpace:
         if not callable(predictor):
-            raise TypeError(f"predictor must be callable (a LossPredictor), got {type(predictor).__name__}")
+            raise TypeError(f"predictor must be callable (a loss predictor), got {type(predictor).__name__}")
         pspace = getattr(predictor, "space", None)
-        pfp = getattr(predictor, "space_fingerprint", None) or getattr(pspace, "fingerprint", None)
-        pname = getattr(pspace, "name", None) or getattr(predictor, "space_name", None)
         if space is None:
             if pspace is None:
                 raise ValueError("space= is required: the predictor has no .space telling which candidates it scores")
             space = pspace
         space = resolve_space(space)
+        pfp = getattr(predictor, "space_fingerprint", None) or getattr(pspace, "fingerprint", None)
         if pfp is not None and pfp != space.fingerprint:
-            raise ValueError(
-                f"the predictor was trained for space {pname!r} (fingerprint {pfp}) but the wrapper was given space "
-                f"{space.name!r} (fingerprint {space.fingerprint}); use the predictor's own space or retrain it"
-            )
-        super().__init__(model, space, k, merge_mode, mean, std, chunk_size, temperature, output_label_key, flip,
-                         return_selection)
-        self.predictor = predictor
-
-    def _predictor_dtype(self) -> Optional[torch.dtype]:
-        if isinstance(self.predictor, nn.Module):
-            for p in self.predictor.parameters():
-                return p.dtype if p.is_floating_point() else None
-        return None
+            raise ValueError(f"the predictor was trained for space {getattr(pspace, 'name', None)!r} (fingerprint {pfp}) "
+                             f"but the wrapper was given space {space.name!r} (fingerprint {space.fingerprint}); use "
+                             f"the predictor's own space or retrain it")
+        return space
 
     def predict_losses(self, x: Tensor) -> Tensor:
-        """The predictor's scores ``(B, |T|)`` of every candidate for model inputs ``x``."""
+        """The predictor's scores ``(B, T)`` of every candidate for model inputs ``x``."""
         return self._scores(self._pixels(self._check_input(x)))
 
     def _scores(self, pixels: Tensor) -> Tensor:
-        if pixels.shape[0] == 0:  # an empty batch: nothing to score (the model still runs once, on 0 rows)
-            return pixels.new_zeros((0, len(self.space)), dtype=torch.float32)
+        t = len(self.space)
+        if pixels.shape[0] == 0:
+            return pixels.new_zeros((0, t), dtype=torch.float32)
+        dtype = next((p.dtype for p in self.predictor.parameters() if p.is_floating_point()), None) \
+            if isinstance(self.predictor, nn.Module) else None
         with torch.no_grad():
-            dtype = self._predictor_dtype()
             pixels = pixels.detach()
             scores = self.predictor(pixels if dtype is None or dtype == pixels.dtype else pixels.to(dtype))
-        t = len(self.space)
         if not isinstance(scores, Tensor) or scores.shape != (pixels.shape[0], t) or not scores.is_floating_point():
             raise ValueError(f"the predictor must return float scores of shape (B, {t}) for space {self.space.name!r}, "
                              f"got {getattr(scores, 'dtype', type(scores).__name__)} {tuple(getattr(scores, 'shape', ()))}")
         return scores
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        x = self._check_input(x)
-        pixels = self._pixels(x)
+    def select(self, x, pixels, *args, **kwargs):
         scores = self._scores(pixels)
         index = select_topk(scores, self.k)
         losses = scores.gather(1, index) if self.merge_mode == "weighted" else None
-        merged = self._run(x, pixels, index, args, kwargs, losses)
-        return self._wrap(merged, Selection(index=index, predicted_losses=scores, flip=self.flip))
+        return index, losses, Selection(index=index, predicted_losses=scores, flip=self.flip)
 
 
-class RandomKWrapper(_TTABase):
-    """Baseline: ``k`` distinct candidates per input, drawn uniformly at random.
+class _RandomK(TTAWrapper):
+    """Generator semantics: a CPU ``torch.Generator`` seeded with ``seed``; every forward advances
+    it, :meth:`reset` re-seeds it. Draws happen on the CPU, so a seed picks the same candidates
+    on every device."""
 
-    Generator semantics: a CPU ``torch.Generator`` seeded with ``seed`` at construction; every
-    forward advances it (successive calls draw new candidates, like one random stream), and
-    :meth:`reset` re-seeds it, after which the same inputs give the same outputs again. Draws
-    are made on the CPU and moved to the input's device, so a seed picks the same candidates
-    on every device. ``merge_mode="weighted"`` is not available (there are no predicted losses).
-    """
-
-    _needs_losses_for_weighted = False
-
-    def __init__(self, model: Callable[..., Any], space: Any, k: int = 1, seed: int = 0, merge_mode: str = "mean",
-                 mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
-                 output_label_key: Optional[str] = None, flip: bool = False, return_selection: bool = False):
-        super().__init__(model, space, k, merge_mode, mean, std, chunk_size, 1.0, output_label_key, flip,
-                         return_selection)
+    def _seed(self, seed: int) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.seed = seed
@@ -362,76 +391,132 @@ class RandomKWrapper(_TTABase):
             self.seed = seed
         self.generator.manual_seed(self.seed)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        x = self._check_input(x)
-        pixels = self._pixels(x)
+    def select(self, x, pixels, *args, **kwargs):
         index = select_random(x.shape[0], len(self.space), self.k, generator=self.generator, device=x.device)
-        merged = self._run(x, pixels, index, args, kwargs)
-        return self._wrap(merged, Selection(index=index, flip=self.flip))
+        return index, None, Selection(index=index, flip=self.flip)
 
 
-def _cross_entropy(outputs: Tensor, target: Tensor) -> Tensor:
-    return TF.cross_entropy(outputs, target, reduction="none")
+class _FullSpace(TTAWrapper):
+    def select(self, x, pixels, *args, **kwargs):
+        index = torch.arange(len(self.space), device=x.device).expand(x.shape[0], -1)
+        return index, None, Selection(index=index, flip=self.flip)
 
 
-class OracleKWrapper(_TTABase):
-    """Upper bound: the ``k`` candidates with the lowest *true* loss, which needs the labels:
-    ``wrapper(x, target, *args)``. Every candidate is run (``|T|`` model calls of ``B`` rows by
-    default); the chosen views' outputs are merged (no further call).
+# ---------------------------------------------------------------------- classification presets
 
-    ``loss_fn(outputs, targets) -> (N,)`` per-sample losses (default: cross entropy with
-    ``reduction="none"``); ``targets`` are ``target`` repeated per candidate in the model
-    batch's row order. ``merge_mode="weighted"`` weighs the chosen views by their true losses.
+
+class LossGuidedWrapper(_LossGuided):
+    """Instance-aware TTA: per input, the ``k`` candidates with the lowest predicted loss.
+
+    ``predictor``: ``pixels (B, 3, H, W) in [0, 1] -> (B, |T|)`` relative losses (lower is
+    better) with a ``.space`` (any :mod:`ttach_instance.predictors` predictor); ``space``, if
+    given, must be the predictor's (same fingerprint). ``output_label_key``: merge that entry of
+    a dict output. Other arguments: :class:`TTAWrapper`.
     """
 
-    def __init__(self, model: Callable[..., Any], space: Any, k: int = 1,
-                 loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, merge_mode: str = "mean",
-                 mean: Any = None, std: Any = None, chunk_size: Optional[int] = None, temperature: float = 1.0,
-                 output_label_key: Optional[str] = None, return_selection: bool = False):
-        super().__init__(model, space, k, merge_mode, mean, std, chunk_size, temperature, output_label_key, False,
-                         return_selection)
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (outputs, targets) -> per-sample losses, got {loss_fn!r}")
-        self.loss_fn = loss_fn or _cross_entropy
-
-    def forward(self, x: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> Any:
-        x = self._check_input(x)
-        if not isinstance(target, Tensor) or target.shape[:1] != x.shape[:1]:
-            raise ValueError(f"target must be a tensor with one entry per input ({x.shape[0]}), got "
-                             f"{tuple(getattr(target, 'shape', ())) or type(target).__name__}")
-        b, t = x.shape[0], len(self.space)
-        index_all = torch.arange(t, device=x.device).expand(b, t)
-        out = self._call_model(self._views(x, self._pixels(x), index_all), b, args, kwargs)
-        with torch.no_grad():
-            losses = self.loss_fn(out.detach(), target.repeat((t,) + (1,) * (target.dim() - 1)))
-        if not isinstance(losses, Tensor) or losses.shape != (t * b,):
-            raise ValueError(f"loss_fn must return per-sample losses of shape ({t * b},) (reduction='none'), got "
-                             f"{tuple(getattr(losses, 'shape', ())) or type(losses).__name__}")
-        true = losses.reshape(t, b).t().float()
-        index = select_oracle(true, self.k)
-        per_view = out.reshape((t, b) + out.shape[1:]).transpose(0, 1)  # (B, T, ...)
-        chosen = per_view[torch.arange(b, device=x.device)[:, None], index]
-        merged = merge_outputs(chosen, self.merge_mode, temperature=self.temperature,
-                               losses=true.gather(1, index) if self.merge_mode == "weighted" else None)
-        return self._wrap(merged, Selection(index=index, true_losses=true))
+    def __init__(self, model: Callable[..., Any], predictor: Callable[[Tensor], Tensor], k: int = 1,
+                 merge_mode: str = "mean", merge_space: str = "probs", mean: Any = None, std: Any = None,
+                 chunk_size: Optional[int] = None, temperature: float = 1.0, output_label_key: Optional[str] = None,
+                 flip: bool = False, return_selection: bool = False, space: Any = None):
+        space = self._bind_predictor(predictor, space)
+        super().__init__(model, space, k, merge_mode, merge_space, mean, std, chunk_size, temperature,
+                         output_label_key, flip, return_selection=return_selection)
+        self.predictor = predictor
 
 
-class FullSpaceWrapper(_TTABase):
+class RandomKWrapper(_RandomK):
+    """Baseline: ``k`` distinct candidates per input, drawn uniformly at random (``seed``)."""
+
+    def __init__(self, model: Callable[..., Any], space: Any, k: int = 1, seed: int = 0, merge_mode: str = "mean",
+                 merge_space: str = "probs", mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
+                 output_label_key: Optional[str] = None, flip: bool = False, return_selection: bool = False):
+        super().__init__(model, space, k, merge_mode, merge_space, mean, std, chunk_size, 1.0, output_label_key, flip,
+                         return_selection=return_selection)
+        self._seed(seed)
+
+
+class FullSpaceWrapper(_FullSpace):
     """Conventional TTA over the whole space: every candidate on every input, merged (ttach's
-    ``ClassificationTTAWrapper`` over ``space.to_ttach()``, but views built grouped in pixel space
-    and the model called in chunks of ``chunk_size`` rows; default ``|T|`` calls of ``B`` rows)."""
+    ``ClassificationTTAWrapper`` over ``space.to_ttach()``, with views built in pixel space)."""
 
-    _needs_losses_for_weighted = False
-
-    def __init__(self, model: Callable[..., Any], space: Any, merge_mode: str = "mean", mean: Any = None,
-                 std: Any = None, chunk_size: Optional[int] = None, output_label_key: Optional[str] = None,
-                 return_selection: bool = False):
+    def __init__(self, model: Callable[..., Any], space: Any, merge_mode: str = "mean", merge_space: str = "probs",
+                 mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
+                 output_label_key: Optional[str] = None, flip: bool = False, return_selection: bool = False):
         space = resolve_space(space)
-        super().__init__(model, space, len(space), merge_mode, mean, std, chunk_size, 1.0, output_label_key, False,
-                         return_selection)
+        super().__init__(model, space, len(space), merge_mode, merge_space, mean, std, chunk_size, 1.0,
+                         output_label_key, flip, return_selection=return_selection)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        x = self._check_input(x)
-        index = torch.arange(len(self.space), device=x.device).expand(x.shape[0], -1)
-        merged = self._run(x, self._pixels(x), index, args, kwargs)
-        return self._wrap(merged, Selection(index=index))
+
+# ---------------------------------------------------------------------- segmentation presets
+
+
+class _Dense:
+    """Mixin of the segmentation presets: per-pixel uncertainty across the views."""
+
+    def forward_with_uncertainty(self, images: Tensor, *args: Any, **kwargs: Any) -> Tuple[Any, Tensor]:
+        """``(output, uncertainty (B, 1, H, W))``: ``"variance"``, the validity-weighted variance of
+        the views' class probabilities summed over classes; ``"entropy"``, the entropy (nats) of
+        the merged class probabilities."""
+        r = self.run(images, *args, **kwargs)
+        views, validity = r["views"], r["validity"]
+        merged_probs = r["output"].softmax(1)
+        if self.uncertainty == "entropy":
+            unc = -(merged_probs * merged_probs.clamp_min(1e-12).log()).sum(1, keepdim=True)
+        else:
+            probs = views.softmax(2)
+            den = validity.sum(1).clamp_min(1e-12)
+            mean = (validity * probs).sum(1) / den
+            unc = ((validity * (probs - mean[:, None]) ** 2).sum(1) / den).sum(1, keepdim=True)
+        return self._wrap(r["output"], r["selection"]), unc
+
+
+def _dense_kwargs(interpolation: str, coverage: str, uncertainty: str) -> Dict[str, Any]:
+    _choice(uncertainty, UNCERTAINTY_MODES, "uncertainty")
+    return {"dense": True, "interpolation": interpolation, "coverage": coverage}
+
+
+class LossGuidedSegmentationWrapper(_Dense, _LossGuided):
+    """Loss-guided TTA for models returning per-pixel logits ``(B, K, H, W)`` (or a dict holding
+    them under ``output_mask_key``): the ``k`` best candidates per image, each view's output
+    warped back to the input frame, merged weighted by validity. Arguments: :class:`TTAWrapper`;
+    ``uncertainty`` for :meth:`forward_with_uncertainty`."""
+
+    def __init__(self, model: Callable[..., Any], predictor: Callable[[Tensor], Tensor], space: Any = None, k: int = 1,
+                 merge_mode: str = "mean", merge_space: str = "probs", mean: Any = None, std: Any = None,
+                 chunk_size: Optional[int] = None, temperature: float = 1.0, output_mask_key: Optional[str] = None,
+                 flip: bool = False, interpolation: str = "bilinear", coverage: str = "extrapolate",
+                 uncertainty: str = "variance", return_selection: bool = False):
+        space = self._bind_predictor(predictor, space)
+        super().__init__(model, space, k, merge_mode, merge_space, mean, std, chunk_size, temperature, output_mask_key,
+                         flip, return_selection=return_selection, **_dense_kwargs(interpolation, coverage, uncertainty))
+        self.predictor = predictor
+        self.uncertainty = uncertainty
+
+
+class RandomKSegmentationWrapper(_Dense, _RandomK):
+    """Baseline for segmentation: ``k`` distinct candidates per image drawn at random (``seed``)."""
+
+    def __init__(self, model: Callable[..., Any], space: Any, k: int = 1, seed: int = 0, merge_mode: str = "mean",
+                 merge_space: str = "probs", mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
+                 output_mask_key: Optional[str] = None, flip: bool = False, interpolation: str = "bilinear",
+                 coverage: str = "extrapolate", uncertainty: str = "variance", return_selection: bool = False):
+        super().__init__(model, space, k, merge_mode, merge_space, mean, std, chunk_size, 1.0, output_mask_key, flip,
+                         return_selection=return_selection, **_dense_kwargs(interpolation, coverage, uncertainty))
+        self._seed(seed)
+        self.uncertainty = uncertainty
+
+
+class SegmentationTTAWrapper(_Dense, _FullSpace):
+    """Conventional segmentation TTA: every candidate of ``space`` (default ``"d4"``), outputs
+    de-augmented and merged with validity weights -- arbitrary rotations, zooms and crops
+    included, which ttach's ``SegmentationTTAWrapper`` cannot de-augment."""
+
+    def __init__(self, model: Callable[..., Any], space: Any = "d4", merge_mode: str = "mean",
+                 merge_space: str = "probs", mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
+                 output_mask_key: Optional[str] = None, flip: bool = False, interpolation: str = "bilinear",
+                 coverage: str = "extrapolate", uncertainty: str = "variance", return_selection: bool = False):
+        space = resolve_space(space)
+        super().__init__(model, space, len(space), merge_mode, merge_space, mean, std, chunk_size, 1.0,
+                         output_mask_key, flip, return_selection=return_selection,
+                         **_dense_kwargs(interpolation, coverage, uncertainty))
+        self.uncertainty = uncertainty

@@ -102,12 +102,12 @@ class ClassificationTask(Task):
         return {"name": self.name, "loss": "cross_entropy" if fn is None else getattr(fn, "__name__", repr(fn))}
 
 
-class SegmentationLossTask(Task):
+class SegmentationTask(Task):
     """Per-image segmentation loss of every view, after de-augmenting its dense logits.
 
     The model maps ``(N, C, H, W)`` to logits ``(N, K, H', W')`` (or a dict holding them under
     ``output_key``); each view's output is brought back to the input frame with
-    :func:`ttach_instance.segmentation.deaugment_views` and scored against the label map
+    :meth:`~ttach_instance.space.TransformSpace.deaugment` and scored against the label map
     ``(B, H', W')``: ``loss="ce"`` mean pixel cross-entropy without ``ignore_index`` pixels,
     ``"dice"`` 1 - mean soft Dice. Pixels the view did not see are filled as the ``k = 1``
     loss-guided wrapper fills them (``coverage="extrapolate"``: nearest covered value;
@@ -119,7 +119,8 @@ class SegmentationLossTask(Task):
 
     def __init__(self, loss: str = "ce", ignore_index: int = 255, coverage: str = "extrapolate",
                  interpolation: str = "bilinear", output_key: Optional[str] = None):
-        from ..segmentation import INTERPOLATIONS, LOSS_KINDS
+        from ..segmentation import LOSS_KINDS
+        from ..wrappers import INTERPOLATIONS
 
         if loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {list(LOSS_KINDS)}, got {loss!r}")
@@ -134,23 +135,29 @@ class SegmentationLossTask(Task):
         self.coverage = coverage
         self.interpolation = interpolation
         self.output_key = output_key
-        self._tables = {}
 
     def view_losses(self, model: nn.Module, views: Tensor, targets: Tensor, space, index: Tensor) -> Tensor:
-        from ..segmentation import _DeaugTables, _split_output, deaugment_views, segmentation_loss
+        from ..segmentation import segmentation_loss
 
         if index.dim() == 1:
             index = index[:, None]
         b, k = index.shape
         if targets.dim() != 3 or targets.shape[0] != b:
             raise ValueError(f"targets must be label maps (B, H, W) with B = {b}, got {tuple(targets.shape)}")
-        out = _split_output(model(views), self.output_key)
+        out = model(views)
+        if self.output_key is not None:
+            if not isinstance(out, dict) or self.output_key not in out:
+                raise KeyError(f"output key {self.output_key!r} is not among the model's outputs "
+                               f"{list(out) if isinstance(out, dict) else type(out).__name__}")
+            out = out[self.output_key]
+        if not isinstance(out, Tensor) or out.dim() != 4 or not out.is_floating_point():
+            raise TypeError(f"the model must return dense float logits (N, K, H, W), got "
+                            f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
         if out.shape[-2:] != targets.shape[-2:]:
             raise ValueError(f"the model's logits are {tuple(out.shape[-2:])} but the masks are "
                              f"{tuple(targets.shape[-2:])}; masks must match the model's output resolution")
-        tables = self._tables.setdefault(space.fingerprint, _DeaugTables(space))
         fill = "border" if self.coverage == "extrapolate" else "zero"
-        back, _ = deaugment_views(out, space, index, self.interpolation, fill, tables, tuple(views.shape[-2:]))
+        back, _ = space.deaugment(out, index, mode=self.interpolation, fill=fill, image_size=tuple(views.shape[-2:]))
         losses = segmentation_loss(back, targets.repeat_interleave(k, 0), kind=self.loss,
                                    ignore_index=self.ignore_index)
         return losses.view(b, k)

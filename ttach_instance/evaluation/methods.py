@@ -1,0 +1,245 @@
+"""The Table-1 methods, each defined once as a wrapper factory, and the oracle baselines.
+
+A method is a function ``(model, space, predictor, mean, std, output_key) -> wrapper``; the
+harness calls the wrapper exactly as a user would. Oracle-k needs the labels, so its wrappers
+live here with the evaluation, not among the deployable ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from ..registry import get_space
+from ..segmentation import LOSS_KINDS, segmentation_loss
+from ..selection import select_oracle
+from ..space import Candidate, TransformSpace
+from ..wrappers import (FullSpaceWrapper, LossGuidedSegmentationWrapper, LossGuidedWrapper, RandomKSegmentationWrapper,
+                        RandomKWrapper, Selection, SegmentationTTAWrapper, TTAWrapper, _FullSpace)
+
+__all__ = ["METHODS", "LABELS", "MODEL_CALLS", "PREDICTOR_METHODS", "SEG_METHODS", "SEG_LABELS", "build_method",
+           "OracleKWrapper", "OracleKSegmentationWrapper", "ViewMemo", "identity_space"]
+
+
+def identity_space() -> TransformSpace:
+    """The one-candidate space of the plain model (the Identity row)."""
+    return TransformSpace([Candidate()], name="identity")
+
+
+class _OracleK(_FullSpace):
+    """Every candidate runs; the ``k`` views with the lowest *true* loss are merged (the paper's
+    upper bound: it needs the labels, ``wrapper(x, target)``). ``merge_mode="weighted"`` weighs the
+    chosen views by their true losses."""
+
+    has_losses = True
+
+    def view_loss(self, per_view: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def run(self, x: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        x = self._check_input(x)
+        if not isinstance(target, Tensor) or target.shape[:1] != x.shape[:1]:
+            raise ValueError(f"target must be a tensor with one entry per input ({x.shape[0]}), got "
+                             f"{tuple(getattr(target, 'shape', ())) or type(target).__name__}")
+        pixels = self._pixels(x)
+        every, _, _ = _FullSpace.select(self, x, pixels)
+        per_view, validity = self.view_outputs(x, pixels, every, args, kwargs)
+        with torch.no_grad():
+            true = self.view_loss(per_view.detach(), target).float()
+        index = select_oracle(true, self.k)
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        chosen = per_view[rows, index]
+        valid = None if validity is None else validity[rows, index]
+        merged, coverage = self.merge(chosen, valid, true.gather(1, index), x, args, kwargs)
+        return {"output": merged, "selection": Selection(index=index, true_losses=true), "views": chosen,
+                "validity": valid, "coverage": coverage}
+
+    def forward(self, x: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> Any:
+        r = self.run(x, target, *args, **kwargs)
+        return self._wrap(r["output"], r["selection"])
+
+
+class OracleKWrapper(_OracleK):
+    """Classification oracle: ``loss_fn(outputs (N, C), targets (N,)) -> (N,)`` per-view losses
+    (default cross entropy)."""
+
+    def __init__(self, model: Callable[..., Any], space: Any, k: int = 1,
+                 loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, merge_mode: str = "mean",
+                 merge_space: str = "probs", mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
+                 temperature: float = 1.0, output_label_key: Optional[str] = None, return_selection: bool = False):
+        TTAWrapper.__init__(self, model, space, len(_space(space)), merge_mode, merge_space, mean, std, chunk_size,
+                            temperature, output_label_key, return_selection=return_selection)
+        self.k = _check_oracle_k(k, self.space)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (outputs, targets) -> per-sample losses, got {loss_fn!r}")
+        self.loss_fn = loss_fn or (lambda out, y: TF.cross_entropy(out.float(), y, reduction="none"))
+
+    def view_loss(self, per_view: Tensor, target: Tensor) -> Tensor:
+        b, t = per_view.shape[:2]
+        losses = self.loss_fn(per_view.flatten(0, 1), target.repeat_interleave(t, 0))
+        if not isinstance(losses, Tensor) or losses.shape != (b * t,):
+            raise ValueError(f"loss_fn must return per-sample losses of shape ({b * t},) (reduction='none'), got "
+                             f"{tuple(getattr(losses, 'shape', ())) or type(losses).__name__}")
+        return losses.view(b, t)
+
+
+class OracleKSegmentationWrapper(_OracleK):
+    """Segmentation oracle: the true per-image ``loss`` (``"ce"`` or ``"dice"``) of every
+    candidate's de-augmented output against the label maps ``target`` ``(B, H, W)``."""
+
+    def __init__(self, model: Callable[..., Any], space: Any, k: int = 1, loss: str = "ce", ignore_index: int = 255,
+                 merge_mode: str = "mean", merge_space: str = "probs", mean: Any = None, std: Any = None,
+                 chunk_size: Optional[int] = None, output_mask_key: Optional[str] = None,
+                 interpolation: str = "bilinear", coverage: str = "extrapolate", return_selection: bool = False):
+        TTAWrapper.__init__(self, model, space, len(_space(space)), merge_mode, merge_space, mean, std, chunk_size,
+                            1.0, output_mask_key, dense=True, interpolation=interpolation, coverage=coverage,
+                            return_selection=return_selection)
+        self.k = _check_oracle_k(k, self.space)
+        if loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {list(LOSS_KINDS)}, got {loss!r}")
+        self.loss, self.ignore_index = loss, ignore_index
+
+    def view_loss(self, per_view: Tensor, target: Tensor) -> Tensor:
+        b, t = per_view.shape[:2]
+        flat = per_view.flatten(0, 1)
+        return segmentation_loss(flat, target.to(flat.device).repeat_interleave(t, 0), kind=self.loss,
+                                 ignore_index=self.ignore_index).view(b, t)
+
+
+def _space(space: Any) -> TransformSpace:
+    from ..wrappers import resolve_space
+
+    return resolve_space(space)
+
+
+def _check_oracle_k(k: Any, space: TransformSpace) -> int:
+    from ..selection import check_k
+
+    return check_k(k, len(space), space.name)
+
+
+class ViewMemo(nn.Module):
+    """``model`` run once per distinct input row between two :meth:`clear` calls.
+
+    The harness runs every method's wrapper on the same batch; their views overlap (the identity
+    view, the full space, the chosen candidates), so each distinct view is computed once and
+    replayed bit for bit. Rows are keyed by a 128-bit BLAKE2 digest of their bytes. The
+    model must treat rows independently (eval mode); ``mean``/``std`` are read through to it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.module = model
+        self._cache: Dict[bytes, Tensor] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    @staticmethod
+    def _key(row: Tensor) -> bytes:
+        h = hashlib.blake2b(f"{row.dtype}|{tuple(row.shape)}".encode(), digest_size=16)
+        h.update(row.detach().contiguous().cpu().numpy().tobytes())
+        return h.digest()
+
+    def forward(self, x: Tensor) -> Tensor:
+        keys = [self._key(row) for row in x]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if missing:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            rows = torch.tensor([first[k] for k in missing], device=x.device)
+            out = self.module(x.index_select(0, rows))
+            for k, o in zip(missing, out):
+                self._cache[k] = o
+        return torch.stack([self._cache[k] for k in keys])
+
+
+# -- the methods -----------------------------------------------------------------------------------
+
+Factory = Callable[..., nn.Module]
+
+
+def _classification() -> Dict[str, Tuple[str, int, Factory]]:
+    def full(space_name: Optional[str] = None):
+        return lambda model, space, predictor, **kw: FullSpaceWrapper(
+            model, identity_space() if space_name == "identity" else get_space(space_name) if space_name else space,
+            **kw)
+
+    def random(k: int):
+        return lambda model, space, predictor, **kw: RandomKWrapper(model, space, k=k, seed=0, **kw)
+
+    def ours(k: int, flip: bool):
+        return lambda model, space, predictor, **kw: LossGuidedWrapper(model, predictor, k=k, flip=flip,
+                                                                       return_selection=True, **kw)
+
+    def oracle(k: int):
+        return lambda model, space, predictor, **kw: OracleKWrapper(model, space, k=k, return_selection=True, **kw)
+
+    return {
+        "identity": ("Identity", 1, full("identity")), "hflip": ("H-Flip", 2, full("hflip")),
+        "five_crops": ("5-Crops", 5, full("five_crops")), "ten_crops": ("10-Crops", 10, full("ten_crops")),
+        "random_k1": ("Random k=1", 1, random(1)), "random_k2": ("Random k=2", 2, random(2)),
+        "random_k4": ("Random k=4", 4, random(4)), "full_mean": ("Full-space mean", 0, full()),
+        "ours_k1": ("Ours k=1", 1, ours(1, False)), "ours_k2": ("Ours k=2", 2, ours(2, False)),
+        "ours_k1_hflip": ("Ours k=1 + H-Flip", 2, ours(1, True)),
+        "ours_k2_hflip": ("Ours k=2 + H-Flip", 4, ours(2, True)), "oracle_k1": ("Oracle k=1", 0, oracle(1)),
+    }
+
+
+def _segmentation() -> Dict[str, Tuple[str, int, Factory]]:
+    def full(space_name: Optional[str] = None):
+        return lambda model, space, predictor, **kw: SegmentationTTAWrapper(
+            model, identity_space() if space_name == "identity" else space_name or space, **_seg(kw))
+
+    def d4_ttach(model, space, predictor, **kw):
+        import ttach as tta
+
+        return tta.SegmentationTTAWrapper(model, tta.aliases.d4_transform(), merge_mode="mean",
+                                          output_mask_key=kw.get("output_key"))
+
+    return {
+        "identity": ("Identity", 1, full("identity")), "hflip": ("H-Flip", 2, full("hflip")),
+        "d4_ttach": ("D4 (ttach)", 8, d4_ttach), "full_mean": ("Full-space mean", 0, full()),
+        "random_k1": ("Random k=1", 1, lambda m, s, p, **kw: RandomKSegmentationWrapper(m, s, k=1, **_seg(kw))),
+        "random_k2": ("Random k=2", 2, lambda m, s, p, **kw: RandomKSegmentationWrapper(m, s, k=2, **_seg(kw))),
+        "ours_k1": ("Ours k=1", 1, lambda m, s, p, **kw: LossGuidedSegmentationWrapper(
+            m, p, k=1, return_selection=True, **_seg(kw))),
+        "ours_k2": ("Ours k=2", 2, lambda m, s, p, **kw: LossGuidedSegmentationWrapper(
+            m, p, k=2, return_selection=True, **_seg(kw))),
+        "oracle_k1": ("Oracle k=1", 0, lambda m, s, p, loss="ce", ignore_index=255, **kw: OracleKSegmentationWrapper(
+            m, s, k=1, loss=loss, ignore_index=ignore_index, return_selection=True, **_seg(kw))),
+    }
+
+
+def _seg(kw: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(kw)
+    if "output_key" in out:
+        out["output_mask_key"] = out.pop("output_key")
+    out.pop("loss", None)
+    out.pop("ignore_index", None)
+    return out
+
+
+_CLASSIFICATION = _classification()
+_SEGMENTATION = _segmentation()
+METHODS = tuple(_CLASSIFICATION)
+LABELS = {m: v[0] for m, v in _CLASSIFICATION.items()}
+#: Model forwards per image of each method (0: the space's size).
+MODEL_CALLS = {m: v[1] for m, v in _CLASSIFICATION.items() if v[1]}
+PREDICTOR_METHODS = tuple(m for m in METHODS if m.startswith("ours"))
+SEG_METHODS = tuple(_SEGMENTATION)
+SEG_LABELS = {m: v[0] for m, v in _SEGMENTATION.items()}
+
+
+def build_method(method: str, model: nn.Module, space: TransformSpace, predictor: Optional[nn.Module] = None,
+                 task: str = "classification", **kwargs: Any) -> nn.Module:
+    """The wrapper that defines ``method``: classification ``kwargs`` go to the wrapper (``mean``,
+    ``std``, ``output_label_key``...); segmentation takes ``output_key``, ``loss``, ``ignore_index``."""
+    table = _CLASSIFICATION if task == "classification" else _SEGMENTATION
+    if method not in table:
+        raise ValueError(f"method must be one of {list(table)} for {task}, got {method!r}")
+    if method in PREDICTOR_METHODS and predictor is None:
+        raise ValueError(f"method {method!r} needs a loss predictor")
+    return table[method][2](model, space, predictor, **kwargs)
