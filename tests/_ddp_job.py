@@ -5,12 +5,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import TinyPredictor, space, tiny_data, tiny_model  # noqa: E402
+# run as a script: its folder (tests/) is sys.path[0], so the helpers import as top-level modules
+from _tiny import TinyPredictor, space, tiny_data, tiny_model
 
-from ttach_instance.training import distributed as dist  # noqa: E402
-from ttach_instance.training.labels import generate_labels  # noqa: E402
-from ttach_instance.training.trainer import FitConfig, fit_predictor  # noqa: E402
+from ttach_instance.training import distributed as dist
+from ttach_instance.training.labels import generate_labels
+from ttach_instance.training.trainer import FitConfig, fit_predictor
 
 LABEL_KW = dict(draws=2, corruption_p=0.5, corruptions=["gaussian_noise", "contrast"], shard_size=3, progress=False)
 FIT = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5)

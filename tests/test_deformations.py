@@ -1,6 +1,3 @@
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -12,9 +9,7 @@ from ttach_instance.training.deformations import Deformation, deform_batch, draw
 from ttach_instance.training.labels import generate_labels
 from ttach_instance.training.tasks import SegmentationLossTask
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _tiny import space, tiny_data, tiny_model  # noqa: E402
+from _tiny import space, tiny_data, tiny_model
 
 
 def photo(n=4, size=48):

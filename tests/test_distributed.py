@@ -5,21 +5,21 @@ import sys
 import pytest
 import torch
 
+from _ddp_job import FIT, FIT_GROUPS, FIT_PRETRAIN, LABEL_KW
+from _tiny import TinyPredictor, space, tiny_data, tiny_model
+
+from ttach_instance.training.labels import LabelCache, generate_labels
+from ttach_instance.training.trainer import fit_predictor
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from _ddp_job import FIT, FIT_GROUPS, FIT_PRETRAIN, LABEL_KW  # noqa: E402
-from _tiny import TinyPredictor, space, tiny_data, tiny_model  # noqa: E402
-
-from ttach_instance.training.labels import LabelCache, generate_labels  # noqa: E402
-from ttach_instance.training.trainer import fit_predictor  # noqa: E402
 
 
-def test_torchrun_two_processes_match_and_continue_single_process(tmp_path):
+def test_torchrun_two_processes_match_and_continue_single_process(tmp_path, helpers_env):
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = helpers_env  # _ddp_job.py imports the helpers (OMP_NUM_THREADS=1 included)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           os.path.join(HERE, "_ddp_job.py"), out], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]

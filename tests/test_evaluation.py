@@ -1,7 +1,4 @@
 import json
-import os
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -10,8 +7,7 @@ from ttach_instance.data import normalizer
 from ttach_instance.evaluation import (METHODS, corrupted_set, evaluate, evaluate_arrays, markdown_table,
                                          measure_cost)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import space, tiny_data, tiny_model  # noqa: E402
+from _tiny import space, tiny_data, tiny_model
 
 
 class FixedPredictor(nn.Module):

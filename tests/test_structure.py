@@ -93,11 +93,10 @@ def test_checker_resolves_package_attributes_to_the_package(tmp_path):
     assert [f"{o.kind}: {o.key}" for o in _checker().find_offences(tmp_path)] == ["cycle: ttach_instance <-> ops"]
 
 
-#: Files still editing sys.path when this test arrived (tests: conftest.py fixtures replace them;
-#: benchmark drivers: moved to research/ and made to import the installed package).
+#: Files still editing sys.path when this test arrived (benchmark drivers: moved to research/ and
+#: made to import the installed package).
 SYS_PATH_PENDING = {
-    "tests/test_labels.py", "tests/test_distributed.py", "tests/test_evaluation.py", "tests/test_deformations.py",
-    "tests/test_trainer.py", "tests/_ddp_job.py", "benchmarks/label_ceiling.py", "benchmarks/label_throughput.py",
+    "benchmarks/label_ceiling.py", "benchmarks/label_throughput.py",
     "benchmarks/ops.py", "benchmarks/predictor_cost.py", "benchmarks/predictor_fold.py",
     "benchmarks/segmentation_cost.py", "benchmarks/tiny_imagenet.py",
 }

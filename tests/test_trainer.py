@@ -1,15 +1,12 @@
 import math
 import os
-import sys
 
 import pytest
 import torch
+from _tiny import TinyPredictor
 
 from ttach_instance.training.losses import spearman
 from ttach_instance.training.trainer import FitConfig, _ema_update, fit_predictor, predict_losses, split_rows
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _tiny import TinyPredictor  # noqa: E402
 
 
 def synthetic(n=480, t=4, seed=0):

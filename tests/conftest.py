@@ -1,0 +1,26 @@
+"""Shared test set-up.
+
+The helper modules beside the tests (``_tiny.py``: tiny deterministic problems, ``pil_reference.py``:
+the paper's PIL pipeline) are importable as top-level modules because pyproject.toml's
+``[tool.pytest.ini_options] pythonpath`` names this folder; no test edits ``sys.path``.
+Scripts run in a subprocess get the same through :func:`helpers_env`. Why: one declared place
+for the test path, whatever pytest's import mode, instead of an insert at the top of each file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def helpers_env() -> Dict[str, str]:
+    """The environment for a subprocess that imports the test helpers (``from _tiny import ...``):
+    this one's, with this folder first on ``PYTHONPATH`` and one intra-op thread."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
