@@ -10,7 +10,8 @@ import ttach_instance
 from ttach_instance.merge import merge_outputs
 from ttach_instance.normalization import resolve_mean_std, to_model_input, to_pixels
 from ttach_instance.registry import get_space
-from ttach_instance.wrappers import FullSpaceWrapper, LossGuidedWrapper, OracleKWrapper, RandomKWrapper, Selection
+from ttach_instance.evaluation import OracleKWrapper
+from ttach_instance.wrappers import FullSpaceWrapper, LossGuidedWrapper, RandomKWrapper, Selection
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PAPER12 = get_space("paper12")
@@ -102,9 +103,10 @@ def test_grouping_order_matches_a_per_sample_loop():
     for i in range(3):
         for j, c in enumerate(choices[i]):
             v = view_input(PAPER12, x[i:i + 1], c)
-            assert torch.allclose(batch[j * 3 + i], v[0], atol=1e-6), (i, j)  # rank-major rows
+            assert torch.allclose(batch[j * 3 + i], v[0], atol=1e-6), (i, j)  # call j holds every sample's j-th view
             expected_outputs[i, j] = model(v)[0]
-    assert torch.allclose(out, expected_outputs.mean(1), atol=1e-6)
+    # the default merge: the mean of the views' softmax probabilities, returned as its logarithm
+    assert torch.allclose(out, expected_outputs.softmax(-1).mean(1).log(), atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["mean", "max", "min", "sum", "gmean", "tsharpen"])
@@ -112,7 +114,8 @@ def test_merge_modes_over_the_chosen_views(mode):
     model = Net(out="probs")
     x = images(2)
     choices = [[3, 7], [10, 0]]
-    wrapper = LossGuidedWrapper(model, FixedPredictor(PAPER12, scores_for(choices)), k=2, merge_mode=mode)
+    wrapper = LossGuidedWrapper(model, FixedPredictor(PAPER12, scores_for(choices)), k=2, merge_mode=mode,
+                                merge_space="logits")
     per_view = torch.stack([torch.cat([model(view_input(PAPER12, x[i:i + 1], c)) for c in choices[i]])
                             for i in range(2)])
     assert torch.allclose(wrapper(x), merge_outputs(per_view, mode), atol=1e-6)
@@ -123,10 +126,13 @@ def test_weighted_merge_hand_computed_softmax():
     x = images(1)
     scores = torch.full((1, 12), 5.0)
     scores[0, 4], scores[0, 8] = 0.2, 0.7
-    out = LossGuidedWrapper(model, FixedPredictor(PAPER12, scores), k=2, merge_mode="weighted", temperature=0.5)(x)
+    out = LossGuidedWrapper(model, FixedPredictor(PAPER12, scores), k=2, merge_mode="weighted", temperature=0.5,
+                            merge_space="logits")(x)
     w4 = math.exp(-0.2 / 0.5) / (math.exp(-0.2 / 0.5) + math.exp(-0.7 / 0.5))
-    expected = w4 * model(view_input(PAPER12, x, 4)) + (1 - w4) * model(view_input(PAPER12, x, 8))
-    assert torch.allclose(out, expected, atol=1e-6)
+    a, b = model(view_input(PAPER12, x, 4)), model(view_input(PAPER12, x, 8))
+    assert torch.allclose(out, w4 * a + (1 - w4) * b, atol=1e-6)
+    probs = LossGuidedWrapper(model, FixedPredictor(PAPER12, scores), k=2, merge_mode="weighted", temperature=0.5)(x)
+    assert torch.allclose(probs, (w4 * a.softmax(1) + (1 - w4) * b.softmax(1)).log(), atol=1e-6)
 
 
 def test_deterministic_and_no_forced_no_grad():
@@ -151,12 +157,14 @@ def test_same_output_shape_vector_and_dict_outputs():
     x = images(4)
     predictor = FixedPredictor(PAPER12, scores_for([[1, 2]] * 4))
     vec = Net(out="vector")
-    out = LossGuidedWrapper(vec, predictor, k=2)(x)
+    out = LossGuidedWrapper(vec, predictor, k=2, merge_space="logits")(x)
     assert out.shape == vec(x).shape == (4,)
+    with pytest.raises(ValueError, match="merge_space 'probs' needs outputs"):
+        LossGuidedWrapper(vec, predictor, k=2)(x)  # no class dim to take a softmax over
     d = Net(out="dict")
     out = LossGuidedWrapper(d, predictor, k=2, output_label_key="logits")(x)
     assert set(out) == {"logits"} and out["logits"].shape == (4, 5)
-    with pytest.raises(TypeError, match="pass output_label_key"):
+    with pytest.raises(TypeError, match="output_label_key="):
         LossGuidedWrapper(d, predictor, k=2)(x)
     with pytest.raises(KeyError, match="'nope' is not among the model's outputs"):
         LossGuidedWrapper(d, predictor, k=2, output_label_key="nope")(x)
@@ -166,14 +174,14 @@ def test_extra_args_are_forwarded():
     model = Net()
     x = images(2)
     predictor = FixedPredictor(PAPER12, scores_for([[0], [0]]))
-    assert torch.equal(LossGuidedWrapper(model, predictor)(x, 3.0), model(x, 3.0))
+    assert torch.equal(LossGuidedWrapper(model, predictor, merge_space="logits")(x, 3.0), model(x, 3.0))
 
 
 def test_k1_identity_is_the_model_exactly_with_normalisation():
     model = Net(mean=MEAN, std=STD)  # attributes: the wrapper resolves them
     x = (images(3) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     predictor = FixedPredictor(PAPER12, scores_for([[0]] * 3))
-    wrapper = LossGuidedWrapper(model, predictor)
+    wrapper = LossGuidedWrapper(model, predictor, merge_space="logits")
     assert wrapper.mean == MEAN and wrapper.std == STD
     rec = Recorder(model)
     out = wrapper(x)
@@ -222,7 +230,7 @@ def test_flip_is_the_mean_of_view_and_flipped_view():
     x = images(2)
     choices = [[11], [6]]
     out, sel = LossGuidedWrapper(model, FixedPredictor(PAPER12, scores_for(choices)), flip=True,
-                                 return_selection=True)(x)
+                                 return_selection=True, merge_space="logits")(x)
     assert sel.flip
     for i in range(2):
         v = view_input(PAPER12, x[i:i + 1], choices[i][0])
@@ -284,7 +292,7 @@ def test_oracle_picks_the_true_lowest_loss_candidate():
     target = torch.tensor([0, 3, 1, 2])
     model = QuadrantNet()
     rec = Recorder(model)
-    out, sel = OracleKWrapper(model, space, k=1, return_selection=True)(x, target)
+    out, sel = OracleKWrapper(model, space, k=1, return_selection=True, merge_space="logits")(x, target)
     assert sel.index[:, 0].tolist() == [0, 3, 1, 2]
     assert torch.equal(sel.true_losses.argmin(1), target)
     assert rec.calls == 4  # |T| calls of B rows
@@ -300,7 +308,7 @@ def test_full_space_equals_ttach_over_to_ttach(mode):
     model = Net(out="probs")
     space = get_space("flips")
     x = images(3)
-    ours = FullSpaceWrapper(model, space, merge_mode=mode)(x)
+    ours = FullSpaceWrapper(model, space, merge_mode=mode, merge_space="logits")(x)
     theirs = ttach.ClassificationTTAWrapper(model, space.to_ttach(), merge_mode=mode)(x)
     assert torch.allclose(ours, theirs, atol=1e-6)
     # And ttach's own flip transforms (another order: the same mean).
@@ -312,8 +320,8 @@ def test_full_space_equals_ttach_over_to_ttach(mode):
 def test_full_space_accepts_names_and_ttach_compose():
     model = Net()
     x = images(2)
-    a = FullSpaceWrapper(model, "hflip")(x)
-    b = FullSpaceWrapper(model, ttach.Compose([ttach.HorizontalFlip()]))(x)
+    a = FullSpaceWrapper(model, "hflip", merge_space="logits")(x)
+    b = FullSpaceWrapper(model, ttach.Compose([ttach.HorizontalFlip()]), merge_space="logits")(x)
     assert torch.allclose(a, (model(x) + model(x.flip(-1))) / 2, atol=1e-6) and torch.allclose(a, b)
 
 
@@ -354,13 +362,31 @@ def test_forward_errors():
         bad(images(2))
 
 
+@pytest.mark.parametrize("case", ["0-255", "unnormalised", "nan", "inf"])
+def test_input_that_is_not_normalised_pixels_is_refused(case):
+    model = Net(mean=MEAN, std=STD)
+    pixels = images(2, seed=3)
+    x = to_model_input(pixels, MEAN, STD)
+    bad = {"0-255": to_model_input(pixels * 255, MEAN, STD),  # uint8-range pixels, normalised
+           "unnormalised": pixels * 4 - 2,  # not what a normalised image in [0, 1] can be
+           "nan": x.clone().index_fill_(2, torch.tensor([0]), float("nan")),
+           "inf": x.clone().index_fill_(3, torch.tensor([5]), float("inf"))}[case]
+    predictor = FixedPredictor(PAPER12, scores_for([[3], [5]]))
+    for wrapper in (LossGuidedWrapper(model, predictor), RandomKWrapper(model, PAPER12),
+                    FullSpaceWrapper(model, "hflip")):
+        with pytest.raises(ValueError, match=r"not finite pixels in \[0, 1\]"):
+            wrapper(bad)
+        wrapper(x)  # the same wrapper takes properly normalised input
+
+
 def test_selection_mapping_and_package_exports():
     sel = Selection(index=torch.zeros(1, 1, dtype=torch.long))
     assert sel["index"] is sel.index and sel["predicted_losses"] is None
     with pytest.raises(KeyError):
         sel["nope"]
-    for name in ("LossGuidedWrapper", "RandomKWrapper", "OracleKWrapper", "FullSpaceWrapper", "select_topk",
-                 "select_random", "select_oracle", "merge_outputs"):
+    for name in ("LossGuidedWrapper", "RandomKWrapper", "FullSpaceWrapper", "LossGuidedSegmentationWrapper",
+                 "SegmentationTTAWrapper", "RandomKSegmentationWrapper", "TTAWrapper", "select_topk",
+                 "select_random", "select_oracle", "merge_outputs", "create_predictor", "load_predictor"):
         assert hasattr(ttach_instance, name)
 
 
@@ -369,11 +395,9 @@ def test_lazy_loss_predictor_export(monkeypatch):
     assert not hasattr(ttach_instance, "Missing")  # an absent module never breaks the package
     with pytest.raises(AttributeError, match="no_such_module_here"):
         ttach_instance.Missing
-    try:
-        import ttach_instance.predictor as predictor_module
-    except ImportError:
-        pytest.skip("ttach_instance.predictor is not available")
-    assert ttach_instance.LossPredictor is predictor_module.LossPredictor
+    import ttach_instance.predictors as predictors
+
+    assert ttach_instance.LossPredictor is predictors.LossPredictor
 
 
 def test_empty_batch_keeps_the_model_output_shape():

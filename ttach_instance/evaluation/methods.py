@@ -171,7 +171,7 @@ def _classification() -> Dict[str, Tuple[str, int, Factory]]:
         return lambda model, space, predictor, **kw: RandomKWrapper(model, space, k=k, seed=0, **kw)
 
     def ours(k: int, flip: bool):
-        return lambda model, space, predictor, **kw: LossGuidedWrapper(model, predictor, k=k, flip=flip,
+        return lambda model, space, predictor, **kw: LossGuidedWrapper(model, predictor, k=k, flip=flip, space=space,
                                                                        return_selection=True, **kw)
 
     def oracle(k: int):
@@ -205,9 +205,9 @@ def _segmentation() -> Dict[str, Tuple[str, int, Factory]]:
         "random_k1": ("Random k=1", 1, lambda m, s, p, **kw: RandomKSegmentationWrapper(m, s, k=1, **_seg(kw))),
         "random_k2": ("Random k=2", 2, lambda m, s, p, **kw: RandomKSegmentationWrapper(m, s, k=2, **_seg(kw))),
         "ours_k1": ("Ours k=1", 1, lambda m, s, p, **kw: LossGuidedSegmentationWrapper(
-            m, p, k=1, return_selection=True, **_seg(kw))),
+            m, p, space=s, k=1, return_selection=True, **_seg(kw))),
         "ours_k2": ("Ours k=2", 2, lambda m, s, p, **kw: LossGuidedSegmentationWrapper(
-            m, p, k=2, return_selection=True, **_seg(kw))),
+            m, p, space=s, k=2, return_selection=True, **_seg(kw))),
         "oracle_k1": ("Oracle k=1", 0, lambda m, s, p, loss="ce", ignore_index=255, **kw: OracleKSegmentationWrapper(
             m, s, k=1, loss=loss, ignore_index=ignore_index, return_selection=True, **_seg(kw))),
     }
