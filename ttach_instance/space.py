@@ -26,6 +26,28 @@ from .ops import Identity, Op, _ExactGeometric
 IndexLike = Union[Tensor, Sequence[int], Sequence[Sequence[int]]]
 
 
+def _trusted(op: Op) -> bool:
+    """Built-in op classes (tested against PIL) need no output check; plugin and callable ops do."""
+    return type(op).__module__ == "ttach_instance.ops" and type(op).__name__ != "CallableOp"
+
+
+def _check_op_output(op: Op, images: Tensor, out: Any) -> None:
+    """A third-party op's output checked where it is produced, so a misbehaving plugin is named
+    instead of failing deep inside the model or the merge: same shape, dtype and device as its
+    input, and (on CPU, where reading values costs no device sync) finite pixels in [0, 1]."""
+    where = f"op {op.name!r} ({type(op).__module__}.{type(op).__qualname__})"
+    if not isinstance(out, Tensor) or out.shape != images.shape or out.dtype != images.dtype \
+            or out.device != images.device:
+        raise ValueError(f"{where} returned {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{tuple(getattr(out, 'shape', ()))} for input {images.dtype} {tuple(images.shape)}: an op "
+                         f"must return images of its input's shape, dtype and device")
+    if out.device.type == "cpu" and out.numel():
+        lo, hi = torch.aminmax(out.detach())
+        if not (lo >= -1e-3 and hi <= 1 + 1e-3):
+            raise ValueError(f"{where} returned values in [{float(lo):.4g}, {float(hi):.4g}]: an op must return "
+                             f"finite pixels in [0, 1]")
+
+
 class Candidate:
     """One view: ops applied in order, under a name (default: the ops' names joined by ``+``)."""
 
@@ -65,7 +87,10 @@ class Candidate:
 
     def apply(self, images: Tensor) -> Tensor:
         for op in self.ops:
-            images = op.apply(images)
+            out = op.apply(images)
+            if not _trusted(op):
+                _check_op_output(op, images, out)
+            images = out
         return images
 
     def theta(self, height: int, width: int, device: Union[str, torch.device] = "cpu") -> Optional[Tensor]:
@@ -287,18 +312,28 @@ class TransformSpace:
         ``grouped=True`` runs each candidate present once on its samples (needs the set of
         candidates present, so it reads the index on the host); ``grouped=False`` runs each
         op family once over all rows with per-row parameters (no host synchronisation, only
-        for spaces of built-in ops). Default: grouped on CPU, per-row on accelerators when the
-        space supports it.
+        for spaces of built-in ops). Default: grouped on CPU; on accelerators per-row when the
+        space supports it, otherwise every candidate on every image and a device-side gather of
+        the selected rows (no host synchronisation either; cheap for the flips, quarter turns and
+        crops that lack a per-row form).
         """
         F.check_images(images)
         idx = self.check_index(index, images.shape[0], images.device)
         if grouped is None:
-            grouped = images.device.type == "cpu" or self.row_plan() is None
+            if images.device.type != "cpu" and self.row_plan() is None:
+                return self._apply_gathered(images, idx)
+            grouped = images.device.type == "cpu"
         if not grouped:
             if self.row_plan() is None:
                 raise ValueError(f"space {self.name!r} has ops without a per-row form; use grouped=True")
             return self._apply_rows(images, idx)
         return self._apply_grouped(images, idx)
+
+    def _apply_gathered(self, images: Tensor, idx: Tensor) -> Tensor:
+        b, k = idx.shape
+        every = torch.stack([cand.apply(images) for cand in self.candidates], 1)  # (B, T, C, H, W)
+        rows = torch.arange(b, device=images.device)[:, None].expand(b, k)
+        return every[rows, idx].reshape((b * k,) + tuple(images.shape[1:]))
 
     def apply_all(self, images: Tensor) -> Tensor:
         """Every candidate on every sample: ``(B * len(space), C, H, W)``, sample-major."""
