@@ -29,6 +29,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -61,9 +62,7 @@ def model_identity(model: nn.Module, spec: Optional[Dict[str, Any]] = None) -> D
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True)
-    if isinstance(value, str) and len(value) == 64:  # a sha256
-        text = json.dumps(value[:12] + "...")
+    text = re.sub(r"\b([0-9a-f]{12})[0-9a-f]{52}\b", r"\1...", json.dumps(value, sort_keys=True))  # sha256s
     return text if len(text) <= 100 else text[:97] + "..."
 
 
@@ -334,7 +333,7 @@ def generate_labels(
 
     ``images``: uint8 ``(N, 3, H, W)`` at the source resolution (corruptions are applied
     there), resized to ``size`` for the model when given. ``targets``: class indices ``(N,)``,
-    or label maps ``(N, H, W)`` for a dense ``task`` (:class:`~.tasks.SegmentationLossTask`;
+    or label maps ``(N, H, W)`` for a dense ``task`` (:class:`~.tasks.SegmentationTask`;
     resized with the images, nearest). ``max_shards`` stops after that many
     new shards in this process (for tests and time-boxed runs). ``deformation``
     (:class:`~.deformations.Deformation` or a dict of its fields): every row's image is first

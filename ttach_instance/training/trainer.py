@@ -8,6 +8,14 @@ on them (``FitConfig.select_by``).
 Runs unchanged under ``torchrun``: every rank sees the same global permutation and takes
 its slice of each global batch; gradients are averaged by DistributedDataParallel; rank 0
 writes checkpoints.
+
+Reproducible: a fit seeds every generator it draws from with ``FitConfig.seed`` (torch's global
+generator, which dropout uses, numpy's and Python's; the permutation, cutout and flips come from
+a generator seeded per epoch from the seed, the held-out split and temporary heads from their
+own seeded ones). The checkpoint written after every epoch holds the global generators' states,
+so on the CPU a fit killed and resumed ends bit for bit where the uninterrupted one does. It
+also records the configuration and a hash of its labels: it refuses to be continued with
+either changed, saying what differs.
 """
 
 from __future__ import annotations
@@ -15,20 +23,26 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..space import flip_permutation  # noqa: F401 - re-exported: FitConfig(flip_permutation=...)
-from . import distributed as dist
-from ..io import (atomic_save_tensors, atomic_write_json, load_module_tensors, load_tensors,
-                         module_tensors, optimizer_from_tensors, optimizer_to_tensors)
+from ..io import (atomic_save_tensors, atomic_write_json, load_module_tensors, load_tensors, module_tensors,
+                  optimizer_from_tensors, optimizer_to_tensors, tensors_sha256)
 from ..predictors import LossPredictorBase
 from ..predictors.calibration import fit_identity_calibration, identity_index
+from ..space import flip_permutation  # noqa: F401 - re-exported: FitConfig(flip_permutation=...)
+from . import distributed as dist
 from .corruptions import ALL, SEVERITIES
 from .losses import ranking_loss, ranking_metrics
+
+#: Version of the fit checkpoint (``checkpoint.safetensors``). 2: records its format, a hash of
+#: its labels and the global generators' states (format 1, unversioned, recorded neither).
+CHECKPOINT_FORMAT = 2
 
 #: Classes of :func:`corruption_groups`: clean, then every corruption of ``ALL`` at every severity.
 NUM_CORRUPTION_GROUPS = 1 + len(ALL) * len(SEVERITIES)
@@ -195,6 +209,49 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.copy_(m)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch's global generator (CPU and every GPU), numpy's and Python's with ``seed``."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def rng_state() -> Tuple[Dict[str, Tensor], Dict]:
+    """The global generators' states as ``(tensors, json)`` for a checkpoint (:func:`set_rng_state`)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    return tensors, {"numpy": [name, int(pos), int(has_gauss), float(cached)],
+                     "python": [version, list(internal), gauss_next]}
+
+
+def set_rng_state(tensors: Dict[str, Tensor], meta: Dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def labels_record(data: Dict[str, Tensor], identity: Optional[Dict] = None) -> Dict:
+    """What a fit checkpoint records of its labels: the sha256 of every tensor of ``data`` (the
+    rows trained on, whatever caches they came from) and ``identity`` (JSON, e.g. the caches'
+    paths and manifest hashes from :func:`~ttach_instance.training.labels.load_label_caches`)."""
+    record = {"data_sha256": tensors_sha256({k: v for k, v in data.items() if isinstance(v, Tensor)})}
+    if identity:
+        record.update(identity)
+    return record
+
+
 def fit_predictor(
     predictor: nn.Module,
     data: Dict[str, Tensor],
@@ -205,6 +262,7 @@ def fit_predictor(
     progress: bool = True,
     log: Callable[[str], None] = print,
     max_epochs_this_run: Optional[int] = None,
+    labels_identity: Optional[Dict] = None,
 ) -> Dict:
     """Train ``predictor`` (pixels in [0, 1] -> ``(B, T)`` losses) on ``data`` (a loaded label cache).
 
@@ -214,6 +272,11 @@ def fit_predictor(
     loaded into ``predictor`` (and saved as ``predictor.safetensors`` through ``predictor.save``
     when it has one). Returns ``{"history": [...], "final": the selected epoch's metrics,
     "selected_epoch": ...}``.
+
+    A fresh fit first seeds every global generator with ``config.seed`` (:func:`seed_everything`);
+    a resumed one restores their states from the checkpoint. A checkpoint of another format,
+    configuration or labels (:func:`labels_record` of ``data`` and ``labels_identity``) is
+    refused with a ``ValueError`` saying what differs.
     """
     from tqdm import tqdm
 
@@ -278,11 +341,9 @@ def fit_predictor(
     # The selected epoch's EMA weights live beside the running ones (and in the checkpoint), so a
     # resumed fit selects among all its epochs.
     best_state, best_epoch = None, None
+    labels = labels_record(data, labels_identity) if ckpt else None
     if ckpt and os.path.isfile(ckpt):
-        tensors, meta = load_tensors(ckpt)
-        # options added after the checkpoint was made ran at their defaults then
-        if {**asdict(FitConfig()), **(meta.get("config") or {})} != asdict(cfg):
-            raise ValueError(f"{ckpt} was made with another configuration; use another out_dir or delete it")
+        tensors, meta = _checked_checkpoint(ckpt, cfg, labels)
         load_module_tensors(predictor, tensors, "model")
         load_module_tensors(ema, tensors, "ema")
         for name, head in heads.items():
@@ -292,7 +353,10 @@ def fit_predictor(
         best_epoch = meta.get("best_epoch")
         if best_epoch is not None:
             best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+        set_rng_state(tensors, meta["rng"])
         log(f"resumed predictor training at epoch {start_epoch}/{cfg.epochs}")
+    else:
+        seed_everything(cfg.seed)
     end_epoch = cfg.epochs if max_epochs_this_run is None else min(cfg.epochs, start_epoch + max_epochs_this_run)
     for epoch in range(start_epoch, end_epoch):
         net.train()
@@ -360,10 +424,12 @@ def fit_predictor(
                 otensors, ometa = optimizer_to_tensors(opt)
                 best = {f"best.{k}": v for k, v in best_state.items()} if best_state is not None else {}
                 extra = {k: v for name, head in heads.items() for k, v in module_tensors(head, f"{name}_head").items()}
+                rtensors, rmeta = rng_state()
                 atomic_save_tensors(ckpt, {**module_tensors(predictor, "model"), **module_tensors(ema, "ema"), **best,
-                                           **extra, **otensors},
-                                    {"epoch": epoch + 1, "step": step, "history": history, "optim": ometa,
-                                     "config": asdict(cfg), "best_epoch": best_epoch})
+                                           **extra, **otensors, **rtensors},
+                                    {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "step": step, "history": history,
+                                     "optim": ometa, "config": asdict(cfg), "labels": labels, "rng": rmeta,
+                                     "best_epoch": best_epoch})
                 atomic_write_json(os.path.join(out_dir, "history.json"), history)
         dist.barrier()
     done = end_epoch >= cfg.epochs
@@ -412,6 +478,25 @@ def fit_predictor(
     return {"history": history, "final": history[chosen - 1] if history else {}, "selected_epoch": chosen if history else None,
             "complete": done, "identity_margin": margin,
             "val_rows": val_idx, "train_rows": train_idx}
+
+
+def _checked_checkpoint(ckpt: str, cfg: FitConfig, labels: Dict):
+    """``(tensors, meta)`` of the fit checkpoint ``ckpt`` after checking it is of this format and
+    was made with ``cfg`` on the labels ``labels`` (else a ``ValueError`` saying what differs)."""
+    from .labels import check_format, describe_differences
+
+    tensors, meta = load_tensors(ckpt)
+    check_format(meta.get("format"), CHECKPOINT_FORMAT, f"fit checkpoint {ckpt!r}")
+    old = {**asdict(FitConfig()), **(meta.get("config") or {})}  # options added since ran at their defaults
+    diff = describe_differences(old, asdict(cfg))
+    if diff:
+        raise ValueError(f"fit checkpoint {ckpt!r} was made with another configuration (checkpoint -> now: "
+                         f"{'; '.join(diff)}); use another out_dir or delete it")
+    if (meta.get("labels") or {}).get("data_sha256") != labels["data_sha256"]:
+        diff = describe_differences(meta.get("labels") or {}, labels)
+        raise ValueError(f"fit checkpoint {ckpt!r} was trained on other labels (checkpoint -> now: "
+                         f"{'; '.join(diff)}); continue it with the labels it was made with, or use another out_dir")
+    return tensors, meta
 
 
 def _improves(record: Dict, history: List[Dict], best_epoch: Optional[int], metric: str) -> bool:
