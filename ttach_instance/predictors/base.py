@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,9 @@ class Field:
 
     def validate(self, name: str, value: Any, where: str) -> Any:
         def fail(expected: str):
-            raise ValueError(f"{where}: {name} must be {expected}, got {value!r}")
+            shown = repr(value)
+            shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
+            raise ValueError(f"{where}: {name} must be {expected}, got {shown}")
 
         if value is None:
             if self.optional:
@@ -85,7 +87,7 @@ class Field:
         bounds = f" in [{self.low}, {self.high}]"
         if self.kind in ("int", "float"):
             ok_type = isinstance(value, int) if self.kind == "int" else isinstance(value, (int, float))
-            if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+            if isinstance(value, bool) or not ok_type or not (isinstance(value, int) or math.isfinite(value)):
                 fail(f"a finite {self.kind}{bounds}")
             if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
                 fail(f"a {self.kind}{bounds}")
@@ -190,20 +192,12 @@ class LossPredictorBase(nn.Module):
         """Write weights + metadata to one ``.safetensors`` file (atomically; no pickle)."""
         from ..io import atomic_save_tensors
 
-        if not self.architecture:
+        if not type(self).__dict__.get("architecture"):  # a subclass does not inherit its parent's name
             raise TypeError(f"{type(self).__name__} is not registered (ttach_instance.predictors.register_predictor): "
-                            f"a checkpoint must name a registered architecture")
+                            f"a checkpoint must name a registered architecture, and would load as that class")
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".safetensors"):
             raise ValueError(f"path must end in .safetensors, got {path!r}")
         atomic_save_tensors(os.fspath(path), self.state_dict(), self.metadata())
-
-    @classmethod
-    def load(cls, path: Union[str, os.PathLike], space: Optional[Union[TransformSpace, str]] = None,
-             map_location: Union[str, torch.device] = "cpu") -> "LossPredictorBase":
-        """:func:`~ttach_instance.predictors.load_predictor`, refusing checkpoints of another architecture."""
-        from . import load_predictor
-
-        return load_predictor(path, space=space, map_location=map_location, architecture=cls)
 
 
 def check_model_image_size(value: Any, where: str) -> Optional[Tuple[int, int]]:
@@ -227,8 +221,3 @@ def ensure_strict_match(predictor: nn.Module, tensors: Dict[str, Tensor], where:
                  f"unexpected tensors {unexpected}" if unexpected else "", f"mismatched {wrong}" if wrong else ""]
         raise ValueError(f"{where} does not match {type(predictor).__name__}({predictor.config()}): "
                          + "; ".join(p for p in parts if p))
-
-
-def pooled(stages: Sequence[Tensor]) -> List[Tensor]:
-    """Global average pooling of each ``(B, C, H, W)`` map: ``[(B, C), ...]``."""
-    return [s.mean((2, 3)) for s in stages]

@@ -149,7 +149,7 @@ def fit_identity_calibration(predictor: nn.Module, val_features: Tensor, val_cor
     scores = predictor.head_scores(val_features.to(_device(predictor))).float().cpu()
     margin, info = calibrate_identity_margin(scores, val_correct, val_clean.bool(), tolerance, identity, gate=p_val)
     calibration.margin.fill_(margin)
-    info["margin"] = margin
+    info["margin"] = float(calibration.margin)  # the float32 value the predictor applies, as saved
     if gated:
         info["gate_accuracy"] = float(((p_val > 0.5) == val_clean.bool()).float().mean())
     predictor.calibration = calibration.to(_device(predictor))

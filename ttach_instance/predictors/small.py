@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..models import IMAGENET_MEAN, IMAGENET_STD, SmallResNet
 from ..space import TransformSpace
-from . import register_predictor
+from .registry import register_predictor
 from .base import MAX_SIDE, Field, LossPredictorBase, checked_pixels, resize_antialiased
 
 __all__ = ["SmallLossPredictor"]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..normalization import _unwrap, resolve_mean_std
 from ..space import TransformSpace
-from . import register_predictor
+from .registry import register_predictor
 from .base import MAX_SIDE, Field, LossPredictorBase, checked_pixels, resize_antialiased
 
 __all__ = ["DEFAULT_BACKBONE", "LossPredictor"]
@@ -27,9 +27,12 @@ DEFAULT_BACKBONE = "mobilenetv3_small_100"
 
 
 def _is_timm_model(name: Any) -> bool:
+    """A timm architecture name, or ``architecture.tag`` with a tag timm knows (no hub or file paths)."""
     import timm
 
-    return isinstance(name, str) and ":" not in name and timm.is_model(name)
+    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+        return False
+    return "." not in name or name in timm.list_pretrained()
 
 
 def _check_triple(value: Sequence[float], arg: str) -> tuple:

@@ -1,0 +1,205 @@
+"""The predictor registry: the only way a name (in code or in a checkpoint) becomes an architecture."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List, Optional, Type, TypeVar, Union
+
+import torch
+
+from ..space import TransformSpace
+from .base import (CHECKPOINT_KIND, FORMAT_VERSION, Field, LossPredictorBase, check_model_image_size,
+                   ensure_strict_match, validate_config)
+from .calibration import IdentityCalibration
+
+__all__ = ["register_predictor", "create_predictor", "load_predictor", "list_predictors", "read_checkpoint_metadata"]
+
+_REGISTRY: Dict[str, Type[LossPredictorBase]] = {}
+P = TypeVar("P", bound=Type[LossPredictorBase])
+MAX_METADATA_BYTES = 1 << 20
+
+
+def register_predictor(name: str) -> Callable[[P], P]:
+    """Class decorator: make a :class:`LossPredictorBase` subclass known as ``name`` to
+    :func:`create_predictor` and to checkpoints. Registering a taken name is an error."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"predictor name must be an identifier-like string, got {name!r}")
+
+    def decorate(cls: P) -> P:
+        if not (isinstance(cls, type) and issubclass(cls, LossPredictorBase)):
+            raise TypeError(f"register_predictor({name!r}) takes a LossPredictorBase subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"predictor architecture {name!r} is already registered ({_REGISTRY[name].__name__})")
+        cls.architecture = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_predictors() -> List[str]:
+    """The registered architecture names."""
+    return sorted(_REGISTRY)
+
+
+def _architecture(name: object, where: str) -> Type[LossPredictorBase]:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"{where}: unknown predictor architecture {name!r}; registered: {list_predictors()} "
+                         f"(register others with ttach_instance.predictors.register_predictor before loading)")
+    return _REGISTRY[name]
+
+
+def create_predictor(name: str, space: Union[TransformSpace, str], **config) -> LossPredictorBase:
+    """A fresh predictor of the registered architecture ``name`` for ``space``."""
+    return _architecture(name, "create_predictor")(space, **config)
+
+
+def read_checkpoint_metadata(path: Union[str, os.PathLike]) -> Dict:
+    """A predictor checkpoint's metadata, read from the file header alone (no tensor is loaded),
+    checked for kind and format version. ``ValueError`` naming the file otherwise."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"predictor checkpoint must be a .safetensors file, got {path!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"predictor checkpoint {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("meta", "")
+    except Exception as e:  # noqa: BLE001 - truncated or not safetensors: name the file
+        raise ValueError(f"predictor checkpoint {path!r} is not a readable safetensors file ({e})") from e
+    if len(raw) > MAX_METADATA_BYTES:
+        raise ValueError(f"predictor checkpoint {path!r}: metadata of {len(raw)} bytes (at most {MAX_METADATA_BYTES})")
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError) as e:  # bad JSON, integers of > 4300 digits, nesting too deep
+        raise ValueError(f"predictor checkpoint {path!r}: metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND:
+        kind = meta.get("kind") if isinstance(meta, dict) else None
+        raise ValueError(f"{path!r} is not a ttach-instance loss predictor checkpoint (kind {kind!r}, expected "
+                         f"{CHECKPOINT_KIND!r}); checkpoints of ttach-instance 0.1 (kinds 'loss-predictor', "
+                         f"'small-loss-predictor') are no longer read: fit the predictor again")
+    if type(meta.get("format_version")) is not int or meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"predictor checkpoint {path!r} has format version {meta.get('format_version')!r}; this "
+                         f"ttach-instance reads version {FORMAT_VERSION} only: fit the predictor again")
+    return meta
+
+
+def _checked_calibration(value: object, num_candidates: int, where: str) -> Optional[Dict]:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"identity", "num_features"}:
+        raise ValueError(f"{where}: calibration must be null or {{'identity', 'num_features'}}, got {value!r}")
+    identity = Field("int", 0, num_candidates - 1).validate("calibration.identity", value["identity"], where)
+    features = Field("int", 1, 1 << 16, optional=True).validate("calibration.num_features", value["num_features"],
+                                                                 where)
+    return {"identity": identity, "num_features": features}
+
+
+def load_predictor(path: Union[str, os.PathLike], space: Optional[Union[TransformSpace, str]] = None,
+                   map_location: Union[str, torch.device] = "cpu",
+                   architecture: Optional[Type[LossPredictorBase]] = None) -> LossPredictorBase:
+    """Rebuild a predictor from a :meth:`~LossPredictorBase.save` checkpoint, in eval mode on
+    ``map_location``.
+
+    Every metadata field is validated (registered architecture, constructor arguments within the
+    architecture's bounds, the space rebuilt from the space registry and matched by fingerprint,
+    sizes bounded) before anything is built; then the weights are loaded strictly. ``space``:
+    the space to bind (default: rebuilt from the recorded name and parameters). ``architecture``:
+    refuse checkpoints of any other class. Every failure is a ``ValueError`` naming the file.
+    """
+    from ..io import load_tensors
+    from ..registry import get_space
+
+    path = os.fspath(path)
+    meta = read_checkpoint_metadata(path)
+    where = f"predictor checkpoint {path!r}"
+    cls = _architecture(meta.get("architecture"), where)
+    if architecture is not None and cls is not architecture and not issubclass(cls, architecture):
+        raise ValueError(f"{where} holds a {cls.__name__} ({cls.architecture!r}), not a {architecture.__name__}")
+    config = validate_config(cls, meta.get("config"), where)
+    size = check_model_image_size(meta.get("model_image_size"), where)
+    names = meta.get("candidate_names")
+    fingerprint = meta.get("space_fingerprint")
+    if not isinstance(fingerprint, str) or not isinstance(names, list):
+        raise ValueError(f"{where}: metadata lacks the space's fingerprint and candidate names")
+    if space is None:
+        name, params = meta.get("space"), meta.get("space_params", {})
+        if not isinstance(name, str) or not isinstance(params, dict):
+            raise ValueError(f"{where}: space must be a registered space name with a parameter object, got "
+                             f"{name!r}, {params!r}")
+        try:
+            space = get_space(name, **params)
+        except Exception as e:  # noqa: BLE001 - the registry's error, with the checkpoint named
+            raise ValueError(f"{where}: cannot rebuild its space {name!r} with parameters {params} from the "
+                             f"registry ({e}); pass space=") from e
+    elif isinstance(space, str):
+        space = get_space(space)
+    if space.fingerprint != fingerprint:
+        raise ValueError(f"space {space.name!r} (fingerprint {space.fingerprint}) is not the space the predictor "
+                         f"{path!r} was trained for ({meta.get('space')!r}, fingerprint {fingerprint})")
+    calibration = _checked_calibration(meta.get("calibration"), len(space), where)
+    # The file's tensors against the architecture built on the meta device (no memory): a small
+    # tampered file cannot make loading allocate a large model it does not hold the weights of.
+    probe = _build(cls, space, config, calibration, where, device="meta")
+    if probe is not None:
+        ensure_strict_match(probe, _header_tensors(path, where), where)
+    predictor = _build(cls, space, config, calibration, where)
+    try:
+        tensors, _ = load_tensors(path)
+    except Exception as e:  # noqa: BLE001 - a truncated body after a good header
+        raise ValueError(f"{where} is unreadable (truncated or damaged): {e}") from e
+    ensure_strict_match(predictor, tensors, where)
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ValueError(f"{where}: tensors {broken[:5]} hold NaN or infinite values (damaged, or saved from a "
+                         f"diverged fit)")
+    predictor.load_state_dict(tensors, strict=True)
+    predictor.model_image_size = size
+    return predictor.to(map_location).eval()
+
+
+def _build(cls: Type[LossPredictorBase], space: TransformSpace, config: Dict, calibration: Optional[Dict], where: str,
+           device: Optional[str] = None) -> Optional[LossPredictorBase]:
+    """``cls(space, **config)`` with its calibration. On the ``meta`` device: ``None`` when the
+    architecture cannot be built there (it is then checked after the real build); otherwise any
+    failure is a ``ValueError`` naming the checkpoint."""
+    try:
+        if device is None:
+            predictor = cls(space, **config)
+        else:
+            with torch.device(device):
+                predictor = cls(space, **config)
+        if calibration is not None:
+            predictor.calibration = IdentityCalibration(**calibration)
+        return predictor
+    except Exception as e:  # noqa: BLE001 - whatever the architecture raises, with the file named
+        if device is not None:
+            return None
+        raise ValueError(f"{where}: architecture {cls.architecture!r} cannot be built with its config {config} "
+                         f"({type(e).__name__}: {e})") from e
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header_tensors(path: str, where: str) -> Dict[str, torch.Tensor]:
+    """The file's tensors as empty ``meta`` tensors of their shapes and dtypes (the header alone)."""
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    raise ValueError(f"tensor {name!r} has dtype {piece.get_dtype()}")
+                out[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+        return out
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{where} has tensors this loader does not read ({e})") from None
