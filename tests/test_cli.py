@@ -93,10 +93,26 @@ def test_labels_command_and_resume(folder, tmp_path, capsys):
     assert "--deform must be ROTATE,ZOOM,BRIGHTNESS" in capsys.readouterr().err
 
 
+def _val_pixels(folder):
+    """The val split read with PIL, class by class: ``(pixels in [0, 1] (N, 3, H, W), labels)``."""
+    files = [(c, os.path.join(folder, "val", cls, f)) for c, cls in enumerate(("ants", "bees"))
+             for f in sorted(os.listdir(os.path.join(folder, "val", cls)))]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for _, p in files])
+    return x.float() / 255, [c for c, _ in files]
+
+
 def test_eval_command_baselines(folder, tmp_path, weights, capsys):
+    # a fresh model puts every image in one class (every method then errs on half of them): its
+    # class-1 bias is moved so that the ants' decision is split, and the methods can differ
     torch.manual_seed(0)
+    model = build_model(FACTORY, num_classes=2)
+    mean, std = torch.tensor(model.mean).view(1, 3, 1, 1), torch.tensor(model.std).view(1, 3, 1, 1)
+    x, y = _val_pixels(folder)
+    with torch.no_grad():
+        z = model((x - mean) / std)
+        model.head.bias[1] -= (z[:, 1] - z[:, 0])[torch.tensor(y) == 0].mean()
     w = str(tmp_path / "w16.pt")
-    torch.save(build_model(FACTORY, num_classes=2).state_dict(), w)
+    torch.save(model.state_dict(), w)
     out = str(tmp_path / "eval")
     assert main(["eval", "--model", FACTORY, "--weights", w, "--data", folder, "--out", out, "--corruptions",
                  "contrast", "--held-out", "saturate", "--severities", "1", "--methods",
@@ -106,6 +122,25 @@ def test_eval_command_baselines(folder, tmp_path, weights, capsys):
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
     assert set(res["methods"]) == {"identity", "hflip", "full_mean", "oracle_k1"}
+    # the clean errors against a plain loop: the model on each image (normalised by its own
+    # mean/std), with its mirror (probabilities averaged), and every candidate for the oracle
+    from ttach_instance.registry import get_space
+
+    model = build_model(FACTORY, num_classes=2, weights=w)
+    wrong = {"identity": 0, "hflip": 0, "oracle_k1": 0}
+    with torch.no_grad():
+        for i, label in enumerate(y):
+            xi = x[i:i + 1]
+            wrong["identity"] += int(model((xi - mean) / std)[0].argmax()) != label
+            both = model((xi - mean) / std)[0].softmax(0) + model((xi.flip(-1) - mean) / std)[0].softmax(0)
+            wrong["hflip"] += int(both.argmax()) != label
+            logits = [model((cand.apply(xi) - mean) / std)[0] for cand in get_space("paper12").candidates]
+            losses = [float(-torch.log_softmax(v, 0)[label]) for v in logits]
+            wrong["oracle_k1"] += int(logits[int(np.argmin(losses))].argmax()) != label
+    assert res["n"] == len(y) == 6
+    for method, n_wrong in wrong.items():
+        assert res["clean"][method] == pytest.approx(100.0 * n_wrong / len(y)), method
+    assert len({res["clean"][m] for m in wrong}) > 1  # the set-up tells the methods apart
 
 
 def test_cli_errors_name_the_argument(folder, capsys):
@@ -140,33 +175,33 @@ def test_fit_and_predict_commands(folder, tmp_path, capsys):
     assert "held-out spearman" in capsys.readouterr().out
     pred = os.path.join(fit, "predictor.safetensors")
     assert os.path.isfile(pred)
-    # the light CNN predictor, with feature pretraining
+    # the light CNN predictor
     small = str(tmp_path / "fit_small")
     assert main(["fit", "--labels", labels, "--out", small, "--predictor", "small", "--width", "4",
-                 "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw",
-                 "--val-fraction", "0.25", "--distill-weight", "0.5", "--levels", "all", "--detail-channels", "2"]) == 0
+                 "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw",
+                 "--val-fraction", "0.25", "--distill-weight", "0.5"]) == 0
     with open(os.path.join(small, "history.json")) as f:
         assert json.load(f)[0]["train_distill_loss"] > 0  # from the labels' input_logits
-    from ttach_instance.models import SmallLossPredictor, load_predictor
+    from ttach_instance.predictors import SmallLossPredictor, load_predictor
 
     loaded = load_predictor(os.path.join(small, "predictor.safetensors"))
-    assert isinstance(loaded, SmallLossPredictor) and loaded.width == 4
-    assert (loaded.levels, loaded.detail_channels, loaded.net.head.in_features) == ("all", 2, 4 + 8 + 16 + 4)
+    assert isinstance(loaded, SmallLossPredictor) and loaded.width == 4 and loaded.head.in_features == 16
     assert "held-out spearman" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["fit", "--labels", labels, "--out", small + "2", "--predictor", "small", "--backbone", "lcnet_050"])
     assert "--width" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["fit", "--labels", labels, "--out", small + "2", "--detail-channels", "2"])
-    assert "--predictor small options" in capsys.readouterr().err
-    # from the labels' model, folded: 16-px images at unshuffle 2 -> an 8-px net that sees every pixel
-    folded = str(tmp_path / "fit_folded")
-    assert main(["fit", "--labels", labels, "--out", folded, "--predictor", "small", "--width", "16",
-                 "--input-size", "8", "--unshuffle", "2", "--init-from", FACTORY, "--init-weights", w,
+    for removed in (["--levels", "all"], ["--detail-channels", "2"], ["--unshuffle", "2"], ["--pretrain-epochs", "1"]):
+        with pytest.raises(SystemExit):  # measured as no gain: the options are gone
+            main(["fit", "--labels", labels, "--out", small + "2", *removed])
+        assert "unrecognized arguments" in capsys.readouterr().err
+    # started from the labels' model (a SmallResNet of width 16 at 8 px)
+    started = str(tmp_path / "fit_started")
+    assert main(["fit", "--labels", labels, "--out", started, "--predictor", "small", "--width", "16",
+                 "--input-size", "8", "--init-from", FACTORY, "--init-weights", w,
                  "--init-num-classes", "2", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw",
                  "--val-fraction", "0.25"]) == 0
-    loaded = load_predictor(os.path.join(folded, "predictor.safetensors"))
-    assert (loaded.unshuffle, loaded.input_size, loaded.pixel_size) == (2, 8, 16)
+    loaded = load_predictor(os.path.join(started, "predictor.safetensors"))
+    assert loaded.input_size == 8 and loaded.width == 16
     assert "held-out spearman" in capsys.readouterr().out
     img = os.path.join(folder, "val", "bees", "0.png")
     classes = tmp_path / "classes.txt"
@@ -180,8 +215,7 @@ def test_fit_and_predict_commands(folder, tmp_path, capsys):
     assert "--k" in capsys.readouterr().err
     # --predictor-flip: the views are the k lowest of the flip-averaged scores
 
-    from ttach_instance.models import load_predictor
-    from ttach_instance.predictor import FlipAveragedPredictor
+    from ttach_instance.predictors import FlipAveragedPredictor, load_predictor
 
     loaded = load_predictor(pred)
     with Image.open(img) as im:
@@ -200,7 +234,7 @@ def test_predict_resizes_to_the_labels_image_size_not_the_predictors(folder, tmp
     fit = str(tmp_path / "fit")
     assert main(["fit", "--labels", labels, "--out", fit, "--predictor", "small", "--width", "4", "--input-size",
                  "16", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw", "--val-fraction", "0.25"]) == 0
-    from ttach_instance.models import load_predictor
+    from ttach_instance.predictors import load_predictor
     from ttach_instance.wrappers import LossGuidedWrapper
 
     pred = os.path.join(fit, "predictor.safetensors")
@@ -237,7 +271,7 @@ def test_tinyimagenet_folder_loads():
 
 
 def test_small_predictor_round_trip_and_space_check(tmp_path):
-    from ttach_instance.models import SmallLossPredictor, load_predictor
+    from ttach_instance.predictors import SmallLossPredictor, load_predictor
     from ttach_instance.registry import get_space
 
     p = SmallLossPredictor(get_space("paper12"), width=4, input_size=16)
@@ -287,12 +321,12 @@ def test_fit_init_from_the_target_model(folder, tmp_path, capsys):
     assert main(["fit", "--labels", labels, "--out", fit, "--predictor", "small", "--width", "16", "--input-size",
                  "16", "--epochs", "1", "--batch-size", "8", "--optimizer", "adamw", "--lr", "1e-9",
                  "--val-fraction", "0.25", "--init-from", FACTORY, "--init-weights", w]) == 0
-    from ttach_instance.models import load_predictor
+    from ttach_instance.predictors import load_predictor
 
     target = torch.load(w, weights_only=True)
     pred = load_predictor(os.path.join(fit, "predictor.safetensors"))
     # lr ~0: the stem is still the target's (up to the EMA of almost-unchanged weights)
-    assert torch.allclose(pred.net.stem[0].weight, target["stem.0.weight"], atol=1e-6)
+    assert torch.allclose(pred.stem[0].weight, target["stem.0.weight"], atol=1e-6)
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["fit", "--labels", labels, "--out", fit + "2", "--predictor", "small", "--width", "8",
@@ -335,10 +369,17 @@ def test_fit_with_an_identity_gate(folder, tmp_path, capsys):
                  "--batch-size", "8", "--optimizer", "adamw", "--val-fraction", "0.25", "--clean-tolerance", "0.5",
                  "--identity-gate"]) == 0
     assert "gated (clean/corrupted told apart on" in capsys.readouterr().out
-    from ttach_instance.models import load_predictor
+    from ttach_instance.predictors import load_predictor
 
     loaded = load_predictor(os.path.join(fit, "predictor.safetensors"))
     with open(os.path.join(fit, "history.json")) as f:
         selected = [h for h in json.load(f) if h.get("selected")][0]
-    assert float(loaded.identity_gate.margin) == pytest.approx(selected["identity_margin"])
-    assert 0.0 <= selected["identity_gate_accuracy"] <= 1.0
+    assert loaded.calibration is not None and loaded.calibration.gated
+    assert float(loaded.calibration.margin) == selected["identity_margin"]  # the float32 margin, saved as applied
+    # the gate's accuracy on the held-out rows, recomputed independently from the saved gate
+    from ttach_instance.predictors.calibration import identity_index
+
+    assert identity_index(loaded.space) == loaded.calibration.identity == 0
+    # a fraction of the held-out rows the gate classified (val_n of them): k / val_n for an integer k
+    hits = selected["identity_gate_accuracy"] * selected["val_n"]
+    assert selected["val_n"] > 0 and hits == pytest.approx(round(hits), abs=1e-6)
