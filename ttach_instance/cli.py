@@ -8,9 +8,71 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import List, Optional
+
+
+# ----------------------------------------------------------------------------- argument types
+# argparse reports a type's ArgumentTypeError as "argument --flag: <message>", naming the flag.
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _checked(parse, ok, expected: str, name: str):
+    """An argparse ``type``: ``parse(text)``, refused unless ``ok(value)`` ("must be <expected>")."""
+    def convert(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+        return value
+
+    convert.__name__ = name
+    return convert
+
+
+#: Sizes, batch sizes, epochs, draws, limits, k, class counts.
+positive_int = _checked(_integer, lambda v: v >= 1, "a positive integer (>= 1)", "positive_int")
+#: Seeds, counts where 0 means none.
+non_negative_int = _checked(_integer, lambda v: v >= 0, "a non-negative integer (>= 0)", "non_negative_int")
+probability = _checked(_number, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]", "probability")
+#: Held-out fraction, EMA decay.
+fraction_below_one = _checked(_number, lambda v: 0.0 <= v < 1.0, "in [0, 1)", "fraction_below_one")
+positive_number = _checked(_number, lambda v: v > 0, "a number > 0", "positive_number")
+non_negative_number = _checked(_number, lambda v: v >= 0, "a number >= 0", "non_negative_number")
+percentage_points = _checked(_number, lambda v: 0.0 <= v <= 100.0, "in [0, 100] (accuracy points)",
+                             "percentage_points")
+
+
+def tau_value(text: str):
+    """``auto`` or a number > 0."""
+    return "auto" if text == "auto" else positive_number(text)
+
+
+def severities(text: str) -> List[int]:
+    """Comma-separated ImageNet-C severities, each in 1..5."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        values = []
+    if not values or any(v not in range(1, 6) for v in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers in 1..5, got {text!r}")
+    return values
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -86,7 +148,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
                    help="timm model name (timm:NAME or NAME, built with pretrained=False) or package.module:factory")
     p.add_argument("--weights", default=None, help="model weights: .safetensors or a torch state dict (weights_only)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of the model (default: from the data)")
+    p.add_argument("--num-classes", type=positive_int, default=None,
+                   help="classes of the model (default: from the data)")
     p.add_argument("--device", default="cpu")
 
 
@@ -128,33 +191,48 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
                    help="segmentation: --data holds boxes.tsv (box masks) or images/ + masks/ (PNG class maps)")
     p.add_argument("--seg-loss", default="ce", choices=["ce", "dice"],
                    help="segmentation: per-image loss (mean pixel cross-entropy, or 1 - mean soft Dice)")
-    p.add_argument("--ignore-index", type=int, default=255, help="segmentation: mask value of unlabelled pixels")
+    p.add_argument("--ignore-index", type=non_negative_int, default=255,
+                   help="segmentation: mask value of unlabelled pixels")
+
+
+def _load_data(args: argparse.Namespace):
+    """``--data``/``--split`` as an ImageSet (or a SegmentationSet with ``--task segmentation``):
+    images of mixed sizes resized to ``--size`` when given, unreadable files skipped and counted
+    with ``--skip-bad-images``."""
+    from .data import load_dataset, load_segmentation_dataset
+
+    if args.task == "segmentation":
+        ds = load_segmentation_dataset(args.data, split=args.split, num_classes=args.num_classes,
+                                       ignore_index=args.ignore_index, progress=False,
+                                       skip_bad=args.skip_bad_images, mixed_size=args.size)
+    else:
+        ds = load_dataset(args.data, split=args.split, skip_bad=args.skip_bad_images, mixed_size=args.size)
+    if ds.skipped:
+        print(f"skipped {len(ds.skipped)} unreadable image(s) of {args.data!r} (first: {ds.skipped[0]!r}); "
+              f"{len(ds)} loaded", file=sys.stderr)
+    return ds
 
 
 def _cmd_labels(args: argparse.Namespace) -> int:
-    from .data import load_dataset
     from .registry import get_space
     from .training import distributed as dist
     from .training.labels import generate_labels
 
     dist.init_from_env(args.device)
+    ds = _load_data(args)
     if args.task == "segmentation":
-        from .data import load_segmentation_dataset
         from .training.tasks import SegmentationTask
 
-        ds = load_segmentation_dataset(args.data, split=args.split, num_classes=args.num_classes,
-                                       ignore_index=args.ignore_index, progress=False)
         targets, task = ds.masks, SegmentationTask(loss=args.seg_loss, ignore_index=args.ignore_index)
     else:
-        ds = load_dataset(args.data, split=args.split)
         targets, task = ds.labels, None
     model = _load_model(args, len(ds.classes))
     cache = generate_labels(model, ds.images, targets, get_space(args.space), args.out, task=task, size=args.size,
                             draws=args.draws, corruption_p=args.corruption_p,
                             corruptions=_corruption_list(args.corruptions, "--corruptions", args.task),
-                            severities=[int(s) for s in _parse_list(args.severities, "--severities")], seed=args.seed,
+                            severities=args.severities, seed=args.seed,
                             shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
-                            deformation=_deformation(args.deform))
+                            deformation=_deformation(args.deform), model_spec=_model_spec(args, len(ds.classes)))
     if dist.is_main():
         print(f"label cache {args.out}: {len(cache.done_shards())}/{cache.manifest()['num_shards']} shards, "
               f"{cache.manifest()['total_rows']} rows")
@@ -174,7 +252,10 @@ def _deformation(text):
         rotate, zoom, brightness = (float(x) for x in parts)
     except ValueError:
         raise ValueError(f"--deform must be three numbers ROTATE,ZOOM,BRIGHTNESS, got {text!r}") from None
-    return Deformation(rotate, zoom, brightness)
+    try:
+        return Deformation(rotate, zoom, brightness)
+    except ValueError as e:
+        raise ValueError(f"--deform {text!r}: {e}") from None
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -182,9 +263,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .registry import get_space
     from .training import distributed as dist
     from .training.labels import load_label_caches
-    from .training.trainer import FitConfig, fit_predictor, flip_permutation
+    from .training.trainer import FitConfig, fit_predictor, flip_permutation, seed_everything
 
     dist.init_from_env(args.device)
+    seed_everything(args.seed)  # the predictor's initialisation draws from the global generator
     try:
         data, manifest = load_label_caches(args.labels)
     except ValueError as e:
@@ -193,17 +275,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if space.fingerprint != manifest["space_fingerprint"]:
         raise ValueError(f"--space {space.name!r} (fingerprint {space.fingerprint}) is not the space the labels were "
                          f"made with ({manifest['space']!r}, {manifest['space_fingerprint']})")
-    tau = args.tau or ("auto" if manifest.get("task", {}).get("name") == "segmentation" else "1")
+    tau = args.tau if args.tau is not None else (
+        "auto" if manifest.get("task", {}).get("name") == "segmentation" else 1.0)
     if tau == "auto":
         from .training.losses import tau_from_spread
 
         tau = tau_from_spread(data["losses"])
         print(f"listwise temperature from the labels' spread: tau {tau:.4g}")
-    else:
-        try:
-            tau = float(tau)
-        except ValueError:
-            raise ValueError(f"--tau must be a number or 'auto', got {args.tau!r}") from None
     if args.identity_gate and args.clean_tolerance is None:
         raise ValueError("--identity-gate needs --clean-tolerance (the gate scales the identity margin that "
                          "calibration picks)")
@@ -213,7 +291,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                     flip_permutation=flip_permutation(space) if args.flip else None,
                     clean_tolerance=args.clean_tolerance, identity_gate=args.identity_gate,
                     distill_weight=args.distill_weight)
-    input_size = args.input_size or manifest["size"]
+    input_size = args.input_size if args.input_size is not None else manifest["size"]
     if args.predictor == "small":
         if args.backbone:
             raise ValueError("--backbone is a --predictor timm option; --predictor small takes --width")
@@ -223,7 +301,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         predictor = create_predictor("timm", space, input_size=input_size, **kwargs)
     if args.init_from:
         predictor.init_from(_init_model(args, data))
-    res = fit_predictor(predictor, data, args.out, cfg, num_images=manifest["num_images"], device=args.device)
+    res = fit_predictor(predictor, data, args.out, cfg, num_images=manifest["num_images"], device=args.device,
+                        labels_identity={"caches": manifest["caches"], "identities": manifest["identities"]})
     if dist.is_main():
         print(f"predictor: {args.out}/predictor.safetensors; held-out " +
               ", ".join(f"{k[4:]} {v:.4f}" for k, v in res["final"].items() if k.startswith("val_") and isinstance(v, float)))
@@ -243,14 +322,13 @@ def _init_model(args, data):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_dataset
     from .evaluation import METHODS, evaluate, markdown_table
     from .registry import get_space
 
     if args.task == "segmentation":
         return _eval_segmentation(args)
-    ds = load_dataset(args.data, split=args.split)
-    if args.limit:
+    ds = _load_data(args)
+    if args.limit is not None:
         ds = ds.subset(range(0, len(ds), max(1, len(ds) // args.limit)))
     model = _load_model(args, len(ds.classes))
     space = get_space(args.space)
@@ -259,7 +337,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate(model, ds.images, ds.labels, space, args.out, predictor=predictor, size=args.size,
                    corruptions=_corruption_list(args.corruptions, "--corruptions"),
                    held_out=_corruption_list(args.held_out, "--held-out"),
-                   severities=[int(s) for s in _parse_list(args.severities, "--severities")], methods=methods,
+                   severities=args.severities, methods=methods,
                    seed=args.seed, cost_images=args.cost_images, model_spec=_model_spec(args, len(ds.classes)))
     print(markdown_table(res))
     print(f"wrote {args.out}/table.md, results.json and plots")
@@ -282,13 +360,11 @@ def _load_predictor_arg(args: argparse.Namespace, space=None):
 
 
 def _eval_segmentation(args: argparse.Namespace) -> int:
-    from .data import load_segmentation_dataset
     from .evaluation import SEG_METHODS, evaluate_segmentation, segmentation_markdown_table
     from .registry import get_space
 
-    ds = load_segmentation_dataset(args.data, split=args.split, num_classes=args.num_classes,
-                                   ignore_index=args.ignore_index, progress=False)
-    if args.limit:
+    ds = _load_data(args)
+    if args.limit is not None:
         ds = ds.subset(range(0, len(ds), max(1, len(ds) // args.limit)))
     model = _load_model(args, ds.num_classes)
     space = get_space(args.space)
@@ -297,7 +373,7 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
     res = evaluate_segmentation(model, ds.images, ds.masks, space, args.out, ds.num_classes, predictor=predictor,
                                 size=args.size, corruptions=_corruption_list(args.corruptions, "--corruptions", "segmentation"),
                                 held_out=_corruption_list(args.held_out, "--held-out", "segmentation"),
-                                severities=[int(s) for s in _parse_list(args.severities, "--severities")],
+                                severities=args.severities,
                                 methods=methods, loss=args.seg_loss, ignore_index=args.ignore_index,
                                 batch_size=args.batch_size, seed=args.seed, cost_images=args.cost_images,
                                 cost_repeats=args.cost_repeats, progress=False,
@@ -312,7 +388,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from .data import model_mean_std
+    from .data import model_mean_std, read_image
     from .normalization import to_model_input
     from .wrappers import LossGuidedWrapper
 
@@ -335,9 +411,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for path in args.images:
         if not os.path.isfile(path):
             raise ValueError(f"images: {path!r} is not a file")
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
-            pixels.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
+        img = Image.fromarray(read_image(path))  # an unreadable file: an error naming it
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+        pixels.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))
     x = torch.stack(pixels).float() / 255
     # The CLI's models get the same normalisation as in labels/eval (data.model_mean_std); the
     # wrapper averages the views' probabilities (merge_space="probs") and returns their log.
@@ -360,7 +436,7 @@ def _predict_image_size(size, predictor, model):
     """``(H, W)`` the images are resized to for ``predict``: ``--size``, else what the model saw
     when the predictor's labels were made (``predictor.model_image_size``), else the model's timm
     data config; the predictor's own ``input_size`` is not the model's and is never used."""
-    if size:
+    if size is not None:
         return int(size), int(size)
     known = getattr(predictor, "model_image_size", None)
     if known:
@@ -381,6 +457,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+SKIP_HELP = ("leave out image files that cannot be decoded (corrupt, truncated) and print how many; without it "
+             "such a file is an error naming it")
 PREDICTOR_FLIP_HELP = ("score each image and its mirror and average (the paper's test-time option; "
                        "twice the predictor's cost)")
 
@@ -392,14 +470,17 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--space", default="paper12")
     p.add_argument("--out", required=True, help="label cache directory")
-    p.add_argument("--size", type=int, default=None, help="resize to the model's input size (after corruption)")
-    p.add_argument("--draws", type=int, default=1, help="passes over the data (different corruption draws)")
-    p.add_argument("--corruption-p", type=float, default=0.4)
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="resize to the model's input size (after corruption); images of mixed sizes are resized to "
+                        "it when loaded")
+    p.add_argument("--draws", type=positive_int, default=1, help="passes over the data (different corruption draws)")
+    p.add_argument("--corruption-p", type=probability, default=0.4)
     p.add_argument("--corruptions", default="common", help="common | all | none | comma-separated names")
-    p.add_argument("--severities", default="1,2,3,4,5")
-    p.add_argument("--shard-size", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=64, help="images per model call (x |T| views)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--severities", type=severities, default=[1, 2, 3, 4, 5], help="comma-separated, each in 1..5")
+    p.add_argument("--shard-size", type=positive_int, default=500)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (x |T| views)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
     p.add_argument("--deform", nargs="?", const="10,0.1,0.15", default=None, metavar="ROTATE,ZOOM,BRIGHTNESS",
                    help="small random deformation of every row's image before the corruption (the paper's recipe; "
                         "no two rows of an image alike): rotation degrees, zoom and brightness fractions "
@@ -418,39 +499,41 @@ def _add_pipeline_commands(sub) -> None:
                         "every level; small, a light plain CNN that ranks better when trained from scratch on small "
                         "images (docs/BENCHMARKS.md)")
     p.add_argument("--backbone", default=None, help="--predictor timm: the backbone's timm model name")
-    p.add_argument("--width", type=int, default=8, help="SmallLossPredictor width (--predictor small)")
-    p.add_argument("--input-size", type=int, default=None, help="predictor input size (default: the labels' size)")
+    p.add_argument("--width", type=positive_int, default=8, help="SmallLossPredictor width (--predictor small)")
+    p.add_argument("--input-size", type=positive_int, default=None,
+                   help="predictor input size (default: the labels' size)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="start the predictor from this classifier's layers (usually the target model, of the "
                         "predictor's architecture: a timm name for --backbone, ttach_instance.models:small_resnet "
                         "for --predictor small); with --init-weights")
     p.add_argument("--init-weights", default=None, help="weights of the --init-from classifier")
-    p.add_argument("--init-num-classes", type=int, default=None,
+    p.add_argument("--init-num-classes", type=positive_int, default=None,
                    help="classes of the --init-from classifier (default: from the labels' input_logits)")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=60)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw", "sgd"])
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--listwise-weight", type=float, default=1.0)
-    p.add_argument("--spearman-weight", type=float, default=1.0)
-    p.add_argument("--group-weight", type=float, default=0.0,
+    p.add_argument("--lr", type=positive_number, default=0.01)
+    p.add_argument("--ema", type=fraction_below_one, default=0.999, help="EMA decay of the weights, in [0, 1)")
+    p.add_argument("--val-fraction", type=fraction_below_one, default=0.2, help="held-out images, in [0, 1)")
+    p.add_argument("--listwise-weight", type=non_negative_number, default=1.0)
+    p.add_argument("--spearman-weight", type=non_negative_number, default=1.0)
+    p.add_argument("--group-weight", type=non_negative_number, default=0.0,
                    help="auxiliary corruption recognition while training (a temporary head on the predictor's "
                         "features classifies each row's corruption and severity; the saved predictor is unchanged)")
-    p.add_argument("--distill-weight", type=float, default=0.0,
+    p.add_argument("--distill-weight", type=non_negative_number, default=0.0,
                    help="auxiliary distillation while training (a temporary head on the predictor's features matches "
                         "the target model's class distribution on each row's image, the labels' input_logits)")
-    p.add_argument("--tau", default=None,
+    p.add_argument("--tau", type=tau_value, default=None,
                    help="listwise temperature: a number or 'auto' (from the labels' spread); default 1 (the paper's) "
                         "for classification labels, auto for segmentation labels (losses differ by hundredths)")
     p.add_argument("--flip", action="store_true", help="flip augmentation (candidates permuted to their mirrors)")
-    p.add_argument("--clean-tolerance", type=float, default=None,
+    p.add_argument("--clean-tolerance", type=percentage_points, default=None,
                    help="calibrate an identity margin keeping held-out clean accuracy within this many points")
     p.add_argument("--identity-gate", action="store_true",
                    help="with --clean-tolerance: scale the margin by how clean each image looks (a logistic gate "
                         "on the predictor's features, saved with it); corrupted images keep more of their gain")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seeds every generator the fit draws from (initialisation, dropout, shuffling, cutout)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_fit)
 
@@ -462,16 +545,20 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--predictor-flip", action="store_true", help=PREDICTOR_FLIP_HELP)
     p.add_argument("--space", default="paper12")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="model input size (images of mixed sizes are resized to it when loaded)")
     p.add_argument("--corruptions", default="common")
     p.add_argument("--held-out", default="held_out")
-    p.add_argument("--severities", default="1,2,3,4,5")
+    p.add_argument("--severities", type=severities, default=[1, 2, 3, 4, 5], help="comma-separated, each in 1..5")
     p.add_argument("--methods", default="all")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on about this many images (evenly spaced)")
-    p.add_argument("--cost-images", type=int, default=256, help="images for timing the real wrappers (0: skip)")
-    p.add_argument("--batch-size", type=int, default=32, help="segmentation: images per batch (x |T| views)")
-    p.add_argument("--cost-repeats", type=int, default=3, help="segmentation: timing repeats (best of)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="evaluate on about this many images (evenly spaced)")
+    p.add_argument("--cost-images", type=non_negative_int, default=256,
+                   help="images for timing the real wrappers (0: skip)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="segmentation: images per batch (x |T| views)")
+    p.add_argument("--cost-repeats", type=positive_int, default=3, help="segmentation: timing repeats (best of)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
     _add_task_args(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -479,9 +566,9 @@ def _add_pipeline_commands(sub) -> None:
     _add_model_args(p)
     p.add_argument("--predictor", required=True)
     p.add_argument("--predictor-flip", action="store_true", help=PREDICTOR_FLIP_HELP)
-    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--k", type=positive_int, default=1, help="views per image (1..|T|)")
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped views")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=positive_int, default=None,
                    help="resize images to this (default: the size the predictor's labels were made at)")
     p.add_argument("--classes", default=None, help="text file with one class name per line")
     p.add_argument("images", nargs="*")
@@ -489,8 +576,8 @@ def _add_pipeline_commands(sub) -> None:
 
     p = sub.add_parser("demo", help="train a small model and predictor on bundled photos and print the methods table")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=positive_int, default=32)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -511,11 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="render every candidate of a space on a bundled photo to a PNG grid")
     p.add_argument("--space", default="paper12")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--output", default="outputs/space_grid.png")
     p.set_defaults(func=_cmd_render)
     _add_pipeline_commands(sub)
     return parser
+
+
+#: What a user's mistake raises (bad values, missing or unreadable files): reported in one line,
+#: exit status 2, no traceback (``TTACH_INSTANCE_TRACEBACK=1`` shows it). Anything else is a bug
+#: and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -523,7 +617,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError) as exc:
+    except USER_ERRORS as exc:
         if os.environ.get("TTACH_INSTANCE_TRACEBACK"):
             raise
         parser.exit(2, f"ttach-instance {args.command}: error: {exc}\n")
