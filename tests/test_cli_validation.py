@@ -113,6 +113,7 @@ def test_mixed_sizes_are_resized_with_size_and_refused_without(tmp_path, capsys)
     with pytest.raises(ValueError, match=r"differ in size \(32x32 .*0\.png', 40x24 .*2\.png'\).*--size"):
         load_dataset(str(tmp_path / "ds"), split="train")
     ds = load_dataset(str(tmp_path / "ds"), split="train", mixed_size=16)
+    assert sorted(ds.paths) == sorted(paths) and ds.images.shape == (4, 3, 16, 16)
     for i, path in enumerate(ds.paths):  # every image resized alike (PIL bicubic), the odd one included
         ref = np.array(Image.open(path).convert("RGB").resize((16, 16), Image.BICUBIC, reducing_gap=None))
         assert torch.equal(ds.images[i].permute(1, 2, 0), torch.from_numpy(ref)), path

@@ -183,3 +183,42 @@ def test_checkpoint_refuses_other_labels_other_config_and_older_formats(tmp_path
         with pytest.raises(ValueError) as info:
             fit_predictor(DropoutPredictor(), synthetic(), out, FitConfig(**CFG), progress=False, log=lambda m: None)
         assert words in str(info.value) and "fit checkpoint" in str(info.value)
+
+
+def test_cli_fit_seed_fixes_the_whole_fit_and_its_checkpoint_refuses_other_labels(tmp_path, capsys):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from ttach_instance.cli import main
+    from ttach_instance.data import build_model
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        d = tmp_path / "ds" / ("ants", "bees")[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    factory = "ttach_instance.models:small_resnet"
+    torch.manual_seed(0)
+    w = str(tmp_path / "w.pt")
+    torch.save(build_model(factory, num_classes=2, kwargs={"width": 16}).state_dict(), w)
+    labels = {}
+    for name, extra in (("a", ["--corruption-p", "0"]), ("b", ["--seed", "1", "--corruptions", "contrast"])):
+        labels[name] = str(tmp_path / f"labels_{name}")
+        assert main(["labels", "--model", factory, "--weights", w, "--data", str(tmp_path / "ds"), "--out",
+                     labels[name], "--space", "flips", *extra]) == 0
+
+    def fit(out, seed, cache="a"):
+        return main(["fit", "--labels", labels[cache], "--out", str(tmp_path / out), "--predictor", "small",
+                     "--width", "4", "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw",
+                     "--val-fraction", "0.25", "--seed", str(seed)])
+
+    assert fit("one", 3) == 0 and fit("two", 3) == 0 and fit("other_seed", 4) == 0
+    one, two, other = (load_file(str(tmp_path / d / "predictor.safetensors")) for d in ("one", "two", "other_seed"))
+    assert sorted(one) == sorted(two) and all(torch.equal(one[k], two[k]) for k in one)  # initialisation included
+    assert not torch.equal(one["head.weight"], other["head.weight"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        fit("one", 3, cache="b")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "was trained on other labels" in err and f'caches: ["{labels["a"]}"] -> ["{labels["b"]}"]' in err
