@@ -61,6 +61,8 @@ CASES = [
     ("deaug rows", lambda: paper12().deaugment(torch.rand(3, 1, 8, 8), [0, 1]), ValueError, ["outputs", "3 rows"]),
     ("deaug rank", lambda: paper12().deaugment(torch.rand(2, 8, 8), [0, 1]), ValueError, ["outputs", "(N, K, h, w)"]),
     ("deaug mode", lambda: paper12().deaugment(torch.rand(2, 1, 8, 8), [0, 1], mode="area"), ValueError, ["mode", "nearest"]),
+    ("deaug fill", lambda: paper12().deaugment(torch.rand(2, 1, 8, 8), [0, 1], fill="edge"), ValueError, ["fill", "'border'"]),
+    ("deaug image_size", lambda: paper12().deaugment(torch.rand(2, 1, 8, 8), [0, 1], image_size=(32,)), ValueError, ["image_size", "(height, width)"]),
     ("deaug theta", lambda: F.deaugment_dense(torch.rand(2, 1, 4, 4), torch.rand(3, 2, 3)), ValueError, ["theta", "(2, 2, 3)"]),
     ("deaug theta int", lambda: F.deaugment_dense(torch.rand(2, 1, 4, 4), torch.ones(2, 2, 3, dtype=torch.long)), TypeError, ["theta", "floating"]),
     ("keypoints shape", lambda: F.deaugment_keypoints(torch.rand(2, 5), torch.rand(2, 2, 3)), ValueError, ["keypoints", "(N, P, 2)"]),
@@ -85,4 +87,6 @@ def test_valid_inputs_pass():
     assert F.zoom(X, torch.tensor([1.2, 0.8])).shape == X.shape
     assert five_crops(8).apply(X, [0, 4]).shape == X.shape
     back, valid = paper12().deaugment(torch.rand(2, 1, 8, 8), [1, 3])
+    assert back.shape == (2, 1, 8, 8) and valid.shape == (2, 1, 8, 8)
+    back, valid = paper12().deaugment(torch.rand(2, 1, 8, 8), [1, 3], fill="border", image_size=(32, 32))
     assert back.shape == (2, 1, 8, 8) and valid.shape == (2, 1, 8, 8)

@@ -247,11 +247,12 @@ def test_every_builtin_candidate_keeps_dtype(dtype):
 def test_integer_masks_stay_labels(space):
     labels = torch.randint(0, 5, (len(space), 1, 20, 20))
     index = torch.arange(len(space))
-    for grouped in (True, False):
-        back, valid = space.deaugment(labels, index, mode="bilinear", grouped=grouped)
+    for fill in ("zero", "border"):
+        back, valid = space.deaugment(labels, index, mode="bilinear", fill=fill)
         assert back.dtype == labels.dtype and valid.dtype == torch.float32
         assert set(back.unique().tolist()) <= set(range(5))
-        assert torch.all(back[valid.expand_as(back) == 0] == 0)
+        if fill == "zero":
+            assert torch.all(back[valid.expand_as(back) == 0] == 0)
 
 
 # --------------------------------------------------------------------------- de-augmentation
@@ -395,8 +396,8 @@ def test_deaugment_outputs_at_lower_resolution():
     x = smooth(1, 32, 32)
     views = space.apply_all(x)
     outputs = torch.nn.functional.avg_pool2d(views, 2)
-    for grouped in (True, False):
-        back, valid = space.deaugment(outputs, torch.arange(5)[None], image_size=(32, 32), grouped=grouped)
+    for fill in ("zero", "border"):
+        back, valid = space.deaugment(outputs, torch.arange(5)[None], image_size=(32, 32), fill=fill)
         assert valid[:, 0].sum((-1, -2)).tolist() == [144.0] * 5  # 24/32 of 16 px = 12x12
         expected = torch.nn.functional.avg_pool2d(x, 2)
         inside = valid.bool().expand_as(back)

@@ -11,12 +11,13 @@ from torch import nn
 
 from ttach_instance.cli import main
 from ttach_instance.data import load_segmentation_dataset, resize_masks
-from ttach_instance.evaluation import evaluate_segmentation_arrays
+from ttach_instance.evaluation import OracleKSegmentationWrapper, evaluate_segmentation_arrays
 from ttach_instance.registry import get_space
-from ttach_instance.segmentation import (ConfusionMatrix, LossGuidedSegmentationWrapper, OracleKSegmentationWrapper,
-                                         view_losses)
+from ttach_instance.segmentation import ConfusionMatrix, segmentation_loss, view_losses
 from ttach_instance.training.labels import LabelCache, compute_view_losses
-from ttach_instance.training.tasks import SegmentationLossTask
+from ttach_instance.training.tasks import SegmentationTask
+from ttach_instance.wrappers import (LossGuidedSegmentationWrapper, RandomKSegmentationWrapper,
+                                     SegmentationTTAWrapper)
 from test_segmentation import FixedPredictor
 
 FACTORY = "test_segmentation_workflow:tiny_segmenter"
@@ -91,7 +92,7 @@ def test_task_losses_equal_the_wrappers_view_losses(segdata, loss):
     ds = load_segmentation_dataset(segdata, split="train", progress=False)
     model, space = tiny_segmenter(), get_space("paper12")
     pixels = ds.images.float() / 255
-    task = SegmentationLossTask(loss=loss)
+    task = SegmentationTask(loss=loss)
     got = compute_view_losses(model, pixels, ds.masks, space, task, normalize=lambda x: x, batch_size=3)
     ref = view_losses(model, space, pixels, ds.masks, loss=loss)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -101,25 +102,37 @@ def test_task_losses_equal_the_wrappers_view_losses(segdata, loss):
     scores[j] = 0
     with torch.no_grad():
         out = LossGuidedSegmentationWrapper(model, FixedPredictor(space, scores), k=1)(pixels)
-    from ttach_instance.segmentation import segmentation_loss
-
     torch.testing.assert_close(segmentation_loss(out, ds.masks, kind=loss), ref[:, j], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="coverage"):
-        SegmentationLossTask(coverage="identity")
+        SegmentationTask(coverage="identity")
 
 
 def test_evaluation_matches_the_deployable_wrappers(segdata):
+    """Every segmentation method's numbers are those of its wrapper, called as a user would
+    (batch by batch, so the random baseline draws as the harness's wrapper does)."""
     ds = load_segmentation_dataset(segdata, split="val", progress=False)
     model, space = tiny_segmenter(), get_space("paper12")
     scores = torch.linspace(1, 0, len(space))  # picks the last two candidates
     pred = FixedPredictor(space, scores)
-    res = evaluate_segmentation_arrays(model, ds.images, ds.masks, space, 2, pred, normalize=lambda x: x, batch_size=4)
-    x, y = ds.images.float() / 255, ds.masks.long()
+    # a plain module: the harness normalises with ImageNet's statistics (the CLI's convention)
+    res = evaluate_segmentation_arrays(model, ds.images, ds.masks, space, 2, pred, batch_size=4)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    norm = {"mean": mean, "std": std}
+    x = (ds.images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    y = ds.masks.long()
+    batches = [slice(0, 4), slice(4, 6)]
     with torch.no_grad():
-        for name, w, kw in (("ours_k1", LossGuidedSegmentationWrapper(model, pred, k=1), {}),
-                            ("ours_k2", LossGuidedSegmentationWrapper(model, pred, k=2), {}),
-                            ("oracle_k1", OracleKSegmentationWrapper(model, space, k=1), {"target": y})):
-            m = ConfusionMatrix(2).update(w(x, **kw).argmax(1), y).metrics()
+        for name, w, kw in (("ours_k1", LossGuidedSegmentationWrapper(model, pred, k=1, **norm), {}),
+                            ("ours_k2", LossGuidedSegmentationWrapper(model, pred, k=2, **norm), {}),
+                            ("hflip", SegmentationTTAWrapper(model, "hflip", **norm), {}),
+                            ("full_mean", SegmentationTTAWrapper(model, space, **norm), {}),
+                            ("random_k2", RandomKSegmentationWrapper(model, space, k=2, seed=0, **norm), {}),
+                            ("oracle_k1", OracleKSegmentationWrapper(model, space, k=1, **norm), {"target": y})):
+            cm = ConfusionMatrix(2)
+            for b in batches:
+                extra = {key: v[b] for key, v in kw.items()}
+                cm.update(w(x[b], **extra).argmax(1), y[b])
+            m = cm.metrics()
             assert res["miou"][name] == pytest.approx(100 * m["miou"], abs=1e-6), name
             assert res["pixel_acc"][name] == pytest.approx(100 * m["pixel_acc"], abs=1e-6), name
         ident = ConfusionMatrix(2).update(model(x).argmax(1), y).metrics()

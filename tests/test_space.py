@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ttach_instance as ti
+from ttach_instance import functional as F
 from ttach_instance.ops import CallableOp, Color, CropResize, HFlip, Rotate, Sharpness, Zoom
 from ttach_instance.space import Candidate, TransformSpace
 from ttach_instance.builtin_spaces import BUILTIN_SPACES, d4, five_crops, hflip, paper12, ten_crops
@@ -156,14 +157,40 @@ def test_deaugment_equals_per_sample_loop(name):
     ref_back, ref_valid = _reference_deaugment(space, outputs, index)
     back, valid = space.deaugment(outputs, index)
     assert torch.allclose(back, ref_back, atol=1e-6) and torch.equal(valid, ref_valid)
-    if space.thetas(32, 32) is not None:
-        # Per-row path (one grid_sample for every row): same maps, resampled in one call.
-        back_r, valid_r = space.deaugment(outputs, index, grouped=False)
-        assert torch.allclose(back_r, ref_back, atol=1e-4)
-        assert (valid_r != ref_valid).float().mean() < 1e-3
+    thetas = space.thetas(32, 32)
+    if thetas is not None:
+        # functional.deaugment_dense with each row's composed map: the same resampling
+        flat = index.reshape(-1)
+        f_back, f_valid = F.deaugment_dense(outputs, thetas[flat])
+        assert torch.allclose(back, f_back, atol=1e-5) and torch.equal(valid, f_valid)
     kp = torch.rand(10, 3, 2, generator=g)
     ref_kp = torch.cat([space[c].deaugment_keypoints(kp[r : r + 1], 32, 32) for r, c in enumerate(index.reshape(-1).tolist())])
     assert torch.allclose(space.deaugment_keypoints(kp, index, (32, 32)), ref_kp)
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_deaugment_border_fill_differs_from_zero_only_where_invalid(name, mode):
+    """``fill="border"`` and ``fill="zero"`` give the same validity and the same values wherever
+    the view saw the pixel; where it did not, zero fill holds 0 and border fill the nearest
+    covered value (functional.deaugment_dense's border fill, row by row). Every candidate once."""
+    space = SPACES[name]()
+    index = torch.arange(len(space))[None]
+    outputs = torch.rand(len(space), 3, 32, 32, generator=torch.Generator().manual_seed(5)) + 0.5  # never 0
+    zero, valid_z = space.deaugment(outputs, index, mode=mode, fill="zero")
+    border, valid_b = space.deaugment(outputs, index, mode=mode, fill="border")
+    assert torch.equal(valid_z, valid_b)
+    inside = valid_z.bool().expand_as(zero)
+    assert torch.equal(zero[inside], border[inside])
+    assert torch.all(zero[~inside] == 0) and torch.all(border[~inside] >= 0.5)
+    # a rotation, zoom-in or crop among the candidates leaves pixels unseen; flips and quarter
+    # turns see everything
+    lossy = any(op.name.startswith(("rotate", "zoom(1.2)", "crop")) for c in space for op in c.ops)
+    assert bool((~inside).any()) == lossy
+    thetas = space.thetas(32, 32)
+    if thetas is not None:
+        ref, _ = F.deaugment_dense(outputs, thetas, mode=mode, fill="border")
+        assert torch.allclose(border, ref, atol=1e-5)
 
 
 def test_augment_then_deaugment_whole_space():
