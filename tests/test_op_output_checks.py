@@ -48,3 +48,34 @@ def test_well_behaved_ops_pass_and_builtins_are_not_rechecked(monkeypatch):
     monkeypatch.setattr(space_module, "_check_op_output", lambda *a: calls.append(a))
     ti.get_space("paper12").apply(x, [[3], [5]])
     assert calls == []  # built-in ops are tested against PIL; they skip the per-call check
+
+
+def test_border_fill_through_an_op_without_an_affine_map_is_refused_only_where_pixels_are_unseen():
+    from ttach_instance.space import Candidate
+
+    flip = CallableOp("myflip", lambda x: x.flip(-1), geometric=True, deaugment_dense=lambda y: y.flip(-1))
+    y = torch.rand(2, 3, 8, 8)
+    back, valid = Candidate(flip).deaugment(y, fill="border")  # a flip sees every pixel: nothing to fill
+    assert torch.equal(back, y.flip(-1)) and bool(valid.all())
+
+    class ShrinkBack(Op):
+        """A plugin-style geometric op whose own inverse leaves a one-pixel border unseen."""
+
+        family = "shrink_test"
+
+        @property
+        def geometric(self):
+            return True
+
+        def apply(self, images):
+            return images
+
+        def deaugment_dense(self, outputs, mode="bilinear"):
+            valid = torch.zeros_like(outputs[:, :1])
+            valid[..., 1:-1, 1:-1] = 1
+            return outputs * valid, valid
+
+    back, valid = Candidate(ShrinkBack()).deaugment(y, fill="zero")
+    assert torch.equal(back, y * valid) and valid[0, 0, 0, 0] == 0 and valid[0, 0, 4, 4] == 1
+    with pytest.raises(ValueError, match=r"'shrink_test'.*no affine map.*fill='zero'"):
+        Candidate(ShrinkBack()).deaugment(y, fill="border")

@@ -98,9 +98,14 @@ class Candidate:
         return _compose_thetas(self.ops, height, width, device)
 
     def deaugment(
-        self, outputs: Tensor, mode: str = "bilinear", image_size: Optional[Tuple[int, int]] = None
+        self, outputs: Tensor, mode: str = "bilinear", image_size: Optional[Tuple[int, int]] = None,
+        fill: str = "zero",
     ) -> Tuple[Tensor, Tensor]:
         """Bring dense outputs ``(N, K, h, w)`` of this view back: ``(outputs, validity)``.
+
+        ``fill``: what pixels the view did not see hold, ``"zero"`` or ``"border"`` (the nearest
+        covered value); where ops without an affine map leave pixels unseen, ``"border"`` is a
+        ``ValueError`` naming them (op-specific inverses only know zero).
 
         ``image_size``: ``(H, W)`` of the images the view was made from, when the outputs have
         another resolution (a strided head): maps are built for the image (pixel-exact crop
@@ -129,11 +134,16 @@ class Candidate:
             h, w = image_size if image_size is not None else outputs.shape[-2:]
             theta = _compose_thetas(middle, int(h), int(w), outputs.device)
             if theta is not None:
-                outputs, valid = F.deaugment_dense(outputs, theta, mode=mode)
-            elif len(middle) == 1:
-                outputs, valid = middle[0].deaugment_dense(outputs, mode=mode)
+                outputs, valid = F.deaugment_dense(outputs, theta, mode=mode, fill=fill)
             else:
-                outputs, valid = _deaugment_chain(middle, outputs, ones, mode)
+                if len(middle) == 1:
+                    outputs, valid = middle[0].deaugment_dense(outputs, mode=mode)
+                else:
+                    outputs, valid = _deaugment_chain(middle, outputs, ones, mode)
+                if fill != "zero" and bool((valid < 1).any()):
+                    raise ValueError(f"candidate {self.name!r}: op(s) {[op.name for op in middle]} have no affine map, "
+                                     f"so the pixels this view did not see cannot take the nearest covered value "
+                                     f"(fill={fill!r}); use fill='zero' (a wrapper's coverage='zero' or 'identity')")
         for op in reversed(geometric[:lead]):
             outputs, valid = op.inverse(outputs), op.inverse(valid)
         return outputs, valid
@@ -460,7 +470,8 @@ class TransformSpace:
         ``grid_sample`` through cached inverse maps; on accelerators all rows are, without a
         host synchronisation. Photometric rows pass through untouched. Spaces with other
         geometric ops are undone candidate by candidate (grouped on CPU; on accelerators every
-        candidate's inverse on all rows and a device-side choice, ``fill="zero"`` only).
+        candidate's inverse on all rows and a device-side choice); ``fill="border"`` then needs
+        every resampled op to have an affine map (:meth:`Candidate.deaugment`).
         """
         if not isinstance(outputs, Tensor) or outputs.dim() != 4:
             raise ValueError(f"outputs must be a dense (N, K, h, w) tensor, got {getattr(outputs, 'shape', type(outputs))}")
@@ -503,7 +514,7 @@ class TransformSpace:
             back = torch.zeros_like(outputs)
             valid = torch.zeros((outputs.shape[0], 1, h, w), dtype=vdtype, device=outputs.device)
             for c, cand in enumerate(self.candidates):
-                back_c, valid_c = cand.deaugment(outputs, mode=mode, image_size=image_size)
+                back_c, valid_c = cand.deaugment(outputs, mode=mode, image_size=image_size, fill=fill)
                 pick = (flat == c)[:, None, None, None]
                 back = torch.where(pick, back_c.to(back.dtype), back)
                 valid = torch.where(pick, valid_c.to(vdtype), valid)
@@ -512,7 +523,7 @@ class TransformSpace:
         valid = torch.ones((outputs.shape[0], 1, h, w), dtype=vdtype, device=outputs.device)
         for c in torch.unique(flat).tolist():
             rows = (flat == c).nonzero().squeeze(1)
-            out_c, valid_c = self.candidates[c].deaugment(outputs[rows], mode=mode, image_size=image_size)
+            out_c, valid_c = self.candidates[c].deaugment(outputs[rows], mode=mode, image_size=image_size, fill=fill)
             back[rows] = out_c
             valid[rows] = valid_c.to(vdtype)
         return back, valid

@@ -93,6 +93,16 @@ def resolve_space(space: Any, name: str = "space") -> TransformSpace:
                     f"{type(space).__name__}")
 
 
+def _strided(size: Tuple[int, int], image: Tuple[int, int]) -> bool:
+    """Whether an output of ``size`` is ``image`` divided by one integer stride (floor or ceil, as
+    strided heads round: 33 -> 17 at stride 2)."""
+    (h, w), (height, width) = size, image
+    if h < 1 or w < 1:
+        return False
+    stride = max(1, round(height / h))
+    return all(n in (side // stride, -(-side // stride)) for n, side in ((h, height), (w, width)))
+
+
 def _choice(value: Any, choices: Tuple[str, ...], name: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -213,12 +223,10 @@ class TTAWrapper(nn.Module):
         if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != rows or not out.is_floating_point():
             raise ValueError(f"the model must return a float tensor with one row per input ({rows}), got "
                              f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
-        if self.dense:
-            h, w = out.shape[-2:] if out.dim() == 4 else (0, 0)
-            if out.dim() != 4 or h < 1 or w < 1 or height % h or width % w or height // h != width // w:
-                raise ValueError(f"a dense (segmentation) model must return (N, K, h, w) maps of the input's size "
-                                 f"{height}x{width} or that size divided by an integer stride, got "
-                                 f"{tuple(out.shape)}")
+        if self.dense and not (out.dim() == 4 and _strided(out.shape[-2:], (height, width))):
+            raise ValueError(f"a dense (segmentation) model must return (N, K, h, w) maps of the input's size "
+                             f"{height}x{width} or that size divided by one integer stride (rounded up or down), "
+                             f"got {tuple(out.shape)}")
         return out
 
     def _wrap(self, merged: Tensor, selection: Selection) -> Any:
