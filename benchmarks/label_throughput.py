@@ -10,19 +10,15 @@ Prints both throughputs and the ratio.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ttach_instance.data import normalizer  # noqa: E402
-from ttach_instance.models import small_resnet  # noqa: E402
-from ttach_instance.registry import get_space  # noqa: E402
-from ttach_instance.training.labels import generate_labels  # noqa: E402
+from ttach_instance.data import normalizer
+from ttach_instance.models import small_resnet
+from ttach_instance.registry import get_space
+from ttach_instance.training.labels import generate_labels
 
 
 def main(argv=None):

@@ -14,17 +14,14 @@ repeat times every model back to back, so the ratios stay fair).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ttach_instance.predictor import DEFAULT_BACKBONE, LossPredictor  # noqa: E402
-from ttach_instance.registry import get_space  # noqa: E402
+from ttach_instance.predictors import create_predictor
+from ttach_instance.predictors.timm_backbone import DEFAULT_BACKBONE
+from ttach_instance.registry import get_space
 
 CANDIDATES = ("mobilenetv3_small_050", "lcnet_050", "mobilenetv3_small_075", "lcnet_075", "mobilenetv3_small_100",
               "lcnet_100", "mobilenetv3_large_075", "mobilenetv4_conv_small", "resnet10t", "efficientnet_b0")
@@ -61,7 +58,7 @@ def main(argv=None):
     space = get_space("paper12")
     ref = timm.create_model(args.reference, pretrained=False).eval()
     names = [n for n in args.backbones.split(",") if n]
-    preds = {n: LossPredictor(space, backbone=n, input_size=args.input_size).eval() for n in names}
+    preds = {n: create_predictor("timm", space, backbone=n, input_size=args.input_size).eval() for n in names}
     big = torch.rand(args.batch, 3, args.image_size, args.image_size)
     small = torch.nn.functional.interpolate(big, size=(args.input_size,) * 2, mode="bilinear", antialias=True)
 

@@ -1,10 +1,10 @@
 """Cost of segmentation TTA around a U-Net: de-augmentation + merge as a fraction of the model.
 
-For a compact U-Net (the one of examples/segmentation_tinyimagenet.py, random weights) at
-256x256, batch 8, it times, per configuration (space, k views per image):
+For a compact U-Net (the architecture of research/segmentation_tinyimagenet.py, random weights)
+at 256x256, batch 8, it times, per configuration (space, k views per image):
 
 * ``model``:   the model forward on the ``B * k`` views alone;
-* ``deaug+merge``: :func:`deaugment_views` + :func:`merge_views` on those outputs;
+* ``deaug+merge``: ``space.deaugment`` + ``merge_outputs`` (validity as weights) on those outputs;
 * ``wrapper``: the whole wrapper forward (views + model + de-augmentation + merge), and its
   ratio to one plain forward of the batch;
 * ttach's ``SegmentationTTAWrapper`` with ``d4_transform`` (8 forwards in a Python loop).
@@ -17,22 +17,44 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import ttach_instance as ti
+from ttach_instance.merge import merge_outputs
+from ttach_instance.wrappers import LossGuidedSegmentationWrapper, SegmentationTTAWrapper
 
-import ttach_instance as ti  # noqa: E402
-from ttach_instance.segmentation import (  # noqa: E402
-    LossGuidedSegmentationWrapper,
-    SegmentationTTAWrapper,
-    deaugment_views,
-    merge_views,
-)
-from segmentation_tinyimagenet import UNet  # noqa: E402
+
+def _convs(cin: int, cout: int) -> nn.Sequential:
+    layers = []
+    for c in (cin, cout):
+        layers += [nn.Conv2d(c, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class UNet(nn.Module):
+    """A compact U-Net on pixels in [0, 1]: ``depth`` levels, widths ``width * 2 ** level``,
+    max-pool down, transposed-conv up, 2 classes at the input resolution."""
+
+    def __init__(self, width: int = 16, depth: int = 3, classes: int = 2):
+        super().__init__()
+        w = [width * 2 ** i for i in range(depth + 1)]
+        self.down = nn.ModuleList([_convs(3 if i == 0 else w[i - 1], w[i]) for i in range(depth + 1)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in range(depth)])
+        self.dec = nn.ModuleList([_convs(2 * w[i], w[i]) for i in range(depth)])
+        self.head = nn.Conv2d(w[0], classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else nn.functional.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for i in reversed(range(len(self.up))):
+            x = self.dec[i](torch.cat([self.up[i](x), skips.pop()], 1))
+        return self.head(x)
 
 
 class _Fixed(torch.nn.Module):
@@ -93,10 +115,10 @@ def main(argv=None):
             ("paper12 full mean (12 views)", SegmentationTTAWrapper(model, "paper12"), paper12, [list(range(12))]),
         ]
         try:  # the real predictor (random weights): its own cost is part of the wrapper's
-            from ttach_instance.predictor import LossPredictor
+            from ttach_instance.predictors import create_predictor
 
-            real = LossPredictor(paper12, input_size=64, pretrained=False).to(device).eval()
-            configs.insert(2, (f"Ours k=1, LossPredictor ({real.backbone_name}, 64 px)",
+            real = create_predictor("timm", paper12, input_size=64).to(device).eval()
+            configs.insert(2, (f"Ours k=1, timm predictor ({real.config().get('backbone')}, 64 px)",
                                LossGuidedSegmentationWrapper(model, real, k=1), paper12, None))
         except ImportError:
             pass
@@ -116,10 +138,10 @@ def main(argv=None):
             fill = "border" if wrapper.coverage == "extrapolate" else "zero"
 
             def post():
-                back, valid = deaugment_views(out, space, index, fill=fill, tables=wrapper._tables)
+                back, valid = space.deaugment(out, index, fill=fill)
                 back = back.reshape((args.batch, k) + back.shape[1:])
                 valid = valid.reshape((args.batch, k) + valid.shape[1:])
-                return merge_views(back, valid, fallback=back.mean(1))
+                return merge_outputs(back, weights=valid, merge_space=wrapper.merge_space)
 
             t_post = timeit(post, args.repeats, device)
             t_wrap = timeit(lambda: wrapper(images), args.repeats, device)

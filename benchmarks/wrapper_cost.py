@@ -1,7 +1,7 @@
 """Wall-time cost of LossGuidedWrapper against the plain model (CPU, one thread).
 
-    python benchmarks/wrapper_cost.py                       # timm resnet50 @224, batch 8, default LossPredictor
-    python benchmarks/wrapper_cost.py --predictor small     # SmallLossPredictor instead
+    python benchmarks/wrapper_cost.py                       # timm resnet50 @224, batch 8, the timm predictor
+    python benchmarks/wrapper_cost.py --predictor small     # the small predictor instead
 
 Everything runs in one process under ``torch.no_grad``; every round times each item once, in
 an order rotated from round to round (interleaved, so drifts in machine load hit all items
@@ -34,13 +34,9 @@ from ttach_instance.wrappers import LossGuidedWrapper
 
 
 def build_predictor(kind: str, space):
-    if kind == "small":
-        from ttach_instance.models import SmallLossPredictor
+    from ttach_instance.predictors import create_predictor
 
-        return SmallLossPredictor(space).eval()
-    from ttach_instance.predictor import LossPredictor
-
-    return LossPredictor(space).eval()
+    return create_predictor("small" if kind == "small" else "timm", space).eval()
 
 
 def interleaved(items: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:
@@ -68,7 +64,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--space", default="paper12")
     ap.add_argument("--predictor", choices=("default", "small"), default="default",
-                    help="default: ttach_instance.predictor.LossPredictor; small: models.SmallLossPredictor")
+                    help="default: the timm predictor (create_predictor('timm')); small: create_predictor('small')")
     args = ap.parse_args(argv)
 
     import timm
@@ -103,9 +99,9 @@ def main(argv=None) -> None:
             f"  resize alone ({args.size}->{psize}, antialiased)": lambda: TF.interpolate(
                 pixels, size=(psize, psize), mode="bilinear", antialias=True, align_corners=False),
             "  selection (top-k)": lambda: select_topk(scores, 1),
-            "  views, chosen candidates (grouping + ops + to model input)": lambda: w1._views(x, pixels, index1),
+            "  views, chosen candidates (grouping + ops + to model input)": lambda: w1._model_inputs(x, pixels, index1),
             f"  views, slowest candidate for all ({space.candidates[slowest].name})":
-                lambda: w1._views(x, pixels, index_slowest),
+                lambda: w1._model_inputs(x, pixels, index_slowest),
             "  merge": lambda: merge_outputs(per_view, "mean"),
         }
         times = interleaved(items, args.rounds)
@@ -116,7 +112,7 @@ def main(argv=None) -> None:
     picks2 = Counter(space.names[i] for i in index2.reshape(-1).tolist())
     print(f"# {args.model} (pretrained=False) @ {args.size}px, batch {args.batch}, {args.threads} thread(s), "
           f"torch {torch.__version__}; predictor: {type(predictor).__name__}"
-          f"{' (' + predictor.backbone_name + ', ' + str(psize) + ' px)' if hasattr(predictor, 'backbone_name') else ''}; "
+          f"{' (' + predictor.config()['backbone'] + ', ' + str(psize) + ' px)' if 'backbone' in predictor.config() else ''}; "
           f"space {space.name} ({len(space)}); medians of {args.rounds} interleaved rounds")
     print(f"# k=1 picks: {dict(picks1)}; k=2 picks: {dict(picks2)}")
     plain = times["plain model"]

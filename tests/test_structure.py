@@ -1,8 +1,10 @@
 """Structure of the repository: the package's import graph has no cycles and no upward arrows
-(tools/check_imports.py, which CI also runs), and no script or test edits ``sys.path``."""
+(tools/check_imports.py, which CI also runs), no script or test edits ``sys.path``, and
+scripts (benchmarks, research, examples) import only installed packages."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import subprocess
@@ -14,11 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Offences known when the checker arrived, to be fixed by their owners (keys as the checker
-#: prints them). The lead empties this list; entries no longer found are ignored meanwhile.
-ALLOWED = {
-    "cycle: predictors <-> predictors.base <-> predictors.small <-> predictors.timm_backbone",
-}
+#: Offences tolerated for now (keys as the checker prints them, e.g. "cycle: a <-> b"); empty:
+#: the package has none.
+ALLOWED: set = set()
 
 
 def _checker():
@@ -93,13 +93,6 @@ def test_checker_resolves_package_attributes_to_the_package(tmp_path):
     assert [f"{o.kind}: {o.key}" for o in _checker().find_offences(tmp_path)] == ["cycle: ttach_instance <-> ops"]
 
 
-#: Files still editing sys.path when this test arrived (benchmark drivers: moved to research/ and
-#: made to import the installed package).
-SYS_PATH_PENDING = {
-    "benchmarks/label_ceiling.py", "benchmarks/label_throughput.py",
-    "benchmarks/ops.py", "benchmarks/predictor_cost.py", "benchmarks/predictor_fold.py",
-    "benchmarks/segmentation_cost.py", "benchmarks/tiny_imagenet.py",
-}
 _SYS_PATH = re.compile(r"sys\.path\.(insert|append|extend)|sys\.path\s*(\+=|=[^=])")
 
 
@@ -107,9 +100,30 @@ _SYS_PATH = re.compile(r"sys\.path\.(insert|append|extend)|sys\.path\s*(\+=|=[^=
 def test_no_sys_path_manipulation(folder):
     found = []
     for path in sorted((ROOT / folder).rglob("*.py")):
-        if str(path.relative_to(ROOT)) in SYS_PATH_PENDING:
-            continue
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if _SYS_PATH.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not found, "sys.path edits (use tests/conftest.py fixtures or the installed package):\n" + "\n".join(found)
+
+
+_SCRIPT_FOLDERS = ("benchmarks", "research", "examples")
+#: Module names a script could only reach through a path edit: the files of tests/ and of the script folders.
+_LOCAL_MODULES = {p.stem for d in ("tests",) + _SCRIPT_FOLDERS for p in (ROOT / d).glob("*.py")}
+
+
+@pytest.mark.parametrize("folder", _SCRIPT_FOLDERS)
+def test_scripts_import_only_installed_packages(folder):
+    """Benchmarks, research drivers and examples run against the installed package: no imports of
+    test helpers or of each other, and no loading of files from tests/ or examples/ by path."""
+    found = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                found.append(f"{rel}:{node.lineno}: relative import")
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{rel}:{node.lineno}: imports {n}" for n in names if n.split(".")[0] in _LOCAL_MODULES]
+            if isinstance(node, ast.Constant) and node.value in ("tests", "examples"):
+                found.append(f"{rel}:{node.lineno}: a path into {node.value}/")
+    assert not found, "\n".join(found)

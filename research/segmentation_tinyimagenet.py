@@ -9,15 +9,14 @@ is 1 inside the box, inclusive pixel coordinates, 0 outside). Stages, each cache
 2. ``train``  a compact U-Net (``pretrained=False``, random init) on the clean train split;
               resumable per epoch (``unet.safetensors`` + ``unet.json``).
 3. ``labels`` per-image segmentation loss (mean pixel CE) and pixel accuracy of every
-              ``paper12`` candidate (:class:`ttach_instance.segmentation.SegmentationTask`) on
+              ``paper12`` candidate (:func:`ttach_instance.segmentation.view_losses`) on
               train images, 60 % of them under a random common corruption (severity 1-5);
               ``--draws`` corruption draws per image.
-4. ``fit``    the loss predictor (``--predictor``, default a
-              :class:`ttach_instance.models.SmallLossPredictor` at 16 px on the pixel-unshuffled
-              64 px image, ~2.5 % of the U-Net's time) with
-              the library's trainer (:func:`ttach_instance.training.trainer.fit_predictor`:
-              listwise KL + soft Spearman, EMA, flip augmentation) and the identity margin
-              calibrated on its held-out fold (``--clean-tolerance``).
+4. ``fit``    the loss predictor of ``--recipe`` (default ``recipes/segmentation_small24.json``:
+              a ``SmallLossPredictor`` at 24 px, ~3 % of the U-Net's time) with the library's
+              trainer (:func:`ttach_instance.training.trainer.fit_predictor`: listwise KL + soft
+              Spearman, EMA, flip augmentation) and the identity margin calibrated on its
+              held-out fold (the recipe's ``clean_tolerance``).
 5. ``eval``   mIoU / pixel accuracy per method on clean, corrupted and held-out-corruption
               val images, with cost relative to one forward; writes ``table.md`` in the fit's folder.
 
@@ -25,7 +24,7 @@ is 1 inside the box, inclusive pixel coordinates, 0 outside). Stages, each cache
 ``--stage cost`` re-times only the methods of one or two forwards (15 rounds, the fitted
 predictor), i.e. the eval table's last column.
 
-Run everything:  ``python examples/segmentation_tinyimagenet.py --stage all``
+Run everything:  ``python research/segmentation_tinyimagenet.py --stage all``
 """
 
 from __future__ import annotations
@@ -36,13 +35,13 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as TF
 
+RECIPES = Path(__file__).resolve().parent / "recipes"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyimagenet-dev20"
 if not DATA.exists():  # repository checked out elsewhere: fall back to the shared location
     DATA = Path("/work/shared/data/tinyimagenet-dev20")
@@ -70,15 +69,16 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class UNet(nn.Module):
     """Compact U-Net: ``depth`` down/up levels, ``width`` channels at full resolution.
 
-    Takes pixels in [0, 1] (normalises internally), returns logits ``(B, classes, H, W)`` at
-    the input resolution (H, W divisible by ``2 ** depth``).
+    Takes pixels in [0, 1] (normalises internally, so it has no ``mean``/``std`` attributes: the
+    wrappers read those as the normalisation the model's *input* carries), returns logits
+    ``(B, classes, H, W)`` at the input resolution (H, W divisible by ``2 ** depth``).
     """
 
     def __init__(self, classes: int = 2, width: int = 16, depth: int = 3):
         super().__init__()
         self.config = {"classes": classes, "width": width, "depth": depth}
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.register_buffer("pix_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("pix_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
         chans = [width * 2 ** i for i in range(depth + 1)]
         self.down = nn.ModuleList([_block(3, chans[0])] + [_block(chans[i], chans[i + 1]) for i in range(depth)])
         self.up = nn.ModuleList([nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in range(depth)])
@@ -86,7 +86,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(chans[0], classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
+        x = (x - self.pix_mean) / self.pix_std
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else TF.max_pool2d(x, 2))
@@ -245,14 +245,13 @@ def stage_labels(runs: Path, n: int, draws: int = 1, chunk: int = 500, prob: flo
     """Per-image loss and pixel accuracy of every paper12 candidate on the first ``n`` train
     images, ``draws`` times (each draw its own random corruption per image: common corruption
     with probability ``prob``, severity 1-5, else clean), in resumable chunks of ``chunk`` rows."""
-    from ttach_instance.segmentation import SegmentationTask
+    from ttach_instance.segmentation import view_losses
 
     out = runs / f"labels_{n}x{draws}.npz"
     if out.exists():
         return out
     space = ti_space()
     model = load_unet(runs / "unet")
-    task = SegmentationTask(loss="ce")
     data = load_data(runs)
     parts = []
     for d in range(draws):
@@ -268,7 +267,8 @@ def stage_labels(runs: Path, n: int, draws: int = 1, chunk: int = 500, prob: flo
                 imgs = corrupt_batch(imgs, names, sev)
                 target = torch.from_numpy(data["train_masks"][s : s + len(imgs)]).long()
                 x = to_tensor(imgs)
-                res = [task.view_losses(model, space, x[i : i + 100], target[i : i + 100], chunk_size=200, return_accuracy=True)
+                res = [view_losses(model, space, x[i : i + 100], target[i : i + 100], loss="ce", chunk_size=200,
+                                   return_accuracy=True)
                        for i in range(0, len(x), 100)]
                 np.savez(part, images=imgs, losses=torch.cat([r[0] for r in res]).numpy(),
                          accuracy=torch.cat([r[1] for r in res]).numpy(), names=np.array(names),
@@ -279,41 +279,28 @@ def stage_labels(runs: Path, n: int, draws: int = 1, chunk: int = 500, prob: flo
     return out
 
 
-#: Loss predictors the example can fit (``--predictor``); the default is the one whose cost
-#: fits the k=1 budget at 64 px (see docs/BENCHMARKS.md, "Segmentation").
+#: Predictors whose cost ``--stage predictor-cost`` compares with the U-Net (random init):
+#: ``create_predictor`` name and configuration.
 PREDICTORS = {
-    # plain-conv SmallResNet, widths (8, 16, 32), on the 64 px image folded into 48 channels at
-    # 16 px (pixel_unshuffle 4): no resize, every pixel seen; ~1.4 M-MAC, ~2.5 % of the U-Net
-    "unshuffle": {"kind": "small", "width": 8, "input_size": 16, "unshuffle": 4},
-    # the same net on the image resized to 24 px (~1.8 M-MAC, ~3 %) / 32 px (~3.2 M-MAC, ~4-5 %)
-    "small": {"kind": "small", "width": 8, "input_size": 24},
-    "small32": {"kind": "small", "width": 8, "input_size": 32},
-    # the library's LossPredictor (mobilenetv3_small_100) at 64 px, the previous run's predictor
-    "loss": {"kind": "loss", "input_size": 64},
+    "small24": ("small", {"width": 8, "input_size": 24}),  # ~1.8 M-MAC, ~3 % of the U-Net
+    "small32": ("small", {"width": 8, "input_size": 32}),  # ~3.2 M-MAC, ~4-5 %
+    "timm64": ("timm", {"input_size": 64}),  # the library's timm predictor (mobilenetv3_small_100)
 }
 
 
-def make_predictor(space, name: str = "unshuffle"):
-    """A fresh (random-init) predictor from :data:`PREDICTORS`."""
-    cfg = dict(PREDICTORS[name])
-    kind = cfg.pop("kind")
-    if kind == "small":
-        from ttach_instance.models import SmallLossPredictor
-
-        return SmallLossPredictor(space, **cfg)
-    from ttach_instance.predictor import LossPredictor
-
-    return LossPredictor(space, pretrained=False, **cfg)
+def load_recipe(path: Path) -> dict:
+    """A recipe file: ``{"predictor": {"architecture": ..., **config}, "fit": {FitConfig fields},
+    "tau": "from_spread" | float}``."""
+    return json.loads(Path(path).read_text())
 
 
-def fit_dir(runs: Path, predictor: str, n_labels: int, draws: int, epochs: int, clean_tolerance: Optional[float]) -> Path:
-    """Where a fit with these settings lives (so that changing a flag never reuses another fit)."""
-    tol = "none" if clean_tolerance is None else f"{clean_tolerance:g}"
-    return runs / f"fit_{predictor}_{n_labels}x{draws}_e{epochs}_tol{tol}"
+def fit_dir(runs: Path, recipe: Path, n_labels: int, draws: int) -> Path:
+    """Where a fit of this recipe on these labels lives (so that changing either never reuses another fit)."""
+    return runs / f"fit_{Path(recipe).stem}_{n_labels}x{draws}"
 
 
 def load_predictor(fit: Path):
-    from ttach_instance.models import load_predictor as load
+    from ttach_instance.predictors import load_predictor as load
 
     return load(str(fit / "predictor.safetensors")).eval()
 
@@ -342,29 +329,35 @@ def fit_data(lab, input_size: int) -> dict:
     }
 
 
-def stage_fit(runs: Path, n_labels: int, draws: int, epochs: int, predictor: str = "unshuffle",
-              clean_tolerance: Optional[float] = 0.0) -> Path:
-    """Fit the loss predictor with the library's trainer (listwise KL + soft Spearman, AdamW,
-    cosine LR, EMA weights, horizontal-flip augmentation with the candidates' flip permutation,
-    cutout; 20 % of the images held out) and, with ``clean_tolerance``, the identity margin
-    calibrated on the held-out fold: the margin maximising the held-out k=1 pixel accuracy
-    with clean images' pixel accuracy at least the identity's minus ``clean_tolerance`` points."""
+def stage_fit(runs: Path, n_labels: int, draws: int, recipe_path: Path) -> Path:
+    """Fit the recipe's loss predictor with the library's trainer (listwise KL + soft Spearman,
+    AdamW, cosine LR, EMA weights, horizontal-flip augmentation with the candidates' flip
+    permutation, cutout; 20 % of the images held out) and, with the recipe's
+    ``clean_tolerance``, the identity margin calibrated on the held-out fold: the margin
+    maximising the held-out k=1 pixel accuracy with clean images' pixel accuracy at least the
+    identity's minus ``clean_tolerance`` points."""
+    from ttach_instance.predictors import create_predictor
+    from ttach_instance.space import flip_permutation
     from ttach_instance.training.losses import ranking_metrics, tau_from_spread
-    from ttach_instance.training.trainer import FitConfig, fit_predictor, flip_permutation, predict_losses
+    from ttach_instance.training.trainer import FitConfig, fit_predictor, predict_losses
 
-    out = fit_dir(runs, predictor, n_labels, draws, epochs, clean_tolerance)
+    out = fit_dir(runs, recipe_path, n_labels, draws)
     if (out / "fit.json").exists():
         return out
     out.mkdir(exist_ok=True)
+    recipe = load_recipe(recipe_path)
     lab = np.load(stage_labels(runs, n_labels, draws))
     space = ti_space()
-    pred = make_predictor(space, predictor)
-    data = fit_data(lab, getattr(pred, "pixel_size", pred.input_size))
+    spec = dict(recipe["predictor"])
+    pred = create_predictor(spec.pop("architecture"), space, **spec)
+    data = fit_data(lab, pred.input_size)
     # listwise target softmin(losses / tau): mean-pixel CE differs by a few hundredths between
-    # views, so tau is set from the labels' spread (half the median per-image std)
-    tau = tau_from_spread(data["losses"])
-    cfg = FitConfig(epochs=epochs, batch_size=128, optimizer="adamw", lr=3e-3, weight_decay=0.05, warmup_steps=100,
-                    ema_decay=0.995, tau=tau, flip_permutation=flip_permutation(space), clean_tolerance=clean_tolerance)
+    # views, so "from_spread" sets tau from the labels' spread (half the median per-image std)
+    tau = tau_from_spread(data["losses"]) if recipe.get("tau") == "from_spread" else float(recipe.get("tau", 1.0))
+    fit = dict(recipe["fit"], tau=tau)
+    if fit.get("flip_permutation") == "space":
+        fit["flip_permutation"] = flip_permutation(space)
+    cfg = FitConfig(**fit)
     res = fit_predictor(pred, data, str(out), cfg, num_images=data["num_images"], progress=False,
                         log=lambda m: print("  " + m, flush=True))
     val = res["val_rows"]
@@ -374,7 +367,7 @@ def stage_fit(runs: Path, n_labels: int, draws: int, epochs: int, predictor: str
     v = data["losses"][val]
     chosen = v.gather(1, scores.argmin(1, keepdim=True)).squeeze(1)
     summary = {
-        "predictor": predictor, "config": PREDICTORS[predictor], "tau": tau, "rows": len(data["rows"]),
+        "recipe": recipe, "tau": tau, "rows": len(data["rows"]),
         "history": res["history"], "identity_margin": res["identity_margin"],
         # after the margin: what the deployed predictor does on the held-out fold
         "valid": {**metrics, "chosen_loss": float(chosen.mean()), "identity_loss": float(v[:, 0].mean()),
@@ -391,19 +384,14 @@ def eval_methods(runs: Path, fit: Path, batch: int = 100):
     """``(model, {name: (make(model) -> method, forwards per image)})``: the U-Net and the methods
     compared, with the fitted predictor of ``fit`` (and the same weights without its margin)."""
     import ttach as tta
-    from ttach_instance.segmentation import (
-        LossGuidedSegmentationWrapper,
-        OracleKSegmentationWrapper,
-        RandomKSegmentationWrapper,
-        SegmentationTTAWrapper,
-    )
+    from ttach_instance.evaluation import OracleKSegmentationWrapper
+    from ttach_instance.wrappers import (LossGuidedSegmentationWrapper, RandomKSegmentationWrapper,
+                                         SegmentationTTAWrapper)
 
     model = load_unet(runs / "unet")
     predictor = load_predictor(fit)
     raw = load_predictor(fit)  # the same weights without the calibrated identity margin
-    margin = json.loads((fit / "fit.json").read_text())["identity_margin"] or 0.0
-    with torch.no_grad():
-        [m for m in raw.modules() if isinstance(m, nn.Linear)][-1].bias[0] += margin
+    raw.calibration = None
     space = predictor.space
     ck = {"chunk_size": batch}  # one model call per `batch` views: big CPU batches run slower per image
     methods = {
@@ -411,7 +399,7 @@ def eval_methods(runs: Path, fit: Path, batch: int = 100):
         "H-Flip": (lambda m: SegmentationTTAWrapper(m, "hflip", **ck), 2),
         "D4 (ttach)": (lambda m: tta.SegmentationTTAWrapper(m, tta.aliases.d4_transform(), merge_mode="mean"), 8),
         "paper12 full mean": (lambda m: SegmentationTTAWrapper(m, space, **ck), 12),
-        "Random k=1": (lambda m: RandomKSegmentationWrapper(m, space, k=1, generator=torch.Generator().manual_seed(0), **ck), 1),
+        "Random k=1": (lambda m: RandomKSegmentationWrapper(m, space, k=1, seed=0, **ck), 1),
         "Ours k=1": (lambda m: LossGuidedSegmentationWrapper(m, predictor, k=1, **ck), 1),
         "Ours k=1, no identity margin": (lambda m: LossGuidedSegmentationWrapper(m, raw, k=1, **ck), 1),
         "Ours k=1, coverage=identity": (lambda m: LossGuidedSegmentationWrapper(m, predictor, k=1, coverage="identity", **ck), 2),
@@ -451,7 +439,7 @@ def stage_eval(runs: Path, fit: Path, n_val: int = 1000, batch: int = 100, round
                 elif hasattr(wrapper, "run") and name.startswith("Ours k=1"):
                     r = wrapper.run(x)
                     out = r["output"]
-                    picks += torch.bincount(r["index"][:, 0], minlength=len(space))
+                    picks += torch.bincount(r["selection"].index[:, 0], minlength=len(space))
                 else:
                     out = wrapper(x)
                 cm.update(out.argmax(1), y)
@@ -543,7 +531,10 @@ def stage_predictor_cost(runs: Path, batch: int = 100, rounds: int = 7) -> None:
     on `batch` val images (channels-last, as :func:`to_tensor` gives them), round-robin, median."""
     model = load_unet(runs / "unet") if (runs / "unet.json").exists() else UNet().eval()
     x = to_tensor(load_data(runs)["val_images"][:batch])
-    nets = {"U-Net": model, **{name: make_predictor(ti_space(), name).eval() for name in PREDICTORS}}
+    from ttach_instance.predictors import create_predictor
+
+    nets = {"U-Net": model, **{name: create_predictor(arch, ti_space(), **cfg).eval()
+                               for name, (arch, cfg) in PREDICTORS.items()}}
     samples = {name: [] for name in nets}
     for r in range(rounds + 1):
         for name, net in nets.items():
@@ -595,14 +586,10 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--labels", type=int, default=8000, help="train images to label (predictor train + valid)")
     p.add_argument("--draws", type=int, default=1, help="corruption draws per labelled image (rows = labels x draws)")
-    p.add_argument("--predictor", default="unshuffle", choices=list(PREDICTORS), help="loss predictor (see PREDICTORS)")
-    p.add_argument("--pred-epochs", type=int, default=30)
-    p.add_argument("--clean-tolerance", default="0",
-                   help="identity margin: clean pixel-accuracy points the k=1 choice may lose vs the identity on the "
-                        "held-out fold ('none': no margin)")
+    p.add_argument("--recipe", type=Path, default=RECIPES / "segmentation_small24.json",
+                   help="the loss predictor's recipe: architecture, FitConfig, tau (default: %(default)s)")
     p.add_argument("--n-val", type=int, default=1000)
     args = p.parse_args(argv)
-    tol = None if args.clean_tolerance == "none" else float(args.clean_tolerance)
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -616,14 +603,13 @@ def main(argv=None):
         elif stage == "labels":
             stage_labels(runs, args.labels, args.draws)
         elif stage == "fit":
-            stage_fit(runs, args.labels, args.draws, args.pred_epochs, args.predictor, tol)
+            stage_fit(runs, args.labels, args.draws, args.recipe)
         elif stage == "predictor-cost":
             stage_predictor_cost(runs)
         elif stage == "cost":
-            stage_cost(runs, fit_dir(runs, args.predictor, args.labels, args.draws, args.pred_epochs, tol), args.n_val)
+            stage_cost(runs, fit_dir(runs, args.recipe, args.labels, args.draws), args.n_val)
         elif stage == "eval":
-            fit = fit_dir(runs, args.predictor, args.labels, args.draws, args.pred_epochs, tol)
-            stage_eval(runs, fit, args.n_val)
+            stage_eval(runs, fit_dir(runs, args.recipe, args.labels, args.draws), args.n_val)
         else:
             raise SystemExit(f"stage {stage} not implemented yet")
         print(f"[{stage}] done in {time.time() - t0:.0f}s", flush=True)

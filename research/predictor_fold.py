@@ -1,8 +1,8 @@
 """Predictor variants on the Tiny ImageNet benchmark's label caches, judged on the held-out fold.
 
-``fit NAME [options]`` trains a ``SmallLossPredictor`` (32 px, AdamW, 6 epochs, flip
-augmentation, identity margin as the benchmark's fit stage) on the given caches into
-``--out/exp_NAME``; ``score DIR [DIR ...]`` prints the held-out fold's Spearman (all / clean /
+``fit NAME --recipe FILE`` trains the predictor a recipe (``research/recipes/*.json``: the
+architecture, the label caches, the ``FitConfig``) describes into ``--out/exp_NAME``; ``--set
+fit.KEY=VALUE`` / ``predictor.KEY=VALUE`` varies one setting; ``score DIR [DIR ...]`` prints the held-out fold's Spearman (all / clean /
 corrupted rows), k=1 accuracy and regret of each fitted predictor, plain and flip-averaged, and
 of the mean of the flip-averaged ones; ``probe`` trains an MLP on the frozen target model's own
 features (the ranking a predictor that knew what the target knows could reach), or on a fitted
@@ -10,14 +10,15 @@ predictor's, optionally with measured candidate effects appended; ``selfscore`` 
 target's own label-free confidence on all 12 views. The fold is
 ``fit_predictor``'s (20 % of the images, seed 0) over ``labels`` and the undeformed
 ``labels_seed*`` caches, so every variant is scored on the same rows.
-(docs/BENCHMARKS.md, "What limits the predictor's ranking".)
+(docs/research-log/, "What limits the predictor's ranking".)
 
-    python benchmarks/predictor_fold.py fit sw2 --spearman-weight 2 --caches labels
-    python benchmarks/predictor_fold.py score exp_sw2 fit_s0 fit_s1
-    python benchmarks/predictor_fold.py probe [--features exp_in24_d270 --candidate-deltas]
-    python benchmarks/predictor_fold.py selfscore
-    python benchmarks/predictor_fold.py margins exp_in24_d270 --tolerances 0.3 0.1 0
-    python benchmarks/predictor_fold.py gate exp_in24_d270 in24_gate01 --clean-tolerance 0.1
+    python research/predictor_fold.py fit in24_d270 --recipe research/recipes/in24_d270.json
+    python research/predictor_fold.py fit sw1 --recipe research/recipes/in24_d270.json --set fit.spearman_weight=1
+    python research/predictor_fold.py score exp_in24_d270 exp_sw1
+    python research/predictor_fold.py probe [--features exp_in24_d270 --candidate-deltas]
+    python research/predictor_fold.py selfscore
+    python research/predictor_fold.py margins exp_in24_d270 --tolerances 0.3 0.1 0
+    python research/predictor_fold.py gate exp_in24_d270 in24_gate01 --clean-tolerance 0.1
 """
 
 from __future__ import annotations
@@ -25,19 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ttach_instance.predictors import FlipAveragedPredictor, PredictorEnsemble, create_predictor, load_predictor
+from ttach_instance.registry import get_space
+from ttach_instance.space import flip_permutation
+from ttach_instance.training.labels import LabelCache, load_label_caches
+from ttach_instance.training.losses import ranking_metrics, spearman
+from ttach_instance.training.trainer import FitConfig, fit_predictor, predict_features, predict_losses, split_rows
 
-from ttach_instance.models import SmallLossPredictor, load_predictor  # noqa: E402
-from ttach_instance.predictor import FlipAveragedPredictor, PredictorEnsemble  # noqa: E402
-from ttach_instance.registry import get_space  # noqa: E402
-from ttach_instance.training.labels import LabelCache, load_label_caches  # noqa: E402
-from ttach_instance.training.losses import ranking_metrics, spearman  # noqa: E402
-from ttach_instance.training.trainer import FitConfig, fit_predictor, flip_permutation, predict_losses, split_rows  # noqa: E402
-from tiny_imagenet import add_input_logits  # noqa: E402
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
 
 def target(out):
@@ -56,22 +55,42 @@ def load_caches(out, names):
     return data, manifest["num_images"]
 
 
+def load_recipe(path, settings=()):
+    """A recipe file with ``SECTION.KEY=VALUE`` settings applied (``VALUE`` read as JSON, else
+    kept as a string): ``{"predictor": {...}, "fit": {...}, "caches": [...], ...}``."""
+    with open(path) as f:
+        recipe = json.load(f)
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and isinstance(recipe.get(section), dict)):
+            raise SystemExit(f"--set takes SECTION.KEY=VALUE with SECTION one of "
+                             f"{[k for k, v in recipe.items() if isinstance(v, dict)]}, got {setting!r}")
+        try:
+            recipe[section][name] = json.loads(value)
+        except json.JSONDecodeError:
+            recipe[section][name] = value
+    return recipe
+
+
+def fit_config(recipe, space):
+    """The recipe's ``FitConfig`` (``"flip_permutation": "space"``: the space's own)."""
+    fit = dict(recipe["fit"])
+    if fit.get("flip_permutation") == "space":
+        fit["flip_permutation"] = flip_permutation(space)
+    return FitConfig(**fit)
+
+
 def cmd_fit(args):
-    data, n_images = load_caches(args.out, args.caches.split(","))
+    recipe = load_recipe(args.recipe, args.set)
+    caches = args.caches.split(",") if args.caches else recipe["caches"]
+    data, n_images = load_caches(args.out, caches)
     space = get_space("paper12")
-    cfg = FitConfig(epochs=args.epochs, batch_size=128, optimizer="adamw", lr=args.lr, weight_decay=0.05,
-                    warmup_steps=200, ema_decay=0.995, seed=0, flip_permutation=flip_permutation(space),
-                    spearman_weight=args.spearman_weight, rank_temperature=args.rank_temperature,
-                    identity_gate=args.identity_gate, pretrain_epochs=args.pretrain_epochs, group_weight=args.group_weight, clean_tolerance=args.clean_tolerance,
-                    distill_weight=args.distill_weight, cutout=args.cutout, listwise_weight=args.listwise_weight,
-                    tau=args.tau)
-    if args.distill_weight:
-        data = add_input_logits(data, target(args.out))
-    torch.manual_seed(args.init_seed)
-    predictor = SmallLossPredictor(space, width=args.width, input_size=args.input_size, levels=args.levels,
-                                   detail_channels=args.detail_channels, detail_size=args.detail_size,
-                                   unshuffle=args.unshuffle)
-    if args.init_from_target:  # the target's trained layers (same architecture), a fresh ranking head
+    cfg = fit_config(recipe, space)
+    spec = dict(recipe["predictor"])
+    torch.manual_seed(recipe.get("init_seed", 0))
+    predictor = create_predictor(spec.pop("architecture"), space, **spec)
+    if recipe.get("init_from_target"):  # the target's trained layers (same architecture), a fresh ranking head
         predictor.init_from(target(args.out))
     res = fit_predictor(predictor, data, os.path.join(args.out, f"exp_{args.name}"), cfg, num_images=n_images,
                         progress=False, log=lambda m: print(m, flush=True))
@@ -103,21 +122,23 @@ def target_features(model, images, batch_size=1000):
 
 
 def plain_predictor(out, fit_dir):
-    """``(predictor, undone)``: the fitted predictor of ``out/fit_dir`` without the identity margin
-    or gate its fit calibrated (``remove_identity_calibration``; ``undone`` is the constant margin,
-    ``None`` for a gate)."""
-    from ttach_instance.training.trainer import remove_identity_calibration
-
+    """``(predictor, undone)``: the fitted predictor of ``out/fit_dir`` without the identity
+    calibration its fit made (``undone``: the constant margin, ``"gated"`` for a gate, ``None``
+    for none)."""
     predictor = load_predictor(os.path.join(out, fit_dir, "predictor.safetensors"), get_space("paper12"))
-    with open(os.path.join(out, fit_dir, "history.json")) as f:
-        return predictor, remove_identity_calibration(predictor, json.load(f))
+    calibration, predictor.calibration = predictor.calibration, None
+    if calibration is None:
+        return predictor, None
+    return predictor, "gated" if calibration.gated else float(calibration.margin)
+
+
+def _undone(value):
+    return "none" if value is None else value if isinstance(value, str) else f"{value:.3f}"
 
 
 @torch.no_grad()
 def predictor_features(predictor, images):
     """A fitted predictor's feature vector and its 12 scores on uint8 ``images``."""
-    from ttach_instance.training.trainer import predict_features
-
     f = predict_features(predictor, images, batch_size=2000)
     return torch.cat([f, predictor.head_scores(f)], 1)
 
@@ -223,7 +244,7 @@ def cmd_margins(args):
     """What the identity margin's clean tolerance trades, on the held-out fold: for each fitted
     predictor (its calibrated margin undone) and each tolerance, the margin calibration picks,
     k=1 accuracy on all / clean / corrupted rows and how often a non-identity candidate is chosen."""
-    from ttach_instance.training.trainer import calibrate_identity_margin
+    from ttach_instance.predictors.calibration import calibrate_identity_margin
 
     data, n_images = load_caches(args.out, fold_caches(args.out))
     _, val = split_rows(data["rows"], n_images, 0.2, 0)
@@ -236,7 +257,7 @@ def cmd_margins(args):
             margin, info = calibrate_identity_margin(pred, correct, clean, tolerance)
             choice = (pred - margin * torch.nn.functional.one_hot(torch.zeros((), dtype=torch.long), 12)).argmin(1)
             acc, moved = correct.gather(1, choice[:, None]).squeeze(1), (choice != 0).float()
-            print(f"{d} (fitted margin {'gated' if fitted is None else f'{fitted:.3f}'}) tolerance {tolerance}: margin {margin:.3f} k1 {acc.mean():.4f} "
+            print(f"{d} (fitted margin {_undone(fitted)}) tolerance {tolerance}: margin {margin:.3f} k1 {acc.mean():.4f} "
                   f"clean {acc[clean].mean():.4f} (identity {correct[clean, 0].mean():.4f}) corrupted "
                   f"{acc[~clean].mean():.4f}; non-identity picks clean {moved[clean].mean():.3f} "
                   f"corrupted {moved[~clean].mean():.3f}")
@@ -245,9 +266,10 @@ def cmd_margins(args):
 def cmd_gate(args):
     """A fitted predictor with an identity gate in place of its constant margin, into
     ``--out/exp_NAME``. Fitted on the training fold of ``--caches``, calibrated on the held-out
-    fold at ``--clean-tolerance`` (:func:`~ttach_instance.training.trainer.fit_identity_gate`)."""
-    from ttach_instance.training.trainer import fit_identity_gate
+    fold at ``--clean-tolerance``
+    (:func:`~ttach_instance.predictors.calibration.fit_identity_calibration`)."""
     from ttach_instance.io import atomic_write_json
+    from ttach_instance.predictors.calibration import fit_identity_calibration
 
     data, n_images = load_caches(args.out, args.caches.split(",") if args.caches else fold_caches(args.out))
     train, val = split_rows(data["rows"], n_images, 0.2, 0)
@@ -255,8 +277,10 @@ def cmd_gate(args):
     with open(os.path.join(args.out, args.source, "history.json")) as f:
         history = json.load(f)
     clean = data["corruption"] < 0
-    margin, info = fit_identity_gate(predictor, data["images"][train], clean[train], data["images"][val],
-                                     data["correct"][val], clean[val], args.clean_tolerance)
+    info = fit_identity_calibration(predictor, predict_features(predictor, data["images"][val], batch_size=2000),
+                                    data["correct"][val], clean[val], args.clean_tolerance,
+                                    predict_features(predictor, data["images"][train], batch_size=2000), clean[train])
+    margin = info["margin"]
     out = os.path.join(args.out, f"exp_{args.name}")
     os.makedirs(out, exist_ok=True)
     predictor.save(os.path.join(out, "predictor.safetensors"))
@@ -265,7 +289,7 @@ def cmd_gate(args):
             h.update(identity_margin=margin, identity_gate_accuracy=info["gate_accuracy"],
                      gated_from=args.source, clean_tolerance=args.clean_tolerance)
     atomic_write_json(os.path.join(out, "history.json"), history)
-    print(f"{args.name}: gated margin {margin:.3f} (was {'gated' if fitted is None else f'{fitted:.3f}'}); held-out k=1 {info['accuracy']:.4f} "
+    print(f"{args.name}: gated margin {margin:.3f} (was {_undone(fitted)}); held-out k=1 {info['accuracy']:.4f} "
           f"clean {info['clean']:.4f} (identity {info['identity_clean']:.4f}); gate right on "
           f"{info['gate_accuracy']:.4f} of held-out rows")
 
@@ -303,31 +327,12 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit")
     f.add_argument("name")
-    f.add_argument("--caches", default="labels", help="comma list of label cache directories under --out")
-    f.add_argument("--epochs", type=int, default=6)
-    f.add_argument("--lr", type=float, default=3e-3)
-    f.add_argument("--width", type=int, default=8)
-    f.add_argument("--input-size", type=int, default=32)
-    f.add_argument("--unshuffle", type=int, default=1,
-                   help="fold the image at unshuffle x input size into 3 unshuffle^2 channels (every pixel seen)")
-    f.add_argument("--levels", choices=["last", "all"], default="last",
-                   help="features: the last stage's pooled output, or every stage's (SmallLossPredictor levels=)")
-    f.add_argument("--detail-channels", type=int, default=0,
-                   help="filters of the full-resolution detail branch (0: none)")
-    f.add_argument("--detail-size", type=int, default=0, help="the detail branch's input size (0: 2 x input size)")
-    f.add_argument("--init-from-target", action="store_true",
-                   help="start from the target model's weights (needs --width 16, the target's)")
-    f.add_argument("--spearman-weight", type=float, default=1.0)
-    f.add_argument("--listwise-weight", type=float, default=1.0)
-    f.add_argument("--tau", type=float, default=1.0, help="listwise temperature")
-    f.add_argument("--cutout", type=float, default=0.5, help="probability of a cutout square on the predictor input")
-    f.add_argument("--rank-temperature", type=float, default=0.1)
-    f.add_argument("--pretrain-epochs", type=int, default=0)
-    f.add_argument("--init-seed", type=int, default=0)
-    f.add_argument("--group-weight", type=float, default=0.0)
-    f.add_argument("--distill-weight", type=float, default=0.0)
-    f.add_argument("--identity-gate", action="store_true", help="a gated identity margin (FitConfig.identity_gate)")
-    f.add_argument("--clean-tolerance", type=float, default=0.3, help="the identity margin's calibration (points)")
+    f.add_argument("--recipe", default=os.path.join(RECIPES, "in24_d270.json"),
+                   help="recipe file: predictor, label caches, FitConfig (default: %(default)s)")
+    f.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change one recipe setting, e.g. fit.epochs=3 or predictor.width=8 (repeatable)")
+    f.add_argument("--caches", default="", help="comma list of label cache directories under --out "
+                   "(default: the recipe's)")
     f.set_defaults(func=cmd_fit)
     pr = sub.add_parser("probe", help="MLP on the frozen target model's features: the ranking it supports")
     pr.add_argument("--epochs", type=int, default=6)

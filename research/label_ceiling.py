@@ -13,22 +13,18 @@ split into clean and corrupted rows. A predictor has to beat *group* to show it 
 the corruption off the image. Then the k=1 accuracy of the identity, of each group's best
 candidate (from the training fold) and of the per-row oracle. (docs/BENCHMARKS.md, Tiny ImageNet benchmark.)
 
-    python benchmarks/label_ceiling.py runs/tinyimagenet/labels runs/tinyimagenet/labels_seed1
+    python research/label_ceiling.py runs/tinyimagenet/labels runs/tinyimagenet/labels_seed1
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ttach_instance.training.labels import LabelCache  # noqa: E402
-from ttach_instance.training.losses import hard_rank, spearman  # noqa: E402
-from ttach_instance.training.trainer import split_rows  # noqa: E402
+from ttach_instance.training.labels import LabelCache
+from ttach_instance.training.losses import hard_rank, spearman
+from ttach_instance.training.trainer import split_rows
 
 
 def load(dirs):
