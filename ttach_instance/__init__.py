@@ -1,6 +1,6 @@
 """ttach-instance: instance-aware test-time augmentation on top of ttach."""
 
-from . import functional, interop  # interop attaches TransformSpace.to_ttach / from_ttach
+from . import functional, interop  # noqa: F401 - interop attaches TransformSpace.to_ttach / from_ttach
 from .merge import MERGE_MODES, merge_outputs
 from .ops import Op
 from .registry import get_space, list_ops, list_spaces, make_op, reload, space_from_specs
