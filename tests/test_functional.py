@@ -419,3 +419,97 @@ def test_zoom_scalar_path_is_cached_and_equals_the_per_row_path():
     for s in range(40):
         F.zoom(x, 0.5 + s / 40)
     assert len(F._ZOOM_CACHE) <= F._ZOOM_CACHE_SIZE
+
+
+# --------------------------------------------------------------------------- memory layouts
+
+
+def _photos_layout(x):
+    """The same values with channels-last strides, as ``torch.from_numpy(hwc).permute(...)``
+    gives for photos loaded HWC."""
+    return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("space", [paper12(), d4(), ten_crops(16)], ids=lambda s: s.name)
+def test_channels_last_input_gives_the_same_views(space):
+    # The kernels read channels-last batches in place (reductions and products along the
+    # memory); the arithmetic per output value is the contiguous path's, so the bits agree.
+    x = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    photos = _photos_layout(x)
+    assert photos.is_contiguous(memory_format=torch.channels_last) and not photos.is_contiguous()
+    for cand in space:
+        assert torch.equal(cand.apply(photos), cand.apply(x)), cand.name
+    index = torch.randint(0, len(space), (3, 2), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(space.apply(photos, index), space.apply(x, index))
+
+
+@pytest.mark.parametrize("cand", paper12().names)
+def test_paper12_views_keep_the_input_layout(cand):
+    # A channels-last batch gives channels-last views (CPU convolutions are faster on them),
+    # a contiguous one contiguous views, also when one candidate covers the batch.
+    space = paper12()
+    x = torch.rand(4, 3, 16, 16)
+    for images, fmt in ((x, torch.contiguous_format), (_photos_layout(x), torch.channels_last)):
+        assert space[cand].apply(images).is_contiguous(memory_format=fmt)
+        assert space.apply(images, [space.index_of(cand)] * 4).is_contiguous(memory_format=fmt)
+
+
+def test_rotate_per_row_angles_on_channels_last():
+    x = _photos_layout(torch.rand(3, 3, 18, 22))
+    batched = F.rotate(x, torch.tensor([20.0, -33.0, 20.0]))
+    for i, angle in enumerate([20.0, -33.0, 20.0]):
+        assert torch.equal(batched[i : i + 1], F.rotate(x[i : i + 1].contiguous(), angle))
+
+
+def test_single_candidate_batch_is_the_candidate_output_and_never_the_input():
+    space = paper12()
+    x = torch.rand(5, 3, 16, 16)
+    for c, cand in enumerate(space):
+        out = space.apply(x, torch.full((5,), c))
+        assert torch.equal(out, cand.apply(x)), cand.name
+    same = space.apply(x, torch.zeros(5, dtype=torch.long))  # identity on every row
+    assert torch.equal(same, x)
+    same += 1  # a fresh tensor: writing to the views leaves the images alone
+    assert float(x.max()) <= 1
+
+
+# --------------------------------------------------------------------------- range check
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_range_check_brute_force(dtype, layout):
+    # Reference: the contract read off element by element in Python, tolerance 1e-3.
+    values = [0.0, -0.0, 1.0, 0.5, -5e-4, 1.0005, -0.01, 1.01, -3.0, 2.0, float("nan"), -float("nan"),
+              float("inf"), -float("inf")]
+    base = torch.rand(2, 3, 6, 8, generator=torch.Generator().manual_seed(0))
+    for v in values:
+        x = base.clone()
+        x[1, 2, 3, 5] = v
+        x = x.to(dtype)
+        if layout == "channels_last":
+            x = _photos_layout(x)
+        elif layout == "strided":
+            x = torch.cat([x, x], -1)[..., ::2]
+        stored = float(x[1, 2, 3, 5])
+        ok = all(-1e-3 <= float(e) <= 1 + 1e-3 for e in x.flatten())
+        assert ok == (-1e-3 <= stored <= 1 + 1e-3), v  # the reference itself
+        assert F.in_unit_range(x) == ok, v
+        if ok:
+            F.check_images(x)
+        else:
+            with pytest.raises(ValueError, match=r"\[0, 1\]"):
+                F.check_images(x)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op", [Rotate(20), Zoom(0.8), Zoom(1.2), Sharpness(3.0), Color(2.0)], ids=str)
+def test_gradients_flow_through_the_ops(op, layout):
+    # Views keep the caller's graph: analytical gradients against finite differences, away
+    # from the clamp (values near 0.5, so no output leaves [0, 1]).
+    g = torch.Generator().manual_seed(0)
+    x = (0.45 + 0.1 * torch.rand(1, 3, 5, 6, generator=g, dtype=torch.float64))
+    if layout == "channels_last":
+        x = _photos_layout(x)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(op.apply, (x,))

@@ -36,17 +36,26 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
 
 
+def as_batch(imgs, layout: str) -> torch.Tensor:
+    """``photos``: HWC arrays stacked and permuted, as users load them (channels-last
+    strides); ``nchw``: the same values contiguous."""
+    x = torch.from_numpy(np.stack([np.asarray(i) for i in imgs])).permute(0, 3, 1, 2).float() / 255
+    return x.contiguous() if layout == "nchw" else x
+
+
 @pytest.fixture(scope="module")
 def batches():
     return {size: [photo(n, size) for n in PHOTOS] for size in SIZES}
 
 
+@pytest.mark.parametrize("layout", ["photos", "nchw"])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("cand", paper12().names)
-def test_op_matches_pil(cand, size, batches):
+def test_op_matches_pil(cand, size, layout, batches):
     space = paper12()
     imgs = batches[size]
-    x = torch.cat([to_tensor(i) for i in imgs])
+    x = as_batch(imgs, layout)
+    assert x.is_contiguous(memory_format=torch.channels_last) == (layout == "photos")
     out = space[cand].apply(x) * 255
     diffs = []
     for row, img in zip(out, imgs):

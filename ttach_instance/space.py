@@ -154,6 +154,11 @@ class Candidate:
         return keypoints
 
 
+def _aliases(a: Tensor, b: Tensor) -> bool:
+    """``a`` shares memory with ``b`` (an op that returned its input, or a view of it)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _compose_thetas(ops: Sequence[Op], height: int, width: int, device: Union[str, torch.device]) -> Optional[Tensor]:
     total = F.identity_theta(1, device)[0]
     for op in ops:
@@ -352,17 +357,31 @@ class TransformSpace:
         return self.apply(images, index)
 
     def _apply_grouped(self, images: Tensor, idx: Tensor) -> Tensor:
+        """Each candidate present once, on its samples (reads the index on the host).
+
+        When one candidate covers a ``k = 1`` batch its output is returned as it is (a copy
+        only if it is the input itself), so the view builder costs what the op costs; a mixed
+        batch gathers each candidate's samples and writes its views into one buffer in the
+        input's layout.
+        """
         b, k = idx.shape
         flat = idx.reshape(-1)
+        counts = torch.bincount(flat, minlength=len(self)).tolist()
+        present = [c for c, count in enumerate(counts) if count]
+        if k == 1 and len(present) == 1:
+            # One candidate covers the batch: its output is the result (no gather, no scatter).
+            out = self.candidates[present[0]].apply(images)
+            return out.clone() if _aliases(out, images) else out
         # Keep a channels-last input channels-last: convolutions on CPU run markedly faster on it
         # (~1.4x for the example U-Net), so views in NCHW would make TTA look dearer than it is.
         channels_last = images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(
             memory_format=torch.channels_last)
         out = torch.empty((b * k,) + tuple(images.shape[1:]), dtype=images.dtype, device=images.device,
                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        for c in torch.unique(flat).tolist():
+        for c in present:
             rows = (flat == c).nonzero().squeeze(1)
-            out[rows] = self.candidates[c].apply(images[rows // k])
+            samples = rows // k if k > 1 else rows
+            out.index_copy_(0, rows, self.candidates[c].apply(images.index_select(0, samples)))
         return out
 
     def row_plan(self) -> Optional[List[Tuple[type, Tensor, Tensor]]]:
