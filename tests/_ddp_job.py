@@ -12,10 +12,9 @@ from ttach_instance.training import distributed as dist
 from ttach_instance.training.labels import generate_labels
 from ttach_instance.training.trainer import FitConfig, fit_predictor
 
+SIZE = 32  # the TinyPredictor's input_size: the labels' images, not resized
 LABEL_KW = dict(draws=2, corruption_p=0.5, corruptions=["gaussian_noise", "contrast"], shard_size=3, progress=False)
 FIT = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5)
-FIT_PRETRAIN = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5,
-                         pretrain_epochs=2)
 # Both auxiliary terms (corruption recognition and distillation): two temporary heads under DDP.
 FIT_GROUPS = FitConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.01, warmup_steps=2, ema_decay=0.5, cutout=0.5,
                        group_weight=1.0, distill_weight=1.0)
@@ -26,17 +25,13 @@ def main(out):
     torch.set_num_threads(1)
     cache = generate_labels(tiny_model(), *tiny_data(11), space(), os.path.join(out, "labels"), **LABEL_KW)
     data = cache.load()
-    pred = TinyPredictor(12)
+    pred = TinyPredictor(12, SIZE)
     fit_predictor(pred, data, os.path.join(out, "fit"), FIT, num_images=11, progress=False,
                   max_epochs_this_run=1, log=lambda m: None)
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, os.path.join(out, f"weights_rank{rank}.safetensors"))
-    pre = TinyPredictor(12)  # feature pretraining (DDP over the temporary classifier), then one ranking epoch
-    fit_predictor(pre, data, None, FIT_PRETRAIN, num_images=11, progress=False, max_epochs_this_run=1,
-                  log=lambda m: None)
-    save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, os.path.join(out, f"pretrained_rank{rank}.safetensors"))
-    grouped = TinyPredictor(12)  # the auxiliary terms (DDP over predictor + temporary heads)
+    grouped = TinyPredictor(12, SIZE)  # the auxiliary terms (DDP over predictor + temporary heads)
     fit_predictor(grouped, data, None, FIT_GROUPS, num_images=11, progress=False, max_epochs_this_run=1,
                   log=lambda m: None)
     save_file({k: v.contiguous() for k, v in grouped.state_dict().items()}, os.path.join(out, f"grouped_rank{rank}.safetensors"))

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from _ddp_job import FIT, FIT_GROUPS, FIT_PRETRAIN, LABEL_KW
+from _ddp_job import FIT, FIT_GROUPS, LABEL_KW, SIZE
 from _tiny import TinyPredictor, space, tiny_data, tiny_model
 
 from ttach_instance.training.labels import LabelCache, generate_labels
@@ -44,29 +44,20 @@ def test_torchrun_two_processes_match_and_continue_single_process(tmp_path, help
     w0, w1 = (load_file(os.path.join(out, f"weights_rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     # ... and a single process continuing the DDP checkpoint ends where an uninterrupted single run ends
-    cont = TinyPredictor(12)
+    cont = TinyPredictor(12, SIZE)
     fit_predictor(cont, ddp, os.path.join(out, "fit"), FIT, num_images=11, progress=False, log=lambda m: None)
-    straight = TinyPredictor(12)
+    straight = TinyPredictor(12, SIZE)
     fit_predictor(straight, single, str(tmp_path / "single_fit"), FIT, num_images=11, progress=False,
                   log=lambda m: None)
     for (k, a), b in zip(straight.state_dict().items(), cont.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), k
-    # feature pretraining under DDP: the ranks agree and equal a single process
-    p0, p1 = (load_file(os.path.join(out, f"pretrained_rank{r}.safetensors")) for r in (0, 1))
-    assert all(torch.equal(p0[k], p1[k]) for k in p0)
-    alone = TinyPredictor(12)
-    fit_predictor(alone, single, None, FIT_PRETRAIN, num_images=11, progress=False, max_epochs_this_run=1,
-                  log=lambda m: None)
-    assert not torch.allclose(alone.conv.weight, TinyPredictor(12).conv.weight)
-    for k, a in alone.state_dict().items():
-        assert torch.allclose(a, p0[k], atol=1e-5), k
     # the auxiliary terms (corruption recognition + distillation) under DDP: the same
     g0, g1 = (load_file(os.path.join(out, f"grouped_rank{r}.safetensors")) for r in (0, 1))
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
-    grouped = TinyPredictor(12)
+    grouped = TinyPredictor(12, SIZE)
     fit_predictor(grouped, single, None, FIT_GROUPS, num_images=11, progress=False, max_epochs_this_run=1,
                   log=lambda m: None)
-    plain = TinyPredictor(12)
+    plain = TinyPredictor(12, SIZE)
     fit_predictor(plain, single, None, FIT, num_images=11, progress=False, max_epochs_this_run=1, log=lambda m: None)
     assert not torch.allclose(grouped.conv.weight, plain.conv.weight)  # the terms changed the features
     for k, a in grouped.state_dict().items():

@@ -1,31 +1,22 @@
-"""LossPredictor: contract (shape, dtype, lower = better), resize, level drop, checkpoints, errors."""
+"""Loss predictors: contract (shape, dtype, lower = better), resize, level drop, checkpoints,
+the registry, errors, the identity calibration slot, and the combinators."""
 
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ttach_instance.predictor import DEFAULT_BACKBONE, LossPredictor
+import ttach_instance.predictors.registry as registry_module
+from ttach_instance.predictors import (FORMAT_VERSION, Field, FlipAveragedPredictor, IdentityCalibration, LossPredictor,
+                                       LossPredictorBase, PredictorEnsemble, SmallLossPredictor, create_predictor,
+                                       list_predictors, load_predictor, read_checkpoint_metadata, register_predictor)
+from ttach_instance.predictors.timm_backbone import DEFAULT_BACKBONE
 from ttach_instance.registry import get_space
 
 TINY = dict(backbone="mobilenetv3_small_050", input_size=32)
-
-
-def tiny_features(pretrained=False, width=4):
-    """A ``module:factory`` backbone: two levels, no timm ``feature_info``."""
-
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(3, width, 3, 2, 1)
-            self.b = nn.Conv2d(width, 2 * width, 3, 2, 1)
-
-        def forward(self, x):
-            a = torch.relu(self.a(x))
-            return [a, torch.relu(self.b(a))]
-
-    return Two()
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +30,33 @@ def predictor(space):
     return LossPredictor(space, **TINY).eval()
 
 
+def read_meta(path):
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata()["meta"])
+
+
+def rewrite(path, out, meta=None, tensors=None):
+    """``path``'s checkpoint written to ``out`` with other metadata and/or tensors."""
+    save_file(load_file(path) if tensors is None else tensors, out,
+              metadata={"meta": json.dumps(read_meta(path) if meta is None else meta)})
+    return out
+
+
 def test_output_contract(predictor, space):
     x = torch.rand(3, 3, 32, 32)
     out = predictor(x)
     assert out.shape == (3, len(space)) and out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert predictor.kind == "loss-predictor" and predictor.candidate_names == space.names
+    assert predictor.architecture == "timm" and predictor.candidate_names == space.names
     assert predictor.space_fingerprint == space.fingerprint and predictor.input_size == 32
     assert predictor.backbone_name == "mobilenetv3_small_050"
     assert "lower = better" in LossPredictor.__doc__
-    # the final registered module is the scoring nn.Linear with a bias (apply_identity_margin relies on it)
-    last = list(predictor.modules())[-1]
-    assert isinstance(last, nn.Linear) and last.bias is not None and last.out_features == len(space)
+    # forward = the named ranking head on the features, nothing after it while uncalibrated
+    assert isinstance(predictor.head, nn.Linear) and predictor.head.out_features == len(space)
+    assert predictor.calibration is None
+    with torch.no_grad():
+        feats = predictor.features(x)
+        assert feats.shape == (3, predictor.head.in_features) == (3, sum(predictor.channels))
+        assert torch.equal(out, feats @ predictor.head.weight.T + predictor.head.bias)
     assert predictor(x.double()).dtype == torch.float32
     half = predictor(x.half())
     assert half.dtype == torch.float32 and torch.allclose(half, out, atol=1e-2)
@@ -98,7 +105,7 @@ def test_level_drop_only_in_training(space):
     assert not torch.allclose(a, b)
     p.level_drop = 0.0
     assert torch.equal(p(x), p(x))
-    p.level_drop = 1.0  # every level dropped: only the final bias is left
+    p.level_drop = 1.0  # every level dropped: only the head's bias is left
     assert torch.allclose(p(x), p.head.bias.expand(4, -1))
     vectors = [torch.ones(1000, 5), torch.ones(1000, 3)]
     p.level_drop = 0.25
@@ -112,51 +119,51 @@ def test_level_drop_only_in_training(space):
 def test_round_trip(tmp_path, predictor, space):
     path = str(tmp_path / "p.safetensors")
     predictor.save(path)
-    q = LossPredictor.load(path)
+    q = load_predictor(path, architecture=LossPredictor)
     x = torch.rand(2, 3, 32, 32)
     assert not q.training and torch.equal(predictor(x), q(x))
     assert q.candidate_names == space.names and q.backbone_name == predictor.backbone_name
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    assert meta["kind"] == "loss-predictor" and meta["space"] == "paper12" and meta["space_params"] == {}
-    assert meta["space_fingerprint"] == space.fingerprint and meta["input_size"] == 32
-    assert meta["config"]["level_drop"] == 0.2 and meta["config"]["mean"] == [0.485, 0.456, 0.406]
-    assert {"ttach_instance", "torch", "timm"} <= set(meta["versions"])
-    from ttach_instance.models import load_predictor
-
+    meta = read_meta(path)
+    assert meta["kind"] == "ttach_instance.loss_predictor" and meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["architecture"] == "timm" and meta["space"] == "paper12" and meta["space_params"] == {}
+    assert meta["space_fingerprint"] == space.fingerprint and meta["candidate_names"] == space.names
+    assert meta["config"] == {"backbone": "mobilenetv3_small_050", "input_size": 32, "out_indices": None,
+                              "level_drop": 0.2, "dropout": 0.3, "mean": [0.485, 0.456, 0.406],
+                              "std": [0.229, 0.224, 0.225]}
+    assert meta["calibration"] is None and meta["model_image_size"] is None
+    assert {"ttach_instance", "torch"} <= set(meta["versions"])
+    assert read_checkpoint_metadata(path) == meta
+    assert set(load_file(path)) == set(predictor.state_dict())  # the weights, nothing else
     r = load_predictor(path)
-    assert isinstance(r, LossPredictor) and torch.equal(r(x), q(x))
-    assert LossPredictor.load(path, space="paper12").space_fingerprint == space.fingerprint
+    assert type(r) is LossPredictor and torch.equal(r(x), q(x))
+    by_name = load_predictor(path, space="paper12", architecture=LossPredictor)
+    assert by_name.space_fingerprint == space.fingerprint
     assert q.model_image_size is None  # never fitted: unknown
 
 
-def test_model_image_size_round_trips_and_is_checked(tmp_path, predictor, space):
-    from ttach_instance.models import SmallLossPredictor, load_predictor
-    from ttach_instance.predictor import FlipAveragedPredictor
-    from ttach_instance.io import atomic_save_tensors, load_tensors
+def test_out_indices_round_trip(tmp_path, space):
+    torch.manual_seed(0)
+    p = LossPredictor(space, **TINY, out_indices=[1, 3]).eval()
+    assert len(p.channels) == 2 and p.head.in_features == sum(p.channels)
+    path = str(tmp_path / "o.safetensors")
+    p.save(path)
+    q = load_predictor(path)
+    x = torch.rand(2, 3, 32, 32)
+    assert q.out_indices == [1, 3] and torch.equal(q(x), p(x))
 
+
+def test_model_image_size_round_trips_and_is_checked(tmp_path, predictor, space):
     for p in (predictor, SmallLossPredictor(space, width=4, input_size=16)):
         p.model_image_size = (48, 40)
-        path = str(tmp_path / f"{p.kind}.safetensors")
+        path = str(tmp_path / f"{p.architecture}.safetensors")
         p.save(path)
         q = load_predictor(path)
         assert q.model_image_size == (48, 40) and FlipAveragedPredictor(q).model_image_size == (48, 40)
-        tensors, meta = load_tensors(path)
-        atomic_save_tensors(path, tensors, {**meta, "model_image_size": [48]})
+        meta = read_meta(path)
+        assert meta["model_image_size"] == [48, 40]
         with pytest.raises(ValueError, match="model_image_size"):
-            load_predictor(path)
-
-
-def test_module_factory_backbone(tmp_path, space):
-    p = LossPredictor(space, backbone="test_predictor:tiny_features", input_size=16,
-                      backbone_kwargs={"width": 3}, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).eval()
-    assert p.channels == [3, 6]
-    path = str(tmp_path / "f.safetensors")
-    p.save(path)
-    x = torch.rand(2, 3, 20, 20)
-    assert torch.equal(LossPredictor.load(path)(x), p(x))
+            load_predictor(rewrite(path, str(tmp_path / "bad.safetensors"), {**meta, "model_image_size": [48]}))
+        p.model_image_size = None
 
 
 def test_load_errors(tmp_path, predictor, space):
@@ -164,102 +171,92 @@ def test_load_errors(tmp_path, predictor, space):
     predictor.save(path)
     flips = get_space("flips")
     with pytest.raises(ValueError, match="flips") as e:
-        LossPredictor.load(path, space=flips)
+        load_predictor(path, space=flips, architecture=LossPredictor)
     assert space.fingerprint in str(e.value) and flips.fingerprint in str(e.value) and "paper12" in str(e.value)
 
     data = open(path, "rb").read()
     cut = str(tmp_path / "cut.safetensors")
     open(cut, "wb").write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cut.safetensors"):
-        LossPredictor.load(cut)
+        load_predictor(cut, architecture=LossPredictor)
     with pytest.raises(ValueError, match="does not exist"):
-        LossPredictor.load(str(tmp_path / "absent.safetensors"))
+        load_predictor(str(tmp_path / "absent.safetensors"), architecture=LossPredictor)
 
-    from safetensors import safe_open
-    from ttach_instance.io import atomic_save_tensors, load_tensors
-
-    tensors, meta = load_tensors(path)
-    altered = dict(tensors, **{"head.weight": torch.zeros(12, 3)})
+    tensors, meta = load_file(path), read_meta(path)
     bad = str(tmp_path / "bad.safetensors")
-    atomic_save_tensors(bad, altered, meta)
-    with pytest.raises(ValueError, match=r"head\.weight"):
-        LossPredictor.load(bad)
-    missing = {k: v for k, v in tensors.items() if k != "head.bias"}
-    atomic_save_tensors(bad, missing, meta)
-    with pytest.raises(ValueError, match=r"missing keys \['head.bias'\]"):
-        LossPredictor.load(bad)
-    atomic_save_tensors(bad, dict(tensors, extra=torch.zeros(1)), meta)
-    with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
-        LossPredictor.load(bad)
-    atomic_save_tensors(bad, tensors, dict(meta, kind="small-loss-predictor"))
-    with pytest.raises(ValueError, match="not a LossPredictor checkpoint"):
-        LossPredictor.load(bad)
-    atomic_save_tensors(bad, tensors, dict(meta, space_fingerprint="0" * 16))
+    rewrite(path, bad, tensors=dict(tensors, **{"head.weight": torch.zeros(12, 3)}))
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*head\.weight \(12, 3\).*expected \(12, 352\)"):
+        load_predictor(bad, architecture=LossPredictor)
+    rewrite(path, bad, tensors={k: v for k, v in tensors.items() if k != "head.bias"})
+    with pytest.raises(ValueError, match=r"missing tensors \['head.bias'\]"):
+        load_predictor(bad, architecture=LossPredictor)
+    rewrite(path, bad, tensors=dict(tensors, extra=torch.zeros(1)))
+    with pytest.raises(ValueError, match=r"unexpected tensors \['extra'\]"):
+        load_predictor(bad, architecture=LossPredictor)
+    rewrite(path, bad, meta=dict(meta, kind="small-loss-predictor"))
+    with pytest.raises(ValueError, match="not a ttach-instance loss predictor checkpoint.*'small-loss-predictor'"):
+        load_predictor(bad, architecture=LossPredictor)
+    rewrite(path, bad, meta=dict(meta, space_fingerprint="0" * 16))
     with pytest.raises(ValueError, match="0000000000000000"):
-        LossPredictor.load(bad)
+        load_predictor(bad, architecture=LossPredictor)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         predictor.save(str(tmp_path / "p.pt"))
-    del safe_open
+    with pytest.raises(ValueError, match=r"must be a \.safetensors file"):
+        load_predictor(str(tmp_path / "p.pt"))
 
 
-def test_small_predictor_checkpoint_rejected(tmp_path, space):
-    from ttach_instance.models import SmallLossPredictor
-
+def test_a_small_checkpoint_is_not_a_loss_predictor(tmp_path, space):
     path = str(tmp_path / "s.safetensors")
     SmallLossPredictor(space, width=4, input_size=16).save(path)
-    with pytest.raises(ValueError, match="small-loss-predictor"):
-        LossPredictor.load(path)
+    with pytest.raises(ValueError, match=r"s\.safetensors' holds a SmallLossPredictor \('small'\), not a "):
+        load_predictor(path, architecture=LossPredictor)
+    assert type(load_predictor(path, architecture=LossPredictorBase)) is SmallLossPredictor  # the base admits any
 
 
-def test_small_predictor_unshuffle_sees_every_pixel_and_round_trips(tmp_path, space):
-    import torch.nn.functional as TF
-
-    from ttach_instance.models import SmallLossPredictor, load_predictor
-
-    torch.manual_seed(0)
-    p = SmallLossPredictor(space, width=4, input_size=8, unshuffle=4).eval()
-    assert p.pixel_size == 32 and p.net.stem[0].in_channels == 48
-    x = torch.rand(3, 3, 32, 32)
-    with torch.no_grad():
-        out = p(x)
-        ref = p.net(TF.pixel_unshuffle((x - p.pix_mean) / p.pix_std, 4))  # no resize at 32 px
-        assert out.shape == (3, len(space))
-        torch.testing.assert_close(out, ref)
-        # one pixel changed changes the scores: nothing is averaged away before the net
-        y = x.clone()
-        y[0, :, 5, 7] = 1 - y[0, :, 5, 7]
-        assert not torch.allclose(p(y)[0], out[0])
-        # other sizes are resized to 32 px first
-        big = torch.rand(3, 3, 48, 48)
-        small = TF.interpolate(big, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-        torch.testing.assert_close(p(big), p(small))
-    path = str(tmp_path / "u.safetensors")
-    p.save(path)
-    q = load_predictor(path)
-    assert q.unshuffle == 4 and q.input_size == 8
-    with torch.no_grad():
-        torch.testing.assert_close(q(x), out)
-    # checkpoints from before the option load as unshuffle=1
-    plain = SmallLossPredictor(space, width=4, input_size=16)
-    assert plain.unshuffle == 1 and plain.pixel_size == 16
-    with pytest.raises(ValueError, match="unshuffle"):
-        SmallLossPredictor(space, unshuffle=0)
-
-
-def test_identity_margin_lowers_only_identity(predictor, space):
+def test_calibration_moves_only_the_identity_and_none_is_uncalibrated(predictor, space):
     import copy
-
-    from ttach_instance.training.trainer import apply_identity_margin
 
     p = copy.deepcopy(predictor)
     x = torch.rand(2, 3, 32, 32)
-    before = p(x)
-    apply_identity_margin(p, 0.75)
-    expected = before.clone()
-    expected[:, space.index_of("identity")] -= 0.75
+    with torch.no_grad():
+        plain = p(x)
+        assert torch.equal(plain, p.head(p.features(x)))
+        p.calibration = IdentityCalibration(space.index_of("identity"), 0.75)
+        calibrated = p(x)
+        p.calibration = None
+        again = p(x)
     assert space.index_of("identity") == 0
-    assert torch.allclose(p(x), expected, atol=1e-6)
-    assert torch.equal(p(x)[:, 1:], before[:, 1:])
+    expected = plain.clone()
+    expected[:, 0] -= 0.75
+    assert torch.equal(calibrated, expected)  # scores - 0.75 on the identity's column, exactly
+    assert torch.equal(again, plain)  # removed: the uncalibrated scores, bit for bit
+    assert torch.equal(p.head.bias, predictor.head.bias)  # nothing was folded into the head
+
+
+def test_gated_calibration_round_trips(tmp_path, space):
+    torch.manual_seed(0)
+    p = LossPredictor(space, **TINY).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = p(x)
+        cal = IdentityCalibration(0, 0.7, p.head.in_features)
+        cal.gate_weight.normal_()
+        cal.gate_bias.fill_(-0.2)
+        p.calibration = cal
+        gated = p(x)
+        feats = p.features(x)
+        prob = torch.sigmoid(feats @ cal.gate_weight - 0.2)
+    assert torch.allclose(gated[:, 0], plain[:, 0] - 0.7 * prob) and torch.equal(gated[:, 1:], plain[:, 1:])
+    assert not torch.allclose(prob, prob[:1].expand(4))  # the gate differs per image
+    path = str(tmp_path / "gated.safetensors")
+    p.save(path)
+    assert read_meta(path)["calibration"] == {"identity": 0, "num_features": p.head.in_features}
+    assert {"calibration.margin", "calibration.gate_weight", "calibration.gate_bias"} <= set(load_file(path))
+    q = load_predictor(path, architecture=LossPredictor)
+    with torch.no_grad():
+        assert torch.equal(q(x), gated)
+        q.calibration = None
+        assert torch.equal(q(x), plain)
 
 
 def test_bad_inputs(predictor, space):
@@ -271,26 +268,31 @@ def test_bad_inputs(predictor, space):
         predictor(torch.rand(3, 32, 32))
     with pytest.raises(ValueError, match=r"pixels must have shape.*\(1, 1, 32, 32\)"):
         predictor(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="at least one image"):
+        predictor(torch.rand(0, 3, 32, 32))
     with pytest.raises(ValueError, match="input_size"):
         LossPredictor(space, input_size=4)
+    with pytest.raises(ValueError, match="input_size"):
+        LossPredictor(space, input_size=10**6)
     with pytest.raises(ValueError, match="level_drop"):
         LossPredictor(space, level_drop=1.5)
-    with pytest.raises(ValueError, match="not a timm model"):
+    with pytest.raises(ValueError, match="dropout"):
+        LossPredictor(space, dropout=1.0)
+    with pytest.raises(ValueError, match="backbone must be a timm model name.*'no_such_net'"):
         LossPredictor(space, backbone="no_such_net")
     with pytest.raises(ValueError, match="std"):
         LossPredictor(space, **TINY, std=(0.2, 0.0, 0.2))
     with pytest.raises(TypeError, match="space must be"):
         LossPredictor(12)
-    with pytest.raises(ValueError, match="backbone 'nope:thing'"):
+    with pytest.raises(ValueError, match="backbone must be a timm model name.*'nope:thing'.*register_predictor"):
         LossPredictor(space, backbone="nope:thing")
+    with pytest.raises(ValueError, match="width must be an int in"):
+        SmallLossPredictor(space, width=0)
 
 
-@pytest.mark.parametrize("options", [{}, {"unshuffle": 2}, {"detail_channels": 4}])
-def test_small_predictor_rejects_bad_pixels_like_loss_predictor(space, options):
-    from ttach_instance.models import SmallLossPredictor
-
+def test_small_predictor_rejects_bad_pixels_like_loss_predictor(space):
     torch.manual_seed(0)
-    p = SmallLossPredictor(space, width=4, input_size=16, **options).eval()
+    p = SmallLossPredictor(space, width=4, input_size=16).eval()
     with pytest.raises(TypeError, match="pixels must be a torch.Tensor"):
         p([[0.0]])
     with pytest.raises(TypeError, match="pixels must be a floating tensor.*uint8"):
@@ -309,9 +311,17 @@ def test_small_predictor_rejects_bad_pixels_like_loss_predictor(space, options):
         assert p(x.half()).dtype == torch.float32 and torch.allclose(p(x.half()), ref, atol=2e-2)
 
 
-def test_load_predictor_dispatch_rejects_truncated_and_missing_files(tmp_path, predictor):
-    from ttach_instance.models import load_predictor
+def test_small_predictor_resizes_like_pil_free_antialiased_bilinear(space):
+    torch.manual_seed(0)
+    p = SmallLossPredictor(space, width=4, input_size=16).eval()
+    big = torch.rand(2, 3, 40, 40)
+    small = nn.functional.interpolate(big, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        assert torch.equal(p(big), p(small))
+        assert p(big).shape == (2, 12) and p.features(big).shape == (2, 16)
 
+
+def test_load_predictor_rejects_truncated_and_missing_files(tmp_path, predictor):
     path = str(tmp_path / "p.safetensors")
     predictor.save(path)
     assert type(load_predictor(path)) is LossPredictor
@@ -334,6 +344,7 @@ class _FirstRow(torch.nn.Module):
         self.space_fingerprint = space.fingerprint
         self.candidate_names = space.names
         self.input_size = 12
+        self.model_image_size = None
         self.calls = []
 
     def forward(self, x):
@@ -342,8 +353,6 @@ class _FirstRow(torch.nn.Module):
 
 
 def test_flip_averaged_predictor_hand_values():
-    from ttach_instance.predictor import FlipAveragedPredictor
-
     stub = _FirstRow(get_space("paper12"))
     pred = FlipAveragedPredictor(stub)
     x = torch.zeros(1, 3, 4, 12)
@@ -357,7 +366,6 @@ def test_flip_averaged_predictor_hand_values():
 
 
 def test_flip_averaged_predictor_is_mirror_consistent():
-    from ttach_instance.predictor import FlipAveragedPredictor
     from ttach_instance.space import flip_permutation
 
     torch.manual_seed(0)
@@ -372,8 +380,6 @@ def test_flip_averaged_predictor_is_mirror_consistent():
 
 
 def test_flip_averaged_predictor_rejects_unmirrored_space_and_non_predictor():
-    from ttach_instance.predictor import FlipAveragedPredictor
-
     with pytest.raises(ValueError, match="mirror"):
         FlipAveragedPredictor(_FirstRow(get_space("five_crops")))
     with pytest.raises(TypeError, match=r"\.space"):
@@ -381,8 +387,6 @@ def test_flip_averaged_predictor_rejects_unmirrored_space_and_non_predictor():
 
 
 def test_predictor_ensemble_means_scores_and_checks_spaces():
-    from ttach_instance.predictor import FlipAveragedPredictor, PredictorEnsemble
-
     space = get_space("paper12")
     a, b = _FirstRow(space), _FirstRow(space)
     x = torch.zeros(2, 3, 4, 12)
@@ -403,12 +407,12 @@ def test_predictor_ensemble_means_scores_and_checks_spaces():
 
 
 def test_combined_predictors_drive_the_wrapper():
-    from ttach_instance.predictor import FlipAveragedPredictor, PredictorEnsemble
     from ttach_instance.wrappers import LossGuidedWrapper
 
     torch.manual_seed(0)
     space = get_space("paper12")
-    scorer = PredictorEnsemble([FlipAveragedPredictor(LossPredictor(space, **TINY)), LossPredictor(space, **TINY)]).eval()
+    scorer = PredictorEnsemble([FlipAveragedPredictor(LossPredictor(space, **TINY)),
+                                LossPredictor(space, **TINY)]).eval()
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
@@ -420,35 +424,32 @@ def test_combined_predictors_drive_the_wrapper():
 
 
 def test_small_predictor_load_rejects_altered_and_truncated_files(tmp_path, space):
-    from ttach_instance.models import SmallLossPredictor
-    from ttach_instance.io import atomic_save_tensors, load_tensors
-
     path = str(tmp_path / "s.safetensors")
     SmallLossPredictor(space, width=4, input_size=16).save(path)
-    tensors, meta = load_tensors(path)
+    tensors, meta = load_file(path), read_meta(path)
     bad = str(tmp_path / "bad.safetensors")
     first = sorted(tensors)[0]
-    atomic_save_tensors(bad, {k: v for k, v in tensors.items() if k != first}, meta)
-    with pytest.raises(ValueError, match=rf"bad.safetensors.*missing keys \['{first}'\]"):
-        SmallLossPredictor.load(bad)
-    atomic_save_tensors(bad, tensors, dict(meta, width=8))  # metadata altered: weights no longer fit
-    with pytest.raises(ValueError, match="shape mismatch"):
-        SmallLossPredictor.load(bad)
-    atomic_save_tensors(bad, tensors, {k: v for k, v in meta.items() if k != "width"})
-    with pytest.raises(ValueError, match="lacks metadata 'width'"):
-        SmallLossPredictor.load(bad)
+    rewrite(path, bad, tensors={k: v for k, v in tensors.items() if k != first})
+    with pytest.raises(ValueError, match=rf"bad.safetensors.*missing tensors \['{first}'\]"):
+        load_predictor(bad, architecture=SmallLossPredictor)
+    rewrite(path, bad, meta={**meta, "config": {"width": 8, "input_size": 16}})  # weights no longer fit
+    with pytest.raises(ValueError, match=r"bad.safetensors' does not match SmallLossPredictor.*mismatched"):
+        load_predictor(bad, architecture=SmallLossPredictor)
+    rewrite(path, bad, meta={**meta, "config": {"input_size": 16}})
+    with pytest.raises(ValueError, match=r"bad.safetensors.*missing \['width'\]"):
+        load_predictor(bad, architecture=SmallLossPredictor)
     with open(path, "rb") as f:
         blob = f.read()
     with open(bad, "wb") as f:
         f.write(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match="unreadable"):
-        SmallLossPredictor.load(bad)
+    with pytest.raises(ValueError, match=r"bad.safetensors.*(unreadable|not a readable)"):
+        load_predictor(bad, architecture=SmallLossPredictor)
     with pytest.raises(ValueError, match="fingerprint"):
-        SmallLossPredictor.load(path, space="flips")
+        load_predictor(path, space="flips", architecture=SmallLossPredictor)
 
 
 def test_small_predictor_init_from_a_small_resnet_classifier(tmp_path):
-    from ttach_instance.models import SmallLossPredictor, SmallResNet
+    from ttach_instance.models import SmallResNet
 
     torch.manual_seed(0)
     classifier = SmallResNet(5, widths=(4, 8, 16), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)).eval()
@@ -457,7 +458,7 @@ def test_small_predictor_init_from_a_small_resnet_classifier(tmp_path):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
     pred = SmallLossPredictor(get_space("paper12"), width=4, input_size=16)
-    head = pred.net.head.weight.detach().clone()
+    head = pred.head.weight.detach().clone()
     assert pred.init_from(classifier) is pred
     pred.eval()
     x = torch.rand(3, 3, 16, 16)
@@ -465,39 +466,17 @@ def test_small_predictor_init_from_a_small_resnet_classifier(tmp_path):
         expect = classifier.layers(classifier.stem((x - torch.tensor(classifier.mean).view(1, 3, 1, 1))
                                                    / torch.tensor(classifier.std).view(1, 3, 1, 1))).mean((2, 3))
         assert torch.allclose(pred.features(x), expect, atol=1e-6)  # the classifier's own features
-    assert torch.equal(pred.net.head.weight, head)  # a fresh ranking head, not the class head
+        torch.testing.assert_close(pred(x), expect @ pred.head.weight.T + pred.head.bias)
+    assert torch.equal(pred.head.weight, head)  # a fresh ranking head, not the class head
     path = str(tmp_path / "p.safetensors")
     pred.save(path)
-    again = SmallLossPredictor.load(path)
+    again = load_predictor(path, architecture=SmallLossPredictor)
     with torch.no_grad():
         assert torch.allclose(again(x), pred(x), atol=1e-6)  # the normalisation travels with it
     with pytest.raises(ValueError, match=r"stage widths \[4, 8, 16\].*width=8"):
         SmallLossPredictor(get_space("paper12"), width=8).init_from(classifier)
     with pytest.raises(TypeError, match="SmallResNet"):
         SmallLossPredictor(get_space("paper12"), width=4).init_from(torch.nn.Linear(2, 2))
-    # unshuffle=2: the stem starts as the classifier's stem at full resolution, average-pooled 2x2
-    folded = SmallLossPredictor(get_space("paper12"), width=4, input_size=8, unshuffle=2).init_from(classifier).eval()
-    xn = (x - folded.pix_mean) / folded.pix_std
-    with torch.no_grad():
-        expect = torch.nn.functional.avg_pool2d(classifier.stem[1](classifier.stem[0](xn)), 2)  # conv + BN, pooled
-        got = folded.net.stem[1](folded.net.stem[0](torch.nn.functional.pixel_unshuffle(xn, 2)))
-    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
-    assert torch.equal(folded.net.layers[2].conv2.weight, classifier.layers[2].conv2.weight)
-
-
-@pytest.mark.parametrize("factor", [2, 3])
-def test_unshuffled_stem_weight_equals_full_resolution_conv_then_average_pool(factor):
-    import torch.nn.functional as TF
-
-    from ttach_instance.models import unshuffled_stem_weight
-
-    torch.manual_seed(factor)
-    weight, x = torch.randn(5, 3, 3, 3), torch.randn(2, 3, 6 * factor, 4 * factor)
-    expect = TF.avg_pool2d(TF.conv2d(x, weight, padding=1), factor)  # zero padding at every border too
-    got = TF.conv2d(TF.pixel_unshuffle(x, factor), unshuffled_stem_weight(weight, factor), padding=1)
-    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="3x3"):
-        unshuffled_stem_weight(torch.randn(5, 3, 5, 5), 2)
 
 
 def test_loss_predictor_init_from_a_timm_classifier_of_its_architecture(tmp_path):
@@ -526,116 +505,118 @@ def test_loss_predictor_init_from_a_timm_classifier_of_its_architecture(tmp_path
         assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)
     path = str(tmp_path / "p.safetensors")
     pred.save(path)
-    again = LossPredictor.load(path)
+    again = load_predictor(path, architecture=LossPredictor)
     with torch.no_grad():
         assert torch.allclose(again(x), pred(x), atol=1e-5)
     with pytest.raises(ValueError, match="same-named, same-shaped.*'lcnet_050'"):
         LossPredictor(get_space("paper12"), backbone="lcnet_050").init_from(timm.create_model("resnet10t"))
 
 
-def test_small_predictor_levels_all_reads_every_stage(tmp_path):
-    from ttach_instance.models import SmallLossPredictor, SmallResNet, load_predictor
-    from ttach_instance.io import atomic_save_tensors, load_tensors
+# -- the registry ---------------------------------------------------------------------------
 
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The predictor registry, restored after the test (user classes registered in it vanish)."""
+    table = dict(registry_module._REGISTRY)
+    monkeypatch.setattr(registry_module, "_REGISTRY", table)
+    return table
+
+
+class MeanColour(LossPredictorBase):
+    """A user architecture: the image's mean colour, scaled, through the ranking head."""
+
+    config_schema = {"input_size": Field("int", 8, 64), "gain": Field("float", 0.0, 10.0)}
+
+    def __init__(self, space, input_size=8, gain=1.0):
+        super().__init__(space, input_size)
+        self.gain = float(gain)
+        self.head = nn.Linear(3, len(self.space))
+
+    def features(self, pixels):
+        return pixels.mean((2, 3)) * self.gain
+
+    def config(self):
+        return {"input_size": self.input_size, "gain": self.gain}
+
+
+def test_builtin_architectures_are_registered():
+    names = list_predictors()
+    assert {"small", "timm"} <= set(names) and names == sorted(names)
+    assert type(create_predictor("small", "paper12", width=4, input_size=16)) is SmallLossPredictor
+    timm_pred = create_predictor("timm", "flips", **TINY)
+    assert type(timm_pred) is LossPredictor and timm_pred.candidate_names == get_space("flips").names
+    assert SmallLossPredictor.architecture == "small" and LossPredictor.architecture == "timm"
+
+
+def test_create_predictor_unknown_name_names_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown predictor architecture 'resnet'.*'small'.*'timm'.*register_pred"):
+        create_predictor("resnet", "paper12")
+    with pytest.raises(ValueError, match="unknown predictor architecture 'os:system'"):
+        create_predictor("os:system", "paper12")
+
+
+def test_register_a_user_architecture_and_round_trip(tmp_path, registry):
+    assert register_predictor("mean_colour")(MeanColour) is MeanColour
+    assert "mean_colour" in list_predictors() and MeanColour.architecture == "mean_colour"
+    assert register_predictor("mean_colour")(MeanColour) is MeanColour  # the same class again: a no-op
     torch.manual_seed(0)
-    classifier = SmallResNet(5, widths=(4, 8, 16)).eval()
-    space = get_space("paper12")
-    pred = SmallLossPredictor(space, width=4, input_size=16, levels="all").init_from(classifier).eval()
-    assert pred.net.head.in_features == 4 + 8 + 16
-    x = torch.rand(3, 3, 16, 16)
+    p = create_predictor("mean_colour", "paper12", gain=2.5).eval()
+    x = torch.rand(3, 3, 8, 8)
     with torch.no_grad():
-        h = classifier.stem((x - torch.tensor(classifier.mean).view(1, 3, 1, 1))
-                            / torch.tensor(classifier.std).view(1, 3, 1, 1))
-        expect = []
-        for layer in classifier.layers:  # the classifier's stages, pooled one by one
-            h = layer(h)
-            expect.append(h.mean((2, 3)))
-        torch.testing.assert_close(pred.features(x), torch.cat(expect, 1))
-        torch.testing.assert_close(pred(x), torch.cat(expect, 1) @ pred.net.head.weight.T + pred.net.head.bias)
-    path = str(tmp_path / "all.safetensors")
-    pred.save(path)
-    again = load_predictor(path)
-    assert again.levels == "all"
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), pred(x))
-    # a checkpoint written before the option existed (no "levels" key) is the last-stage predictor
-    plain = str(tmp_path / "plain.safetensors")
-    SmallLossPredictor(space, width=4, input_size=16).save(plain)
-    tensors, meta = load_tensors(plain)
-    old = str(tmp_path / "old.safetensors")
-    atomic_save_tensors(old, tensors, {k: v for k, v in meta.items()
-                                       if k not in ("levels", "detail_channels", "detail_size")})
-    assert load_predictor(old).levels == "last" and load_predictor(old).detail_channels == 0
-    # metadata claiming every level over last-level weights: the head's shape names the mismatch
-    atomic_save_tensors(old, tensors, dict(meta, levels="all"))
-    with pytest.raises(ValueError, match=r"levels='all'.*net.head.weight \(12, 16\) \(expected \(12, 28\)\)"):
-        load_predictor(old)
-    atomic_save_tensors(old, tensors, dict(meta, levels="middle"))
-    with pytest.raises(ValueError, match="old.safetensors.*levels must be"):
-        load_predictor(old)
-    with pytest.raises(ValueError, match="levels must be 'last'.*'middle'"):
-        SmallLossPredictor(space, levels="middle")
-
-
-def test_small_predictor_detail_branch_reads_band_pass_energy_at_full_size(tmp_path):
-    import numpy as np
-
-    from ttach_instance.models import SmallLossPredictor, load_predictor
-
-    space = get_space("paper12")
-    pred = SmallLossPredictor(space, width=4, input_size=8, detail_channels=2).eval()
-    assert pred.detail_size == 16 and pred.net.head.in_features == 16 + 2 * 2
-    with torch.no_grad():  # filter 0: the red channel as it is; filter 1: a horizontal difference of green
-        w = torch.zeros(2, 3, 3, 3)
-        w[0, 0, 1, 1] = 1.0
-        w[1, 1, 1, 1], w[1, 1, 1, 2] = 1.0, -1.0
-        pred.detail[0].weight.copy_(w)
-    rng = np.random.default_rng(0)
-    img = rng.random((2, 3, 16, 16)).astype(np.float32)
-    mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
-    norm = (img - mean) / std
-    red = norm[:, 0]
-    green = np.pad(norm[:, 1], ((0, 0), (0, 0), (0, 1)))  # zero padding at the right border, as the conv's
-    diff = green[:, :, :-1] - green[:, :, 1:]
-    expect = np.stack([np.maximum(red, 0).mean((1, 2)), np.maximum(diff, 0).mean((1, 2)),
-                       red.reshape(2, -1).std(1), diff.reshape(2, -1).std(1)], 1)
-    with torch.no_grad():
-        got = pred.features(torch.from_numpy(img))[:, 16:]  # BN at its initial identity statistics
-    np.testing.assert_allclose(got.numpy(), expect, rtol=1e-4, atol=1e-5)
-    # the branch sees what the 8-px backbone input cannot: fine texture changes only its features
-    flat = torch.full((1, 3, 16, 16), 0.5)
-    checker = flat + 0.2 * (torch.arange(16).view(1, 16) + torch.arange(16).view(16, 1)).remainder(2).sub(0.5)
-    with torch.no_grad():
-        a, b = pred.features(flat), pred.features(checker)
-    torch.testing.assert_close(a[:, :16], b[:, :16], atol=1e-2, rtol=0)   # the antialiased 8-px images ~ agree
-    assert (b[:, 16:] - a[:, 16:]).abs().max() > 0.5
-    path = str(tmp_path / "d.safetensors")
-    pred.save(path)
-    again = load_predictor(path)
-    assert (again.detail_channels, again.detail_size) == (2, 16)
-    x = torch.rand(2, 3, 24, 24)  # another size: both the backbone and the branch resize
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), pred(x))
-    with pytest.raises(ValueError, match="detail_channels must be an int >= 0"):
-        SmallLossPredictor(space, detail_channels=-1)
-
-
-def test_loss_predictor_takes_an_identity_gate_and_round_trips(tmp_path, space):
-    from ttach_instance.predictor import IdentityGate
-
-    torch.manual_seed(0)
-    p = LossPredictor(space, **TINY).eval()
-    x = torch.rand(4, 3, 32, 32)
-    with torch.no_grad():
-        plain = p(x)
-        gate = IdentityGate(p.head.in_features)
-        gate.weight.normal_()
-        gate.margin.fill_(0.7)
-        p.identity_gate = gate
-        gated = p(x)
-        prob = gate.clean_probability(p.features(x))
-    assert torch.allclose(gated[:, 0], plain[:, 0] - 0.7 * prob) and torch.equal(gated[:, 1:], plain[:, 1:])
-    path = str(tmp_path / "gated.safetensors")
+        torch.testing.assert_close(p(x), (x.mean((2, 3)) * 2.5) @ p.head.weight.T + p.head.bias)
+    path = str(tmp_path / "user.safetensors")
     p.save(path)
+    assert read_meta(path)["architecture"] == "mean_colour" and read_meta(path)["config"] == {"input_size": 8,
+                                                                                              "gain": 2.5}
+    q = load_predictor(path)
+    assert type(q) is MeanColour and q.gain == 2.5
     with torch.no_grad():
-        assert torch.equal(LossPredictor.load(path)(x), gated)
+        assert torch.equal(q(x), p(x))
+    with pytest.raises(ValueError, match=r"bad.safetensors.*gain must be a float in \[0.0, 10.0\]"):
+        load_predictor(rewrite(path, str(tmp_path / "bad.safetensors"),
+                               {**read_meta(path), "config": {"input_size": 8, "gain": 11}}))
+    with pytest.raises(ValueError, match="holds a MeanColour"):
+        load_predictor(path, architecture=SmallLossPredictor)
+
+
+def test_registering_a_taken_name_or_a_non_predictor_is_refused(tmp_path, registry):
+    class Other(MeanColour):
+        pass
+
+    with pytest.raises(ValueError, match="'small' is already registered.*SmallLossPredictor"):
+        register_predictor("small")(Other)
+    assert registry_module._REGISTRY["small"] is SmallLossPredictor
+    with pytest.raises(TypeError, match="LossPredictorBase subclass"):
+        register_predictor("linear")(nn.Linear)
+    with pytest.raises(ValueError, match="identifier-like"):
+        register_predictor("os:system")
+    with pytest.raises(ValueError, match="identifier-like"):
+        register_predictor("../x")
+    # a subclass of a registered architecture is not that architecture: saving it is refused
+    # (its checkpoint would load as the parent class)
+    register_predictor("mean_colour")(MeanColour)
+    with pytest.raises(TypeError, match="Other is not registered"):
+        Other("paper12").save(str(tmp_path / "never.safetensors"))
+
+    class MySmall(SmallLossPredictor):
+        pass
+
+    with pytest.raises(TypeError, match="MySmall is not registered"):
+        MySmall("paper12", width=4).save(str(tmp_path / "never.safetensors"))
+    assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_a_user_checkpoint_loads_only_once_its_architecture_is_registered(tmp_path, registry):
+    class Later(MeanColour):
+        pass
+
+    register_predictor("later_net")(Later)
+    path = str(tmp_path / "later.safetensors")
+    Later("paper12").save(path)
+    del registry["later_net"]  # a fresh process that has not registered it
+    with pytest.raises(ValueError, match=r"later.safetensors.*unknown predictor architecture 'later_net'.*"
+                                         r"register_predictor"):
+        load_predictor(path)
+    register_predictor("later_net")(Later)
+    assert type(load_predictor(path)) is Later
