@@ -153,6 +153,11 @@ def test_bad_arguments(tmp_path):
         generate_labels(model, images, labels, space(), str(tmp_path), corruption_p=1.5)
     with pytest.raises(ValueError, match="draws"):
         generate_labels(model, images, labels, space(), str(tmp_path), draws=0)
+    small, _ = tiny_data(3, size=16)  # ImageNet-C refuses images under 32 px (it raised AttributeError)
+    with pytest.raises(ValueError, match="at least 32x32 pixels to be corrupted.*got 16x16"):
+        generate_labels(model, small, labels, space(), str(tmp_path / "s"), corruption_p=0.5)
+    assert generate_labels(model, small, labels, space(), str(tmp_path / "s"), corruption_p=0.0,
+                           progress=False).complete
     with pytest.raises(TypeError, match="loss_fn"):
         ClassificationTask(loss_fn=3)
 

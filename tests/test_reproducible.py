@@ -214,3 +214,9 @@ def test_cli_fit_seed_fixes_the_whole_fit_and_its_checkpoint_refuses_other_label
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
     assert "was trained on other labels" in err and f'caches: ["{labels["a"]}"] -> ["{labels["b"]}"]' in err
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32, 1.5, True])
+def test_seed_out_of_range_is_refused(seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        FitConfig(seed=seed)

@@ -47,8 +47,10 @@ def _checked(parse, ok, expected: str, name: str):
 
 #: Sizes, batch sizes, epochs, draws, limits, k, class counts.
 positive_int = _checked(_integer, lambda v: v >= 1, "a positive integer (>= 1)", "positive_int")
-#: Seeds, counts where 0 means none.
+#: Counts where 0 means none.
 non_negative_int = _checked(_integer, lambda v: v >= 0, "a non-negative integer (>= 0)", "non_negative_int")
+#: Seeds (numpy's generator takes 32 bits).
+seed_int = _checked(_integer, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 4294967295]", "seed_int")
 probability = _checked(_number, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]", "probability")
 #: Held-out fraction, EMA decay.
 fraction_below_one = _checked(_number, lambda v: 0.0 <= v < 1.0, "in [0, 1)", "fraction_below_one")
@@ -56,6 +58,23 @@ positive_number = _checked(_number, lambda v: v > 0, "a number > 0", "positive_n
 non_negative_number = _checked(_number, lambda v: v >= 0, "a number >= 0", "non_negative_number")
 percentage_points = _checked(_number, lambda v: 0.0 <= v <= 100.0, "in [0, 100] (accuracy points)",
                              "percentage_points")
+
+
+def device(text: str) -> str:
+    """A torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``) this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda:0, got {text!r}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda[:N] or mps, got {text!r}")
+    return text
 
 
 def tau_value(text: str):
@@ -150,7 +169,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--weights", default=None, help="model weights: .safetensors or a torch state dict (weights_only)")
     p.add_argument("--num-classes", type=positive_int, default=None,
                    help="classes of the model (default: from the data)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
 
 
 def _load_model(args, num_classes):
@@ -479,7 +498,7 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--severities", type=severities, default=[1, 2, 3, 4, 5], help="comma-separated, each in 1..5")
     p.add_argument("--shard-size", type=positive_int, default=500)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (x |T| views)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
     p.add_argument("--deform", nargs="?", const="10,0.1,0.15", default=None, metavar="ROTATE,ZOOM,BRIGHTNESS",
                    help="small random deformation of every row's image before the corruption (the paper's recipe; "
@@ -532,9 +551,9 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--identity-gate", action="store_true",
                    help="with --clean-tolerance: scale the margin by how clean each image looks (a logistic gate "
                         "on the predictor's features, saved with it); corrupted images keep more of their gain")
-    p.add_argument("--seed", type=non_negative_int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="seeds every generator the fit draws from (initialisation, dropout, shuffling, cutout)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("eval", help="Table 1: methods x clean / corrupted data (markdown, JSON, plots)")
@@ -557,7 +576,7 @@ def _add_pipeline_commands(sub) -> None:
                    help="images for timing the real wrappers (0: skip)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="segmentation: images per batch (x |T| views)")
     p.add_argument("--cost-repeats", type=positive_int, default=3, help="segmentation: timing repeats (best of)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
     _add_task_args(p)
     p.set_defaults(func=_cmd_eval)
@@ -577,7 +596,7 @@ def _add_pipeline_commands(sub) -> None:
     p = sub.add_parser("demo", help="train a small model and predictor on bundled photos and print the methods table")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", type=positive_int, default=32)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=_cmd_demo)
 
 

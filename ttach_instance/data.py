@@ -102,7 +102,7 @@ def _resize_uint8(img, size: Optional[int]):
     img = img.convert("RGB")
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
 
 
 def load_image_folder(root: str, size: Optional[int] = None, limit_per_class: Optional[int] = None,
@@ -239,14 +239,20 @@ def build_model(spec: str, num_classes: Optional[int] = None, weights: Optional[
         factory = getattr(module, attr, None)
         if factory is None or not callable(factory):
             raise ValueError(f"model {spec!r}: module {module_name!r} has no callable {attr!r}")
-        model = factory(**kwargs)
+        try:
+            model = factory(**kwargs)
+        except Exception as e:  # noqa: BLE001 - the user's factory and arguments: report, do not trace
+            raise ValueError(f"model {spec!r}: {attr}(**{kwargs}) failed: {type(e).__name__}: {e}") from None
     else:
         import timm
 
         name = spec[5:] if spec.startswith("timm:") else spec
         if not timm.list_models(name):
             raise ValueError(f"model {spec!r}: not a timm model name nor 'package.module:factory'")
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except Exception as e:  # noqa: BLE001 - timm's refusal of the arguments, reported
+            raise ValueError(f"model {spec!r}: timm cannot build it with {kwargs}: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {spec!r}: the factory returned {type(model).__name__}, expected an nn.Module")
     if weights:

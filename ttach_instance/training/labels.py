@@ -373,6 +373,9 @@ def generate_labels(
     severities = [int(s) for s in severities]
     if not severities or any(s not in SEVERITIES for s in severities):
         raise ValueError(f"severities must be a non-empty list of values in {list(SEVERITIES)}, got {severities}")
+    if corruption_p > 0 and corruptions and min(images.shape[-2:]) < 32:
+        raise ValueError(f"images must be at least 32x32 pixels to be corrupted (ImageNet-C corruptions), got "
+                         f"{images.shape[-1]}x{images.shape[-2]}; use larger images or corruption_p=0")
     task = task or ClassificationTask()
     if deformation is not None:
         deformation = Deformation.from_spec(deformation)
