@@ -1,0 +1,261 @@
+"""Prediction caches: the model's log-probabilities under every candidate of a pool, on a validation set.
+
+What :mod:`ttach_instance.search` reads: ``log_probs`` ``(candidates, samples, classes)`` and
+``labels`` ``(samples,)``. Any space works as a pool (a registered one, ``space_from_specs`` of
+an op list, a product); each image is run once under every candidate, ``batch_size`` images
+(``x candidates`` views) per model call.
+
+On disk (``directory``): ``manifest.json`` and ``shard_XXXXX.safetensors`` files, shard ``s``
+holding images ``s * shard_size ...``: ``log_probs`` ``(n, candidates, classes)`` (sample-major,
+as computed), ``labels`` and ``rows``. Storage dtype: float32 by default -- the model's own
+output, exactly; GPS's later steps separate candidates by ~1e-4 nats of mean log-likelihood
+while float16 rounds a log-probability of -5 by up to 2e-3 -- or ``dtype="float16"`` for half
+the disk and memory (100 candidates x 10,000 images x 1,000 classes: 4 GB -> 2 GB).
+
+The machinery is the label cache's (:mod:`~ttach_instance.training.labels`): the manifest
+records what made the cache (format version, the model's class, spec and weights' sha256, a
+sha256 of the images and labels, the pool's name, parameters, fingerprint, candidate names and
+op specs, and every setting that changes a value) and every finished shard's size and sha256.
+Continuing with anything else is refused naming what differs; shards are written atomically,
+verified on load (a damaged one is named) and on resume (recomputed); under ``torchrun`` rank
+``r`` computes the shards ``s % world == r``, recorded in ``shards.rank<r>.json`` until rank 0
+merges them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..io import atomic_save_tensors, atomic_write_json, load_tensors
+from . import distributed as dist
+from .labels import (LabelCache, _json_records, _merge_rank_records, _rank_path, check_format, dataset_fingerprint,
+                     describe_differences, model_identity)
+
+#: Version of the prediction cache's layout and manifest.
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class PredictionCache(LabelCache):
+    """A prediction cache directory: its manifest, which shards are done and sound, and loading
+    ``log_probs`` / ``labels`` (shard records and verification are the label cache's)."""
+
+    def manifest(self) -> Dict:
+        """The manifest, after checking it is a prediction cache this version reads."""
+        if not os.path.isfile(self.manifest_path):
+            raise ValueError(f"directory {self.directory!r} is not a prediction cache (no manifest.json)")
+        try:
+            with open(self.manifest_path) as f:
+                m = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"prediction cache {self.directory!r}: manifest.json is unreadable ({e})") from None
+        if not isinstance(m, dict) or m.get("kind") != "predictions":
+            raise ValueError(f"directory {self.directory!r} does not hold a prediction cache (its manifest.json is "
+                             f"not one; a label cache?)")
+        check_format(m.get("format"), FORMAT_VERSION, f"prediction cache {self.directory!r}")
+        for key in ("num_shards", "total_rows", "shard_size"):
+            if not isinstance(m.get(key), int) or m[key] < 1:
+                raise ValueError(f"prediction cache {self.directory!r}: manifest.json has no valid {key!r}")
+        return m
+
+    def load(self, allow_partial: bool = False) -> Dict[str, Tensor]:
+        """``{"log_probs": (candidates, samples, classes), "labels": (samples,), "rows": (samples,)}``,
+        in row order, after verifying every shard against the manifest (a damaged one is a
+        ``ValueError`` naming it; so are missing shards unless ``allow_partial``)."""
+        m = self.manifest()
+        problems = self.verify()
+        damaged = {s: p for s, p in problems.items() if p != "missing" and not p.startswith("written but")}
+        if damaged:
+            listed = "; ".join(f"{os.path.basename(self.shard_path(s))} {p}" for s, p in sorted(damaged.items())[:5])
+            raise ValueError(f"prediction cache {self.directory!r} has {len(damaged)} damaged shard(s): {listed}; run "
+                             f"the same command again to recompute them")
+        if problems and not allow_partial:
+            raise ValueError(f"prediction cache {self.directory!r} is incomplete: {len(problems)} of "
+                             f"{m['num_shards']} shards missing (first {sorted(problems)[:5]}); run the same command "
+                             f"again to finish it")
+        parts = [load_tensors(self.shard_path(s))[0] for s in range(m["num_shards"]) if s not in problems]
+        if not parts:
+            raise ValueError(f"prediction cache {self.directory!r} has no finished shard")
+        rows = torch.cat([p["rows"] for p in parts])
+        if not allow_partial and not torch.equal(rows, torch.arange(m["total_rows"])):
+            raise ValueError(f"prediction cache {self.directory!r}: rows are not exactly 0..{m['total_rows'] - 1}")
+        return {"log_probs": torch.cat([p["log_probs"] for p in parts]).transpose(0, 1).contiguous(),
+                "labels": torch.cat([p["labels"] for p in parts]), "rows": rows}
+
+
+@torch.no_grad()
+def candidate_log_probs(model: nn.Module, pixels: Tensor, space, normalize: Callable[[Tensor], Tensor],
+                        batch_size: int = 64, output_key: Optional[str] = None) -> Tensor:
+    """``(B, candidates, classes)`` float32 log-softmax of ``model`` on every candidate of
+    ``space`` applied to pixel images ``(B, 3, H, W)`` in [0, 1]; ``batch_size`` images
+    (``x candidates`` views) per model call."""
+    _positive_int(batch_size, "batch_size")
+    t = len(space)
+    out = []
+    for i in range(0, pixels.shape[0], batch_size):
+        x = pixels[i:i + batch_size]
+        index = torch.arange(t, device=x.device).expand(x.shape[0], t)
+        logits = model(normalize(space.apply(x, index)))
+        if output_key is not None:
+            logits = logits[output_key]
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0] * t:
+            raise ValueError(f"the model must return logits (views, classes) = ({x.shape[0] * t}, classes) for "
+                             f"{x.shape[0] * t} views, got {tuple(getattr(logits, 'shape', ())) or type(logits).__name__}")
+        out.append(torch.log_softmax(logits.float(), dim=1).view(x.shape[0], t, -1))
+    return torch.cat(out)
+
+
+def generate_predictions(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    space,
+    directory: str,
+    size: Optional[int] = None,
+    shard_size: int = 500,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    normalize: Optional[Callable[[Tensor], Tensor]] = None,
+    device: str = "cpu",
+    progress: bool = True,
+    max_shards: Optional[int] = None,
+    model_spec: Optional[Dict[str, Any]] = None,
+    output_key: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> PredictionCache:
+    """Fill (or continue) the prediction cache in ``directory``; returns it.
+
+    ``images``: uint8 ``(N, 3, H, W)``, resized to ``size`` when given; ``labels``: class
+    indices ``(N,)``. ``dtype``: ``"float32"`` (default, exact) or ``"float16"`` (half the size).
+    ``max_shards`` stops after that many new shards in this process (tests, time-boxed runs).
+    ``model_spec``: how ``model`` was built (JSON, recorded with its weights' hash).
+    ``batch_size`` and ``device`` change how values are computed, not what they are, and may
+    differ between a run and its continuation.
+    """
+    from tqdm import tqdm
+
+    from ..data import normalizer, resize_uint8
+
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise TypeError(f"images must be a uint8 tensor (N, 3, H, W), got "
+                        f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    if images.shape[0] == 0:
+        raise ValueError("images must hold at least one image, got 0")
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0] \
+            or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor with one class index per image ({images.shape[0]}), got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    if bool((labels < 0).any()):
+        raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
+    _positive_int(shard_size, "shard_size")
+    _positive_int(batch_size, "batch_size")
+    if size is not None:
+        _positive_int(size, "size")
+    if max_shards is not None:
+        _positive_int(max_shards, "max_shards")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    normalize = normalize or normalizer(model)
+    n = images.shape[0]
+    config = {
+        "kind": "predictions",
+        "format": FORMAT_VERSION,
+        "model": model_identity(model, model_spec),
+        "output_key": output_key,
+        "space": space.name,
+        "space_params": json.loads(json.dumps(getattr(space, "params", {}) or {}, sort_keys=True, default=repr)),
+        "space_fingerprint": space.fingerprint,
+        "candidate_names": space.names,
+        "candidate_specs": space.spec(),
+        "dataset": dataset_fingerprint(images, labels),
+        "num_images": n,
+        "total_rows": n,
+        "size": int(size) if size is not None else int(images.shape[-1]),
+        "source_size": [int(images.shape[-2]), int(images.shape[-1])],
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "num_shards": (n + shard_size - 1) // shard_size,
+    }
+    cache = PredictionCache(directory)
+    if dist.is_main():
+        _open_for_writing(cache, config, log)
+    dist.barrier()
+    rank, world = dist.rank(), dist.world_size()
+    todo = [s for s in cache.missing_shards() if s % world == rank]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    records = cache.records() if rank == 0 else {}
+    model = model.to(device).eval()
+    bar = tqdm(todo, desc=f"predictions (rank {rank})" if world > 1 else "predictions",
+               disable=not progress or not todo)
+    for s in bar:
+        rows = torch.arange(s * shard_size, min(n, (s + 1) * shard_size))
+        batch = images[rows]
+        if size is not None and tuple(batch.shape[-2:]) != (size, size):
+            batch = resize_uint8(batch, size)
+        lp = candidate_log_probs(model, batch.to(device).float() / 255, space, normalize, batch_size, output_key)
+        records[s] = atomic_save_tensors(cache.shard_path(s), {
+            "log_probs": lp.to(DTYPES[dtype]).cpu(), "labels": labels[rows].long(), "rows": rows,
+        }, {"shard": s, "rank": rank, "world": world})
+        if rank == 0:
+            atomic_write_json(cache.manifest_path, {**config, "shards": _json_records(records)})
+        else:
+            atomic_write_json(_rank_path(cache, rank), _json_records(records))
+    dist.barrier()
+    if dist.is_main() and world > 1:
+        _merge_rank_records(cache)
+    dist.barrier()
+    return cache
+
+
+def _open_for_writing(cache: PredictionCache, config: Dict[str, Any], log: Callable[[str], None]) -> None:
+    """Rank 0 before any shard: a new cache gets its manifest; an existing one must have been
+    made by the same model, data, pool and settings (else a ``ValueError`` naming what
+    differs), and every shard not exactly as recorded is reported and removed (recomputed)."""
+    if not os.path.isfile(cache.manifest_path):
+        if os.path.isdir(cache.directory) and os.listdir(cache.directory):
+            raise ValueError(f"directory {cache.directory!r} is not empty and holds no prediction cache; use another "
+                             f"directory")
+        atomic_write_json(cache.manifest_path, {**config, "shards": {}})
+        return
+    old = cache.manifest()
+    diff = describe_differences({k: v for k, v in old.items() if k != "shards"}, config)
+    if diff:
+        raise ValueError(f"directory {cache.directory!r} holds a prediction cache of another model, data, pool or "
+                         f"settings (cache -> now: {'; '.join(diff)}); use another directory or delete it")
+    _merge_rank_records(cache)  # records a killed torchrun left in the ranks' files
+    records = cache.records()
+    for s, problem in sorted(cache.verify().items()):
+        if problem == "missing":
+            continue
+        log(f"prediction cache {cache.directory!r}: {os.path.basename(cache.shard_path(s))} is {problem}; "
+            f"recomputing it")
+        os.remove(cache.shard_path(s))
+        records.pop(s, None)
+    atomic_write_json(cache.manifest_path, {**config, "shards": _json_records(records)})
+    for tmp in glob.glob(os.path.join(glob.escape(cache.directory), "*.tmp*")):  # a killed writer's leftovers
+        os.remove(tmp)
+
+
+def load_predictions(directory: str) -> Dict[str, Any]:
+    """``{"log_probs", "labels", "manifest", "identity"}`` of a complete prediction cache."""
+    cache = PredictionCache(directory)
+    data = cache.load()
+    return {"log_probs": data["log_probs"], "labels": data["labels"], "manifest": cache.manifest(),
+            "identity": cache.identity()}
+
+
+__all__: List[str] = ["FORMAT_VERSION", "PredictionCache", "candidate_log_probs", "generate_predictions",
+                      "load_predictions"]
