@@ -600,6 +600,116 @@ def _add_pipeline_commands(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+# ----------------------------------------------------------------------------- policy search
+def search_temperature(text: str):
+    """``fit`` (per step, as GPS), ``none`` (unscaled) or a fixed number > 0."""
+    if text in ("fit", "none"):
+        return None if text == "none" else "fit"
+    return positive_number(text)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    """GPS or the best fixed policy for a budget on a prediction cache (made or finished first
+    when --model and --data are given); prints the chosen candidates and writes a policy file."""
+    from .io import atomic_write_json
+    from .search import budget_policy_search, greedy_policy_search, policy_document
+    from .training import distributed as dist
+    from .training.predictions import generate_predictions, load_predictions
+
+    if (args.model is None) != (args.data is None):
+        raise ValueError("--model and --data go together: give both to make (or finish) the prediction cache, "
+                         "or neither to search an existing one")
+    if args.model is not None:
+        from .registry import get_space
+
+        dist.init_from_env(args.device)
+        ds = _load_data(args)
+        model = _load_model(args, len(ds.classes))
+        generate_predictions(model, ds.images, ds.labels, get_space(args.space), args.predictions, size=args.size,
+                             shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
+                             device=args.device, model_spec=_model_spec(args, len(ds.classes)))
+        if not dist.is_main():
+            return 0
+    try:
+        cache = load_predictions(args.predictions)
+    except ValueError as e:
+        raise ValueError(f"--predictions: {e}") from None
+    m, log_probs, labels = cache["manifest"], cache["log_probs"], cache["labels"]
+    names = m["candidate_names"]
+    count, samples = log_probs.shape[:2]
+    if args.method == "gps":
+        result = greedy_policy_search(log_probs, labels, args.n, temperature=args.temperature)
+        settings = {"n": args.n, "temperature": args.temperature}
+        header, score_name = f"GPS, {args.n} step(s), temperature {args.temperature or 'none'}", "log-likelihood"
+    else:
+        if args.budget > count:
+            raise ValueError(f"--budget must be at most the pool's {count} candidates, got {args.budget}")
+        identity = _identity_index(args.identity, m)
+        result = budget_policy_search(log_probs, labels, args.budget, identity=identity, objective=args.objective,
+                                      exhaustive_limit=args.exhaustive_limit)
+        settings = {"budget": args.budget, "identity": identity, "objective": args.objective,
+                    "exhaustive_limit": args.exhaustive_limit}
+        header, score_name = f"budget {args.budget} ({result.method}), always with {names[identity]!r}", args.objective
+    print(f"{header}: pool {m['space']!r} ({count} candidates), {samples} validation images")
+    print(f"  step  candidate{' ' * 22}{score_name:>15}  temperature")
+    for step, (i, score, t) in enumerate(zip(result.indices, result.scores, result.temperatures), 1):
+        print(f"  {step:4d}  [{i:3d}] {names[i]:<24} {score:15.6f}  {t:11.4g}")
+    doc = policy_document(result, args.method, m, settings,
+                          {"directory": os.path.abspath(args.predictions), "identity": cache["identity"]})
+    atomic_write_json(args.out, doc)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _identity_index(text, manifest) -> int:
+    """``--identity``: a candidate name or index of the pool; default its first candidate without ops."""
+    names = manifest["candidate_names"]
+    if text is None:
+        found = [i for i, spec in enumerate(manifest["candidate_specs"]) if not spec.get("ops")]
+        if not found:
+            raise ValueError(f"--identity is required: pool {manifest['space']!r} has no candidate without ops")
+        return found[0]
+    if text in names:
+        return names.index(text)
+    try:
+        index = int(text)
+    except ValueError:
+        index = -1
+    if not 0 <= index < len(names):
+        raise ValueError(f"--identity must be a candidate name or an index in 0..{len(names) - 1} of pool "
+                         f"{manifest['space']!r}, got {text!r}")
+    return index
+
+
+def _add_search_command(sub) -> None:
+    p = sub.add_parser("search", help="policy search on cached validation predictions: GPS (greedy, with repeats) "
+                                      "or the best fixed policy for a budget of forward passes")
+    p.add_argument("method", choices=["gps", "budget"])
+    p.add_argument("--predictions", required=True, metavar="DIR",
+                   help="prediction cache (made, or finished, here when --model and --data are given)")
+    p.add_argument("--out", required=True, help="policy file to write (JSON)")
+    _add_model_args(p, required=False)
+    p.add_argument("--data", default=None, help="validation images: ImageFolder root or cifar10:ROOT (with --model)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--space", default="paper12", help="the pool: a registered space (with --model)")
+    p.add_argument("--size", type=positive_int, default=None, help="model input size (with --model)")
+    p.add_argument("--shard-size", type=positive_int, default=500)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (x candidates views)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="stored log-probabilities (float16: half the size, ~1e-3 rounding)")
+    p.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
+    p.add_argument("--n", type=positive_int, default=4, help="gps: policy length (candidates, repeats allowed)")
+    p.add_argument("--temperature", type=search_temperature, default="fit",
+                   help="gps: 'fit' (per step, as GPS), 'none' or a fixed temperature > 0")
+    p.add_argument("--budget", type=positive_int, default=2, help="budget: forward passes (the original included)")
+    p.add_argument("--identity", default=None,
+                   help="budget: the original's candidate (name or index; default: the pool's candidate without ops)")
+    p.add_argument("--objective", default="accuracy", choices=["accuracy", "nll"], help="budget: what to maximise")
+    p.add_argument("--exhaustive-limit", type=non_negative_int, default=20_000,
+                   help="budget: search every subset when there are at most this many, else greedily")
+    p.set_defaults(func=_cmd_search, task="classification")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttach-instance", description="Instance-aware test-time augmentation (Learning Loss for TTA) on ttach."
@@ -621,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="outputs/space_grid.png")
     p.set_defaults(func=_cmd_render)
     _add_pipeline_commands(sub)
+    _add_search_command(sub)
     return parser
 
 

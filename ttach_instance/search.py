@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["SearchResult", "fit_temperature", "greedy_policy_search", "budget_policy_search", "OBJECTIVES"]
+__all__ = ["SearchResult", "fit_temperature", "greedy_policy_search", "budget_policy_search", "OBJECTIVES",
+           "POLICY_FORMAT", "policy_document"]
 
 #: Objectives of :func:`budget_policy_search` (``"accuracy"``: higher is better; ``"nll"``: lower).
 OBJECTIVES = ("accuracy", "nll")
@@ -420,3 +421,37 @@ def budget_policy_search(log_probs: Tensor, labels: Tensor, budget: int, identit
     scores = [k[0] / samples if objective == "accuracy" else k[1] for k in keys]
     return SearchResult(chosen, scores, [1.0] * len(chosen), objective, method,
                         {"subsets": subsets, "exhaustive_limit": exhaustive_limit, "identity": identity})
+
+
+# ----------------------------------------------------------------------------- policy files
+#: Version of the policy file written by :func:`policy_document`.
+POLICY_FORMAT = 1
+
+
+def policy_document(result: SearchResult, search: str, manifest: Dict[str, Any], settings: Dict[str, Any],
+                    predictions: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The JSON a search writes: what was chosen (ordered candidates with their op specs; GPS
+    may list one twice, which counts twice in the mean), how (``search``, ``method``,
+    ``objective``, ``settings``), each step's validation score and temperature, and what it was
+    searched on: the pool (name, parameters, fingerprint, candidate names) and the model and data
+    as a prediction cache's ``manifest`` records them (``predictions``: the cache's directory and
+    identity)."""
+    names, specs = manifest["candidate_names"], manifest["candidate_specs"]
+    return {
+        "kind": "ttach-instance policy",
+        "format": POLICY_FORMAT,
+        "search": search,
+        "method": result.method,
+        "objective": result.objective,
+        "settings": settings,
+        "candidates": [specs[i] for i in result.indices],
+        "indices": list(result.indices),
+        "steps": [{"index": i, "candidate": names[i], "score": s, "temperature": t}
+                  for i, s, t in zip(result.indices, result.scores, result.temperatures)],
+        "pool": {"name": manifest["space"], "params": manifest.get("space_params", {}),
+                 "fingerprint": manifest["space_fingerprint"], "candidate_names": names},
+        "model": manifest["model"],
+        "data": {"dataset": manifest["dataset"], "num_images": manifest["num_images"], "size": manifest["size"],
+                 "source_size": manifest["source_size"]},
+        "predictions": predictions,
+    }

@@ -1,0 +1,105 @@
+"""`ttach-instance search {gps,budget}`: the prediction cache it makes, the policy file it writes
+(checked against the search functions run on the same cache and the pool's own specs), and its
+argument errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from ttach_instance.cli import main
+from ttach_instance.data import build_model
+from ttach_instance.registry import get_space
+from ttach_instance.search import budget_policy_search, greedy_policy_search
+from ttach_instance.training.predictions import load_predictions
+
+from test_cli import FACTORY, folder  # noqa: F401 - the image folder fixture
+
+
+@pytest.fixture()
+def weights16(tmp_path):
+    torch.manual_seed(0)
+    path = str(tmp_path / "w16.pt")
+    torch.save(build_model(FACTORY, num_classes=2).state_dict(), path)
+    return path
+
+
+def test_search_gps_then_budget_on_the_same_cache(folder, weights16, tmp_path, capsys):  # noqa: F811
+    preds, gps_file, budget_file = str(tmp_path / "preds"), str(tmp_path / "gps.json"), str(tmp_path / "budget.json")
+    assert main(["search", "gps", "--predictions", preds, "--out", gps_file, "--model", FACTORY, "--weights", weights16,
+                 "--data", folder, "--space", "paper12", "--n", "3", "--shard-size", "4"]) == 0
+    out = capsys.readouterr().out
+    cache = load_predictions(preds)
+    pool = get_space("paper12")
+    assert cache["log_probs"].shape == (12, 6, 2) and cache["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    ref = greedy_policy_search(cache["log_probs"], cache["labels"], 3)
+    doc = json.load(open(gps_file))
+    assert doc["kind"] == "ttach-instance policy" and doc["format"] == 1 and doc["search"] == "gps"
+    assert doc["indices"] == ref.indices
+    assert doc["candidates"] == [pool.spec()[i] for i in ref.indices]
+    assert [s["score"] for s in doc["steps"]] == pytest.approx(ref.scores, abs=1e-12)
+    assert [s["temperature"] for s in doc["steps"]] == pytest.approx(ref.temperatures, rel=1e-9)
+    assert doc["pool"] == {"name": "paper12", "params": {}, "fingerprint": pool.fingerprint,
+                           "candidate_names": pool.names}
+    assert doc["model"] == cache["manifest"]["model"] and doc["model"]["spec"]["model"] == FACTORY
+    assert doc["data"]["dataset"] == cache["manifest"]["dataset"] and doc["data"]["num_images"] == 6
+    assert doc["predictions"]["identity"] == cache["identity"]
+    for step, i in enumerate(ref.indices, 1):  # one printed line per step: candidate and score
+        assert any(line.split()[:1] == [str(step)] and pool.names[i] in line and f"{ref.scores[step - 1]:.6f}" in line
+                   for line in out.splitlines()), out
+    # budget on the cache alone (no model): the original first, the best 3-subset by NLL
+    assert main(["search", "budget", "--predictions", preds, "--out", budget_file, "--budget", "3",
+                 "--objective", "nll"]) == 0
+    ref = budget_policy_search(cache["log_probs"], cache["labels"], 3, identity=pool.names.index("identity"),
+                               objective="nll")
+    doc = json.load(open(budget_file))
+    assert doc["indices"] == ref.indices and doc["indices"][0] == pool.names.index("identity")
+    assert doc["method"] == "exhaustive" and doc["objective"] == "nll"
+    assert doc["settings"] == {"budget": 3, "identity": 0, "objective": "nll", "exhaustive_limit": 20000}
+    # another model's weights do not continue this cache
+    torch.manual_seed(1)
+    other = str(tmp_path / "other.pt")
+    torch.save(build_model(FACTORY, num_classes=2).state_dict(), other)
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "gps", "--predictions", preds, "--out", gps_file, "--model", FACTORY, "--weights", other,
+              "--data", folder])
+    assert exc.value.code == 2
+    assert "model.weights_sha256" in capsys.readouterr().err
+
+
+def test_search_arguments_are_validated(folder, tmp_path, capsys):  # noqa: F811
+    base = ["search", "gps", "--predictions", str(tmp_path / "none"), "--out", str(tmp_path / "p.json")]
+    for extra, words in [
+        (["--n", "0"], "argument --n: must be a positive integer"),
+        (["--n", "two"], "argument --n: must be an integer"),
+        (["--temperature", "-1"], "argument --temperature: must be a number > 0"),
+        (["--exhaustive-limit", "-3"], "argument --exhaustive-limit"),
+        (["--model", FACTORY], "--model and --data go together"),
+        ([], "--predictions: directory .* is not a prediction cache"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert re.search(words, err), (extra, err)
+    with pytest.raises(SystemExit):
+        main(["search", "budget", "--predictions", str(tmp_path / "none"), "--out", "x", "--budget", "0"])
+    assert "argument --budget: must be a positive integer" in capsys.readouterr().err
+
+
+def test_budget_flags_checked_against_the_pool(folder, weights16, tmp_path, capsys):  # noqa: F811
+    preds = str(tmp_path / "preds")
+    common = ["--predictions", preds, "--out", str(tmp_path / "p.json"), "--model", FACTORY, "--weights", weights16,
+              "--data", folder, "--space", "five_crops"]
+    for extra, words in [([], "--identity is required: pool 'five_crops' has no candidate without ops"),
+                         (["--budget", "6"], "--budget must be at most the pool's 5 candidates, got 6"),
+                         (["--identity", "nope"], "--identity must be a candidate name or an index in 0..4"),
+                         (["--identity", "5"], "--identity must be a candidate name or an index in 0..4")]:
+        with pytest.raises(SystemExit):
+            main(["search", "budget", *common, *extra])
+        assert words in capsys.readouterr().err
+    assert main(["search", "budget", *common, "--budget", "2", "--identity", "1"]) == 0
+    assert json.load(open(tmp_path / "p.json"))["indices"][0] == 1
