@@ -62,3 +62,43 @@ def test_torchrun_two_processes_match_and_continue_single_process(tmp_path, help
     assert not torch.allclose(grouped.conv.weight, plain.conv.weight)  # the terms changed the features
     for k, a in grouped.state_dict().items():
         assert torch.allclose(a, g0[k], atol=1e-5), k
+
+
+def test_eval_command_under_torchrun_matches_one_process_and_reports_once(tmp_path, helpers_env):
+    """``torchrun ... ttach_instance.cli eval``: the ranks share the sets (each rank evaluates its
+    share, rank 0 summarises and prints), and the results equal a single process's. Before the
+    CLI initialised the process group, every process believed it was rank 0 of 1: all of them
+    evaluated every set and each printed the table."""
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ttach_instance.cli import main
+    from ttach_instance.data import build_model
+
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(("ants", "bees")):
+        d = tmp_path / "ds" / "val" / cls
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((rng.random((32, 32, 3)) * 120 + 100 * c).astype(np.uint8)).save(d / f"{i}.png")
+    torch.manual_seed(0)
+    weights = str(tmp_path / "w.pt")
+    torch.save(build_model("ttach_instance.models:small_resnet", num_classes=2).state_dict(), weights)
+    args = ["eval", "--model", "ttach_instance.models:small_resnet", "--weights", weights, "--data",
+            str(tmp_path / "ds"), "--corruptions", "contrast", "--held-out", "saturate", "--severities", "1,2",
+            "--methods", "identity,hflip,random_k2", "--cost-images", "0"]
+    ddp_out, single_out = str(tmp_path / "ddp"), str(tmp_path / "single")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "ttach_instance.cli", *args, "--out", ddp_out],
+                         capture_output=True, text=True, timeout=240, env=helpers_env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert res.stdout.count("wrote ") == 1 and res.stdout.count("| Identity |") == 1, res.stdout[-3000:]
+    assert main(args + ["--out", single_out]) == 0
+    for key in ("clean", "common_mean", "held_out_mean", "per_corruption"):
+        with open(os.path.join(ddp_out, "results.json")) as f, open(os.path.join(single_out, "results.json")) as g:
+            assert json.load(f)[key] == json.load(g)[key], key

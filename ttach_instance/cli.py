@@ -343,9 +343,11 @@ def _init_model(args, data):
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import METHODS, evaluate, markdown_table
     from .registry import get_space
+    from .training import distributed as dist
 
     if args.task == "segmentation":
         return _eval_segmentation(args)
+    dist.init_from_env(args.device)  # under torchrun each rank evaluates its share of the sets
     ds = _load_data(args)
     if args.limit is not None:
         ds = ds.subset(range(0, len(ds), max(1, len(ds) // args.limit)))
@@ -358,8 +360,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    held_out=_corruption_list(args.held_out, "--held-out"),
                    severities=args.severities, methods=methods,
                    seed=args.seed, cost_images=args.cost_images, model_spec=_model_spec(args, len(ds.classes)))
-    print(markdown_table(res))
-    print(f"wrote {args.out}/table.md, results.json and plots")
+    if dist.is_main():  # the other ranks return no results
+        print(markdown_table(res))
+        print(f"wrote {args.out}/table.md, results.json and plots")
     return 0
 
 
