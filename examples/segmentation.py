@@ -2,8 +2,8 @@
 back to the input frame, merged) and loss-guided (per image, the k views a loss predictor
 ranks best).
 
-    python examples/segmentation.py                    # torchvision FCN-ResNet50, random weights (~30 s on CPU)
-    python examples/segmentation.py --model tiny       # a small conv net: seconds
+    python examples/segmentation.py                        # a small conv net: seconds
+    python examples/segmentation.py --model fcn_resnet50   # torchvision's FCN-ResNet50: about a CPU minute
 
 The weights here are random, so the masks mean nothing; the code is what you keep. With your
 own model, pass it with the normalisation its input carries (``mean=``/``std=``), and a fitted
@@ -45,7 +45,7 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["fcn_resnet50", "tiny"], default="fcn_resnet50")
+    p.add_argument("--model", choices=["tiny", "fcn_resnet50"], default="tiny")
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, default=96)

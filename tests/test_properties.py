@@ -36,14 +36,18 @@ def batches(draw, space_names=SPACES):
 @FAST
 @given(batches())
 def test_space_apply_equals_each_candidate_on_its_row(case):
+    """Bit for bit, except arbitrary rotations: their resampling is one matrix product over the
+    whole group, whose float32 sums depend on the group's size (measured <= 4.2e-7)."""
     space, images, index = case
     b, k = index.shape
     views = space.apply(images, index)
     assert views.shape == (b * k,) + tuple(images.shape[1:])
     for i in range(b):
         for j in range(k):  # sample-major: row i * k + j is sample i under index[i, j]
-            expected = space[int(index[i, j])].apply(images[i:i + 1])
-            torch.testing.assert_close(views[i * k + j:i * k + j + 1], expected, rtol=0, atol=0)
+            candidate = space[int(index[i, j])]
+            expected = candidate.apply(images[i:i + 1])
+            atol = 1e-6 if any(op.name.startswith("rotate(") for op in candidate.ops) else 0
+            torch.testing.assert_close(views[i * k + j:i * k + j + 1], expected, rtol=0, atol=atol)
 
 
 @FAST
