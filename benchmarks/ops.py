@@ -1,18 +1,30 @@
-"""Transform ops: batched tensor kernels vs the paper's PIL per-image loop.
+"""Transform ops: the batched kernels against the paper's PIL per-image loop, and the view
+builder (``space.apply``) against the ops it applies.
 
-    python benchmarks/ops.py [--batch 32] [--size 224] [--threads 1] [--repeats 7] [--device cpu]
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/ops.py [--batch 32] [--size 224]
+        [--threads 1] [--repeats 9] [--layout photos nchw] [--clock wall|cpu] [--stat median|min]
+        [--device cpu] [--dtype float32]
     python benchmarks/ops.py --parity     # fidelity table: mean |tensor - PIL| x255 per op and size
 
 For a batch of RGB photos (scikit-image's astronaut/chelsea/coffee, centre-cropped and
-resized, cycled to fill the batch) it times, per op of the paper's space:
-- tensor: the op on the float (B, 3, H, W) batch in [0, 1] (ttach_instance ops);
-- PIL: for each image, tensor -> uint8 PIL, the paper's PIL op (:data:`PIL_OPS`: geometric ops
-  and sharpness on the 3x mirror-expanded canvas, as the paper), PIL -> float tensor, stacked.
-  The test suite checks the ops' fidelity against its own PIL reference (tests/pil_reference.py).
-Then ``space.apply`` with a random candidate per sample against the single slowest op applied
-to the whole batch. Repeats are interleaved (every method once per round) and the median is
-reported. Goals (issue #2): the 11 non-identity ops together >= 6x faster than PIL, no op
-under 1.5x, and space.apply <= 1.2x the slowest op. Prints a markdown table.
+resized, cycled to fill the batch), every non-identity candidate of paper12 is timed three ways
+through the public API:
+
+- ``op``: the candidate on the float ``(B, 3, H, W)`` batch in [0, 1] (``space[name].apply``);
+- ``apply``: ``space.apply(images, index)`` with every sample on that candidate (the view
+  builder on a single-candidate batch), reported as ``apply / op``;
+- ``PIL``: the per-image loop a PIL pipeline runs to make the same model input: for each uint8
+  photo as loaded, the paper's PIL op (:data:`PIL_OPS`: geometric ops and sharpness on the 3x
+  mirror-expanded canvas, as the paper), then the results stacked as a float batch in [0, 1];
+  reported as ``PIL / op``. The test suite checks the ops' fidelity against its own PIL
+  reference (tests/pil_reference.py).
+
+Layouts: ``photos`` is what users hold after loading HWC photos and permuting them
+(``torch.from_numpy(uint8 (B, H, W, 3)).permute(0, 3, 1, 2).float() / 255``: channels-last
+strides), ``nchw`` the same values contiguous. Repeats are interleaved (every method once per
+round); the median (or the best) is reported. A last line times ``space.apply`` on a batch that
+mixes candidates (one drawn per sample) against the mean op time. Goals (issue 13): every op
+>= 1.5x the PIL loop, all eleven together >= 6x, ``apply`` <= 1.2x the op. Prints markdown.
 """
 
 from __future__ import annotations
@@ -95,18 +107,39 @@ def parity(sizes=(32, 64, 224)) -> None:
         print(f"| {cand.name} | " + " | ".join(cells) + " |")
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def photo_batch(arrays: np.ndarray, layout: str) -> torch.Tensor:
+    """uint8 ``(B, H, W, 3)`` photos as a float ``(B, 3, H, W)`` batch in [0, 1]: permuted
+    (channels-last strides) for ``photos``, contiguous for ``nchw``."""
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(255)
+    assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    return images.contiguous() if layout == "nchw" else images
 
 
-def main(argv=None):
+def timings_ms(methods: dict, repeats: int, clock=time.perf_counter, stat=statistics.median) -> dict:
+    """``stat`` of ``repeats`` interleaved timings of each method, in ms, after one warm-up
+    round (which also fills the kernels' caches)."""
+    for fn in methods.values():
+        fn()
+    times = {k: [] for k in methods}
+    for _ in range(repeats):
+        for k, fn in methods.items():
+            t0 = clock()
+            fn()
+            times[k].append(clock() - t0)
+    return {k: stat(v) * 1000 for k, v in times.items()}
+
+
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--layout", nargs="+", default=["photos", "nchw"], choices=["photos", "nchw"])
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: this thread's CPU time (steadier on a shared machine; CPU and one thread only)")
+    p.add_argument("--stat", default="median", choices=["median", "min"],
+                   help="min: the best of the repeats (closest to an idle machine when others share it)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--parity", action="store_true", help="print the PIL fidelity table instead of timings")
@@ -114,66 +147,83 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.parity:
         parity()
-        return
+        return {}
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    dtype = getattr(torch, args.dtype)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    stat = statistics.median if args.stat == "median" else min
 
     space = paper12()
-    images_cpu = photos(args.batch, args.size)
-    images = images_cpu.to(device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(0)
-    index = torch.randint(0, len(space), (args.batch,), generator=g).to(device)
+    arrays = np.ascontiguousarray((photos(args.batch, args.size) * 255).round_().to(torch.uint8)
+                                  .permute(0, 2, 3, 1).numpy())
+    pil_images = [Image.fromarray(a) for a in arrays]
+    batches = {layout: photo_batch(arrays, layout).to(device=device, dtype=getattr(torch, args.dtype))
+               for layout in args.layout}
+    names = [c.name for c in space if not c.is_identity]
 
-    def tensor_fn(cand):
+    def pil_loop_from_photos(name):
+        out = np.stack([np.asarray(pil_op(name, img)) for img in pil_images])
+        return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255)
+
+    def synced(fn):
         def run():
-            cand.apply(images)
+            fn()
             sync()
 
         return run
 
     methods = {}
-    for cand in space:
-        if cand.is_identity:
-            continue
-        methods[("tensor", cand.name)] = tensor_fn(cand)
-        methods[("pil", cand.name)] = lambda n=cand.name: pil_loop(images_cpu, n)
+    mixed = torch.randint(0, len(space), (args.batch,), generator=torch.Generator().manual_seed(0)).to(device)
+    for layout, x in batches.items():
+        methods[(layout, "mixed")] = synced(lambda x=x: space.apply(x, mixed))
+    for name in names:
+        index = torch.full((args.batch,), space.index_of(name), dtype=torch.long, device=device)
+        methods[("pil", name)] = lambda n=name: pil_loop_from_photos(n)
+        for layout, x in batches.items():
+            methods[(layout, "op", name)] = synced(lambda x=x, n=name: space[n].apply(x))
+            methods[(layout, "apply", name)] = synced(lambda x=x, i=index: space.apply(x, i))
+    ms = timings_ms(methods, args.repeats, clock, stat)
 
-    def apply_space():
-        space.apply(images, index)
-        sync()
-
-    methods[("space", "apply")] = apply_space
-    for fn in methods.values():  # warm-up
-        fn()
-    times = {k: [] for k in methods}
-    for _ in range(args.repeats):
-        for k, fn in methods.items():
-            times[k].append(timed(fn))
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-
-    names = [c.name for c in space if not c.is_identity]
     print(
-        f"batch {args.batch}x3x{args.size}x{args.size} {args.dtype} on {device}, {args.threads} thread(s), "
-        f"median of {args.repeats} interleaved repeats, torch {torch.__version__}\n"
+        f"paper12: batch {args.batch}x3x{args.size}x{args.size} {args.dtype} on {device}, "
+        f"{torch.get_num_threads()} thread(s), {args.clock} clock, {args.stat} of {args.repeats} interleaved "
+        f"repeats, torch {torch.__version__}\n"
     )
-    print("| op | tensor ms | PIL loop ms | PIL / tensor |")
-    print("|---|---:|---:|---:|")
-    for n in names:
-        t, pl = med[("tensor", n)], med[("pil", n)]
-        print(f"| {n} | {t:.1f} | {pl:.1f} | {pl / t:.1f}x |")
-    tot_t = sum(med[("tensor", n)] for n in names)
-    tot_p = sum(med[("pil", n)] for n in names)
-    worst = min(names, key=lambda n: med[("pil", n)] / med[("tensor", n)])
-    print(f"| **all 11 ops** | {tot_t:.1f} | {tot_p:.1f} | **{tot_p / tot_t:.1f}x** |")
-    slowest = max(names, key=lambda n: med[("tensor", n)])
-    sa = med[("space", "apply")]
+    head, rule = "| op | PIL loop ms |", "|---|---:|"
+    for layout in batches:
+        head += f" {layout}: op ms | apply ms | apply / op | PIL / op |"
+        rule += "---:|---:|---:|---:|"
+    print(head)
+    print(rule)
+    for name in names:
+        row = f"| {name} | {ms[('pil', name)]:.1f} |"
+        for layout in batches:
+            op, ap = ms[(layout, "op", name)], ms[(layout, "apply", name)]
+            row += f" {op:.1f} | {ap:.1f} | {ap / op:.2f}x | {ms[('pil', name)] / op:.1f}x |"
+        print(row)
+    total_pil = sum(ms[("pil", n)] for n in names)
+    row = f"| **all {len(names)}** | {total_pil:.1f} |"
+    summary = {}
+    for layout in batches:
+        op = sum(ms[(layout, "op", n)] for n in names)
+        ap = sum(ms[(layout, "apply", n)] for n in names)
+        row += f" {op:.1f} | {ap:.1f} | {ap / op:.2f}x | **{total_pil / op:.1f}x** |"
+        low = min(names, key=lambda n: ms[("pil", n)] / ms[(layout, "op", n)])
+        high = max(names, key=lambda n: ms[(layout, "apply", n)] / ms[(layout, "op", n)])
+        summary[layout] = {
+            "all_pil_over_op": total_pil / op,
+            "lowest_pil_over_op": (low, ms[("pil", low)] / ms[(layout, "op", low)]),
+            "highest_apply_over_op": (high, ms[(layout, "apply", high)] / ms[(layout, "op", high)]),
+        }
+    print(row)
     print()
-    print(f"lowest ratio: {worst} {med[('pil', worst)] / med[('tensor', worst)]:.1f}x (goal >= 1.5x); all ops together goal >= 6x")
-    print(
-        f"space.apply, random candidate per sample: {sa:.1f} ms vs slowest op {slowest} on the whole batch "
-        f"{med[('tensor', slowest)]:.1f} ms: {sa / med[('tensor', slowest)]:.2f}x (goal <= 1.2x)"
-    )
+    for layout, s in summary.items():
+        (low, r_low), (high, r_high) = s["lowest_pil_over_op"], s["highest_apply_over_op"]
+        mean_op = sum(ms[(layout, "op", n)] for n in names) / len(names)
+        print(f"{layout}: all ops {s['all_pil_over_op']:.1f}x the PIL loop (goal >= 6x); lowest {low} {r_low:.1f}x "
+              f"(goal >= 1.5x); highest apply/op {high} {r_high:.2f}x (goal <= 1.2x); space.apply with a candidate "
+              f"drawn per sample {ms[(layout, 'mixed')]:.1f} ms, mean op on the whole batch {mean_op:.1f} ms")
+    return {"ms": ms, "summary": summary}
 
 
 if __name__ == "__main__":
