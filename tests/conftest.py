@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
+import torch
 
 TESTS = Path(__file__).resolve().parent
+
+# One intra-op thread for the tests and every subprocess they start: their models are tiny, and
+# two OpenMP threads per process on a busy 2-core machine spin against each other (a 4-epoch
+# toy fit measured 96 s with two threads under load, 11 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture
