@@ -29,8 +29,9 @@ weighted form and entries of weight 0 are ignored entirely -- even NaN or inf va
 not leak into the result. ``mean``/``weighted``/``tsharpen``: ``sum(w f(x)) / sum(w)``;
 ``gmean``: ``sign * exp(sum(w log|x|) / sum(w))`` (sign of the product of the weighted
 entries); ``sum``: ``sum(w x)``; ``max``/``min`` over the entries of positive weight. Where
-all the weights of an element are 0 the element gets the unweighted merge (no view is
-preferred, so every view counts), which keeps the output finite and defined.
+all the per-element weights of an element are 0 the element gets the merge without them (no
+view is preferred, so every view counts; for ``weighted`` the views keep their loss weights),
+which keeps the output finite and defined.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ from .ops import Identity, Op, _ExactGeometric
 IndexLike = Union[Tensor, Sequence[int], Sequence[Sequence[int]]]
 
 
+def _exact(candidate: "Candidate") -> bool:
+    """Whether every geometric op of ``candidate`` is a flip or quarter turn (an exact permutation)."""
+    return all(isinstance(op, _ExactGeometric) for op in candidate.ops if op.geometric)
+
+
 def _trusted(op: Op) -> bool:
     """Built-in op classes (tested against PIL) need no output check; plugin and callable ops do."""
     return type(op).__module__ == "ttach_instance.ops" and type(op).__name__ != "CallableOp"
@@ -451,9 +456,11 @@ class TransformSpace:
         return torch.stack(maps)  # type: ignore[arg-type]
 
     def _inverse_table(self, height: int, width: int, device: torch.device) -> Optional[Tuple[Tensor, Tensor]]:
-        """``(inverse maps (T, 2, 3) float32, moves pixels (T,) bool)`` on ``device`` for images of
+        """``(inverse maps (T, 2, 3) float32, resampled (T,) bool)`` on ``device`` for images of
         ``height x width``, built once per size and device (then only indexed: no host transfer
-        in a forward); ``None`` when some geometric candidate has no affine map."""
+        in a forward); ``None`` when some geometric candidate has no affine map. ``resampled``:
+        the candidate moves pixels by more than flips and quarter turns (those are undone as exact
+        permutations, never resampled)."""
         cache = self.__dict__.setdefault("_inverse_tables", {})
         key = (int(height), int(width), str(device))
         if key not in cache:
@@ -462,8 +469,8 @@ class TransformSpace:
                 cache[key] = None
             else:
                 inverse = F.invert_theta(table.to(torch.float64)).to(torch.float32)
-                moved = torch.tensor([c.geometric for c in self.candidates])
-                cache[key] = (inverse.to(device), moved.to(device))
+                resampled = torch.tensor([c.geometric and not _exact(c) for c in self.candidates])
+                cache[key] = (inverse.to(device), resampled.to(device))
         return cache[key]
 
     def deaugment(
@@ -485,9 +492,10 @@ class TransformSpace:
         input images when the outputs have another resolution (a strided head): the maps are
         built for the images (pixel-exact crop boxes) and applied at the outputs' resolution.
 
-        When every candidate has an affine map the moved rows are resampled in one
-        ``grid_sample`` through cached inverse maps; on accelerators all rows are, without a
-        host synchronisation. Photometric rows pass through untouched. Spaces with other
+        When every candidate has an affine map the rows that need it are resampled in one
+        ``grid_sample`` through cached inverse maps (on accelerators without a host
+        synchronisation); flips and quarter turns come back as exact permutations, photometric
+        rows untouched. Spaces with other
         geometric ops are undone candidate by candidate (grouped on CPU; on accelerators every
         candidate's inverse on all rows and a device-side choice); ``fill="border"`` then needs
         every resampled op to have an affine map (:meth:`Candidate.deaugment`).
@@ -513,19 +521,28 @@ class TransformSpace:
         vdtype = outputs.dtype if outputs.is_floating_point() else torch.float32
         entry = self._inverse_table(int(ih), int(iw), outputs.device)
         if entry is not None:
-            inverse, moved = entry
+            inverse, resampled = entry
+            exact = [c for c, cand in enumerate(self.candidates) if cand.geometric and _exact(cand)]
             if outputs.device.type == "cpu":
-                # A host-side selection costs nothing here: resample only the rows that moved.
-                rows = moved[flat].nonzero().squeeze(1)
+                # A host-side selection costs nothing here: resample only the rows that need it,
+                # permute the flipped / turned ones back exactly, copy the photometric ones.
+                rows = resampled[flat].nonzero().squeeze(1)
                 back = outputs.clone()
                 valid = torch.ones((outputs.shape[0], 1, h, w), dtype=vdtype)
                 if rows.numel():
                     back[rows], valid[rows] = F.warp_back(outputs[rows], inverse[flat[rows]], mode, fill)
+                for c in exact:
+                    rows = (flat == c).nonzero().squeeze(1)
+                    if rows.numel():
+                        back[rows] = self.candidates[c].deaugment(outputs[rows])[0]
                 return back, valid
             back, valid = F.warp_back(outputs, inverse[flat], mode, fill)
-            rows_moved = moved[flat][:, None, None, None]
-            return (torch.where(rows_moved, back, outputs),
-                    torch.where(rows_moved, valid, torch.ones_like(valid)))
+            keep = ~resampled[flat][:, None, None, None]
+            back = torch.where(keep, outputs, back)
+            valid = torch.where(keep, torch.ones_like(valid), valid)
+            for c in exact:  # device-side choice: no host synchronisation
+                back = torch.where((flat == c)[:, None, None, None], self.candidates[c].deaugment(outputs)[0], back)
+            return back, valid
         self.check_invertible()
         if outputs.device.type != "cpu":
             # No affine map for some candidate: each candidate's inverse on all rows, then a

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,27 @@ def _usable(methods: Sequence[str], predictor, image_side: int, task: str) -> Li
     return out
 
 
+def _method_outputs(wrappers: Dict[str, nn.Module], x: Tensor, y: Tensor, preds: List[Tensor],
+                    choices: Tensor) -> Tuple[Dict[str, Tensor], Optional[Tensor]]:
+    """Every method's output on one batch (model inputs ``x``, targets ``y``), and the oracle's
+    true losses of every candidate when the oracle is among them; appends Ours k=1's predicted
+    losses to ``preds`` and counts its picks in ``choices``."""
+    outputs, true = {}, None
+    for m, wrapper in wrappers.items():
+        if m == "oracle_k1":
+            out, selection = wrapper(x, y)
+            true = selection.true_losses
+        elif m in PREDICTOR_METHODS:
+            out, selection = wrapper(x)
+            if m == "ours_k1":
+                preds.append(selection.predicted_losses.float().cpu())
+                choices += torch.bincount(selection.index[:, 0].cpu(), minlength=choices.numel())
+        else:
+            out = wrapper(x)
+        outputs[m] = next(iter(out.values())) if isinstance(out, dict) else out
+    return outputs, true
+
+
 @torch.no_grad()
 def evaluate_arrays(model: nn.Module, images: Tensor, labels: Tensor, space, predictor: Optional[nn.Module] = None,
                     methods: Sequence[str] = METHODS, batch_size: int = 200, mean: Any = None,
@@ -87,18 +108,8 @@ def evaluate_arrays(model: nn.Module, images: Tensor, labels: Tensor, space, pre
         y = labels[i:i + batch_size]
         x = to_model_input(images[i:i + batch_size].float() / 255, mean, std)
         memo.clear()
-        true = None
-        for m, wrapper in wrappers.items():
-            if m == "oracle_k1":
-                out, selection = wrapper(x, y)
-                true = selection.true_losses
-            elif m in PREDICTOR_METHODS:
-                out, selection = wrapper(x)
-                if m == "ours_k1":
-                    preds.append(selection.predicted_losses.float().cpu())
-                    choices += torch.bincount(selection.index[:, 0].cpu(), minlength=len(space))
-            else:
-                out = wrapper(x)
+        outputs, true = _method_outputs(wrappers, x, y, preds, choices)
+        for m, out in outputs.items():
             correct[m] += int((out.argmax(1).cpu() == y).sum())
         if oracle is not None:
             trues.append((true if true is not None else oracle(x, y)[1].true_losses).float().cpu())
@@ -314,21 +325,11 @@ def evaluate_segmentation_arrays(model: nn.Module, images: Tensor, masks: Tensor
         x = to_model_input(images[i:i + batch_size].float() / 255, mean, std)
         y = masks[i:i + batch_size].long()
         memo.clear()
-        for m, wrapper in wrappers.items():
-            if m == "oracle_k1":
-                out = wrapper(x, y)[0]
-            elif m.startswith("ours"):
-                out, selection = wrapper(x)
-                if m == "ours_k1":
-                    preds.append(selection.predicted_losses.float().cpu())
-                    choices += torch.bincount(selection.index[:, 0].cpu(), minlength=len(space))
-            else:
-                out = wrapper(x)
-            if isinstance(out, dict):
-                out = out[output_key]
+        outputs, true = _method_outputs(wrappers, x, y, preds, choices)
+        for m, out in outputs.items():
             cms[m].update(out.argmax(1), y.to(out.device))
         if predictor is not None:
-            trues.append(oracle(x, y)[1].true_losses.cpu())
+            trues.append((true if true is not None else oracle(x, y)[1].true_losses).float().cpu())
     metrics = {m: cms[m].metrics() for m in methods}
     return {"n": int(images.shape[0]), "miou": {m: 100.0 * metrics[m]["miou"] for m in methods},
             "pixel_acc": {m: 100.0 * metrics[m]["pixel_acc"] for m in methods}, "choices": choices.tolist(),
