@@ -7,7 +7,7 @@ from ttach_instance import functional as F
 from ttach_instance.training.corruptions import corrupt_batch, draw_recipes
 from ttach_instance.training.deformations import Deformation, deform_batch, draw_deformations
 from ttach_instance.training.labels import generate_labels
-from ttach_instance.training.tasks import SegmentationLossTask
+from ttach_instance.training.tasks import SegmentationTask
 
 from _tiny import space, tiny_data, tiny_model
 
@@ -105,4 +105,4 @@ def test_dense_tasks_refuse_a_deformation(tmp_path):
     masks = torch.zeros(2, 16, 16, dtype=torch.long)
     with pytest.raises(ValueError, match="deformation is for classification"):
         generate_labels(tiny_model(), images, masks, space(), str(tmp_path / "s"),
-                        task=SegmentationLossTask(), progress=False, deformation=Deformation())
+                        task=SegmentationTask(), progress=False, deformation=Deformation())
