@@ -167,20 +167,35 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
                    help="timm model name (timm:NAME or NAME, built with pretrained=False) or package.module:factory")
     p.add_argument("--weights", default=None, help="model weights: .safetensors or a torch state dict (weights_only)")
+    p.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help='more constructor arguments of the model, as a JSON object, e.g. \'{"width": 8}\'')
     p.add_argument("--num-classes", type=positive_int, default=None,
                    help="classes of the model (default: from the data)")
     p.add_argument("--device", type=device, default="cpu")
 
 
+def _json_object(text: str) -> dict:
+    """argparse type: a JSON object of constructor arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"width\": 8}}', got {text!r} ({e})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"width\": 8}}', got {text!r}")
+    return value
+
+
 def _load_model(args, num_classes):
     from .data import build_model
 
-    return build_model(args.model, num_classes=args.num_classes or num_classes, weights=args.weights).to(args.device)
+    return build_model(args.model, num_classes=args.num_classes or num_classes, weights=args.weights,
+                       kwargs=getattr(args, "model_kwargs", None)).to(args.device)
 
 
 def _model_spec(args, num_classes: int) -> dict:
     """What the CLI built the model from, recorded with results next to its weights' hash."""
-    return {"model": args.model, "num_classes": args.num_classes or num_classes}
+    return {"model": args.model, "num_classes": args.num_classes or num_classes,
+            "kwargs": getattr(args, "model_kwargs", None) or {}}
 
 
 def _parse_list(text: str, arg: str):

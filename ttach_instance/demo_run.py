@@ -122,4 +122,21 @@ def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8,
                        cost_images=128, progress=progress, log=log)
     print(markdown_table(results))
     log(f"demo finished in {time.time() - t0:.0f}s; table, JSON and plots in {os.path.join(out_dir, 'eval')}")
+    log("classify any image with what the demo trained (here one of its validation crops):\n  "
+        + predict_command(out_dir, val, len(train.classes), size))
     return results
+
+
+def predict_command(out_dir: str, val, num_classes: int, size: int) -> str:
+    """The ``ttach-instance predict`` command line for the demo's target and predictor, with a
+    validation crop written to ``out_dir/example.png`` and the class names to ``classes.txt``."""
+    from PIL import Image
+
+    example, classes = os.path.join(out_dir, "example.png"), os.path.join(out_dir, "classes.txt")
+    Image.fromarray(val.images[0].permute(1, 2, 0).numpy()).save(example)
+    with open(classes, "w") as f:
+        f.write("\n".join(val.classes) + "\n")
+    return (f"ttach-instance predict --model ttach_instance.models:small_resnet --model-kwargs '{{\"width\": 8}}' "
+            f"--weights {os.path.join(out_dir, 'target.safetensors')} --num-classes {num_classes} "
+            f"--predictor {os.path.join(out_dir, 'fit', 'predictor.safetensors')} --size {size} "
+            f"--classes {classes} {example}")
