@@ -116,13 +116,13 @@ def photo_batch(arrays: np.ndarray, layout: str) -> torch.Tensor:
 
 
 def timings_ms(methods: dict, repeats: int, clock=time.perf_counter, stat=statistics.median) -> dict:
-    """``stat`` of ``repeats`` interleaved timings of each method, in ms, after one warm-up
-    round (which also fills the kernels' caches)."""
-    for fn in methods.values():
-        fn()
+    """``stat`` of ``repeats`` interleaved timings of each method, in ms. Each timed call follows
+    an untimed call of the same method, so every method is timed with its data in cache (else
+    a method timed right after another on the same batch reads it warm, the first one cold)."""
     times = {k: [] for k in methods}
     for _ in range(repeats):
         for k, fn in methods.items():
+            fn()
             t0 = clock()
             fn()
             times[k].append(clock() - t0)
