@@ -198,8 +198,8 @@ class TTAWrapper(nn.Module):
         norm = f"mean={self.mean}, std={self.std}" if self.mean is not None else "no normalisation"
         what = f"{type(self).__name__}: the input un-normalised ({norm})"
         if pixels.numel() and pixels.device.type == "cpu":
-            lo, hi = torch.aminmax(pixels.detach())
-            if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also false for NaN
+            if not F.in_unit_range(pixels):  # one read of the batch, whatever its layout; false for NaN
+                lo, hi = torch.aminmax(pixels.detach())
                 raise ValueError(f"{what} holds values in [{float(lo):.4g}, {float(hi):.4g}], not finite pixels in "
                                  f"[0, 1]: pass images normalised as the model expects (0-255 input: divide by 255 "
                                  f"first), or give the wrapper the model's mean= and std=")
