@@ -94,7 +94,7 @@ def test_another_model_data_pool_or_setting_is_refused_naming_what_differs(tmp_p
     ]
     for change, words in cases:
         args = {"model": model, "images": images, "labels": labels, "space": space(), **kw, **change}
-        with pytest.raises(ValueError, match="another model, data, pool or settings.*" + words):
+        with pytest.raises(ValueError, match="holds a prediction cache made with other settings or another model/data.*" + words):
             generate_predictions(args.pop("model"), args.pop("images"), args.pop("labels"), args.pop("space"), d,
                                  **args)
     assert PredictionCache(d).done_shards() == [0]  # the refused runs wrote nothing

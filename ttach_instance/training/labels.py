@@ -100,6 +100,8 @@ def concat_common_fields(parts: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor
 
 
 class LabelCache:
+    #: What the cache is called in messages (subclasses name theirs).
+    what = "label cache"
     """A label cache directory: its manifest, which shards are done and sound, and loading the rows."""
 
     def __init__(self, directory: str):
@@ -344,8 +346,6 @@ def generate_labels(
     what they are, and may differ between a run and its continuation. ``log``: where shards
     found damaged on a restart are reported (rank 0).
     """
-    from tqdm import tqdm
-
     from ..data import normalizer, resize_masks, resize_uint8
 
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
@@ -407,18 +407,9 @@ def generate_labels(
         "deformation": None if deformation is None else deformation.spec(),
     }
     cache = LabelCache(directory)
-    if dist.is_main():
-        _open_for_writing(cache, config, log)
-    dist.barrier()
-    rank, world = dist.rank(), dist.world_size()
-    todo = [s for s in cache.missing_shards() if s % world == rank]
-    if max_shards is not None:
-        todo = todo[:max_shards]
-    # rank 0 records its shards in the manifest; the others in their own file, merged at the end
-    records = cache.records() if rank == 0 else {}
     model = model.to(device).eval()
-    bar = tqdm(todo, desc=f"labels (rank {rank})" if world > 1 else "labels", disable=not progress or not todo)
-    for s in bar:
+
+    def compute(s: int) -> Dict[str, Tensor]:
         rows = list(range(s * shard_size, min(total, (s + 1) * shard_size)))
         img_idx = torch.tensor([r % n for r in rows])
         recipes = draw_recipes(rows, seed, corruption_p, corruptions, severities)
@@ -436,14 +427,39 @@ def generate_labels(
         if tuple(outputs["losses"].shape) != (len(rows), len(space)):  # never record a shard without its losses
             raise RuntimeError(f"shard {s}: losses of shape {tuple(outputs['losses'].shape)}, expected "
                                f"({len(rows)}, {len(space)})")
-        records[s] = atomic_save_tensors(cache.shard_path(s), {
+        return {
             "images": batch,
             **{k: v.cpu() for k, v in outputs.items()},
             "labels": tgt,
             "rows": torch.tensor(rows, dtype=torch.long),
             "corruption": torch.tensor([ALL.index(r[0]) if r[0] else -1 for r in recipes], dtype=torch.long),
             "severity": torch.tensor([r[1] for r in recipes], dtype=torch.long),
-        }, {"shard": s, "rank": rank, "world": world})
+        }
+
+    write_shards(cache, config, compute, log, max_shards, progress)
+    return cache
+
+
+def write_shards(cache: LabelCache, config: Dict[str, Any], compute: Callable[[int], Dict[str, Tensor]],
+                 log: Callable[[str], None], max_shards: Optional[int] = None, progress: bool = True) -> None:
+    """Compute and write the shards ``cache`` still lacks, resumably (label and prediction caches
+    alike): rank 0 opens the cache (:func:`_open_for_writing`); each rank takes every
+    ``world``-th missing shard (at most ``max_shards``), writes ``compute(shard)`` atomically and
+    records it with its size and hash -- rank 0 in the manifest, the others in their own file,
+    merged into the manifest at the end -- so a killed job loses at most the shard in progress."""
+    from tqdm import tqdm
+
+    if dist.is_main():
+        _open_for_writing(cache, config, log)
+    dist.barrier()
+    rank, world = dist.rank(), dist.world_size()
+    todo = [s for s in cache.missing_shards() if s % world == rank]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    records = cache.records() if rank == 0 else {}
+    what = cache.what.split()[0]
+    for s in tqdm(todo, desc=f"{what} (rank {rank})" if world > 1 else what, disable=not progress or not todo):
+        records[s] = atomic_save_tensors(cache.shard_path(s), compute(s), {"shard": s, "rank": rank, "world": world})
         if rank == 0:
             atomic_write_json(cache.manifest_path, {**config, "shards": _json_records(records)})
         else:
@@ -452,7 +468,6 @@ def generate_labels(
     if dist.is_main() and world > 1:  # merge the other ranks' records into the manifest
         _merge_rank_records(cache)
     dist.barrier()
-    return cache
 
 
 def _rank_path(cache: LabelCache, rank: int) -> str:
@@ -471,20 +486,21 @@ def _merge_rank_records(cache: LabelCache) -> None:
 
 
 def _open_for_writing(cache: LabelCache, config: Dict[str, Any], log: Callable[[str], None]) -> None:
-    """Rank 0 before any shard is computed: a new cache gets its manifest; an existing one must
-    have been made by the same model, data, space, task and settings (else a ``ValueError``
-    naming what differs), and every shard not exactly as recorded is reported and removed, so it
-    is recomputed with the missing ones."""
+    """Rank 0 before any shard is computed (label and prediction caches alike): a new cache gets
+    its manifest; an existing one must have been made by the same model, data, space, task and
+    settings (else a ``ValueError`` naming what differs), and every shard not exactly as recorded
+    is reported and removed, so it is recomputed with the missing ones."""
+    what = cache.what
     if not os.path.isfile(cache.manifest_path):
-        if os.path.isdir(cache.directory) and glob.glob(os.path.join(glob.escape(cache.directory), "shard_*")):
-            raise ValueError(f"directory {cache.directory!r} holds shards but no manifest.json: not a label cache "
-                             f"this version can continue; use another directory or delete it")
+        if os.path.isdir(cache.directory) and os.listdir(cache.directory):
+            raise ValueError(f"directory {cache.directory!r} is not empty and holds no {what} (no manifest.json) this "
+                             f"version can continue; use another directory or delete it")
         atomic_write_json(cache.manifest_path, {**config, "shards": {}})
         return
     old = cache.manifest()
     diff = describe_differences({k: v for k, v in old.items() if k != "shards"}, config)
     if diff:
-        raise ValueError(f"directory {cache.directory!r} holds a label cache made with other settings or another "
+        raise ValueError(f"directory {cache.directory!r} holds a {what} made with other settings or another "
                          f"model/data (cache -> now: {'; '.join(diff)}); use another directory or delete it")
     _merge_rank_records(cache)  # records a killed torchrun left in the ranks' files
     problems = cache.verify()
@@ -492,7 +508,7 @@ def _open_for_writing(cache: LabelCache, config: Dict[str, Any], log: Callable[[
     for s, problem in sorted(problems.items()):
         if problem == "missing":
             continue
-        log(f"label cache {cache.directory!r}: {os.path.basename(cache.shard_path(s))} is {problem}; recomputing it")
+        log(f"{what} {cache.directory!r}: {os.path.basename(cache.shard_path(s))} is {problem}; recomputing it")
         os.remove(cache.shard_path(s))
         records.pop(s, None)
     atomic_write_json(cache.manifest_path, {**config, "shards": _json_records(records)})

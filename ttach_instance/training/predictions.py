@@ -24,7 +24,6 @@ merges them.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional
@@ -32,10 +31,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_save_tensors, atomic_write_json, load_tensors
-from . import distributed as dist
-from .labels import (LabelCache, _json_records, _merge_rank_records, _rank_path, check_format, dataset_fingerprint,
-                     describe_differences, model_identity)
+from ..io import load_tensors
+from .labels import LabelCache, check_format, dataset_fingerprint, model_identity, write_shards
 
 #: Version of the prediction cache's layout and manifest.
 FORMAT_VERSION = 1
@@ -51,6 +48,8 @@ def _positive_int(value: Any, name: str) -> int:
 class PredictionCache(LabelCache):
     """A prediction cache directory: its manifest, which shards are done and sound, and loading
     ``log_probs`` / ``labels`` (shard records and verification are the label cache's)."""
+
+    what = "prediction cache"
 
     def manifest(self) -> Dict:
         """The manifest, after checking it is a prediction cache this version reads."""
@@ -144,7 +143,6 @@ def generate_predictions(
     ``batch_size`` and ``device`` change how values are computed, not what they are, and may
     differ between a run and its continuation.
     """
-    from tqdm import tqdm
 
     from ..data import normalizer, resize_uint8
 
@@ -189,64 +187,19 @@ def generate_predictions(
         "num_shards": (n + shard_size - 1) // shard_size,
     }
     cache = PredictionCache(directory)
-    if dist.is_main():
-        _open_for_writing(cache, config, log)
-    dist.barrier()
-    rank, world = dist.rank(), dist.world_size()
-    todo = [s for s in cache.missing_shards() if s % world == rank]
-    if max_shards is not None:
-        todo = todo[:max_shards]
-    records = cache.records() if rank == 0 else {}
     model = model.to(device).eval()
-    bar = tqdm(todo, desc=f"predictions (rank {rank})" if world > 1 else "predictions",
-               disable=not progress or not todo)
-    for s in bar:
+
+    def compute(s: int) -> Dict[str, Tensor]:
         rows = torch.arange(s * shard_size, min(n, (s + 1) * shard_size))
         batch = images[rows]
         if size is not None and tuple(batch.shape[-2:]) != (size, size):
             batch = resize_uint8(batch, size)
         lp = candidate_log_probs(model, batch.to(device).float() / 255, space, normalize, batch_size, output_key)
-        records[s] = atomic_save_tensors(cache.shard_path(s), {
-            "log_probs": lp.to(DTYPES[dtype]).cpu(), "labels": labels[rows].long(), "rows": rows,
-        }, {"shard": s, "rank": rank, "world": world})
-        if rank == 0:
-            atomic_write_json(cache.manifest_path, {**config, "shards": _json_records(records)})
-        else:
-            atomic_write_json(_rank_path(cache, rank), _json_records(records))
-    dist.barrier()
-    if dist.is_main() and world > 1:
-        _merge_rank_records(cache)
-    dist.barrier()
+        return {"log_probs": lp.to(DTYPES[dtype]).cpu(), "labels": labels[rows].long(), "rows": rows}
+
+    write_shards(cache, config, compute, log, max_shards, progress)
     return cache
 
-
-def _open_for_writing(cache: PredictionCache, config: Dict[str, Any], log: Callable[[str], None]) -> None:
-    """Rank 0 before any shard: a new cache gets its manifest; an existing one must have been
-    made by the same model, data, pool and settings (else a ``ValueError`` naming what
-    differs), and every shard not exactly as recorded is reported and removed (recomputed)."""
-    if not os.path.isfile(cache.manifest_path):
-        if os.path.isdir(cache.directory) and os.listdir(cache.directory):
-            raise ValueError(f"directory {cache.directory!r} is not empty and holds no prediction cache; use another "
-                             f"directory")
-        atomic_write_json(cache.manifest_path, {**config, "shards": {}})
-        return
-    old = cache.manifest()
-    diff = describe_differences({k: v for k, v in old.items() if k != "shards"}, config)
-    if diff:
-        raise ValueError(f"directory {cache.directory!r} holds a prediction cache of another model, data, pool or "
-                         f"settings (cache -> now: {'; '.join(diff)}); use another directory or delete it")
-    _merge_rank_records(cache)  # records a killed torchrun left in the ranks' files
-    records = cache.records()
-    for s, problem in sorted(cache.verify().items()):
-        if problem == "missing":
-            continue
-        log(f"prediction cache {cache.directory!r}: {os.path.basename(cache.shard_path(s))} is {problem}; "
-            f"recomputing it")
-        os.remove(cache.shard_path(s))
-        records.pop(s, None)
-    atomic_write_json(cache.manifest_path, {**config, "shards": _json_records(records)})
-    for tmp in glob.glob(os.path.join(glob.escape(cache.directory), "*.tmp*")):  # a killed writer's leftovers
-        os.remove(tmp)
 
 
 def load_predictions(directory: str) -> Dict[str, Any]:
