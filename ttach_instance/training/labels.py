@@ -100,8 +100,9 @@ def concat_common_fields(parts: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor
 
 
 class LabelCache:
-    #: What the cache is called in messages (subclasses name theirs).
+    #: What the cache is called in messages, and the step that (re)computes its shards.
     what = "label cache"
+    rerun = "run the labels step again"
     """A label cache directory: its manifest, which shards are done and sound, and loading the rows."""
 
     def __init__(self, directory: str):
@@ -188,24 +189,31 @@ class LabelCache:
                     problems[s] = "altered: its sha256 differs from the manifest's"
         return problems
 
-    def load(self, allow_partial: bool = False) -> Dict[str, Tensor]:
-        """All rows (sorted by row id) as a dict of tensors. Every shard is verified against the
-        manifest first: a damaged one is a ``ValueError`` naming it (run the labels step again to
-        recompute it), and so are missing shards unless ``allow_partial``."""
+    def sound_shards(self, allow_partial: bool = False) -> Tuple[Dict, List[Dict[str, Tensor]]]:
+        """``(manifest, tensors of every finished shard)``, each shard verified against the manifest
+        first: a damaged one is a ``ValueError`` naming it (run the same step again to recompute
+        it), and so are missing shards unless ``allow_partial``, and a cache without any."""
         m = self.manifest()
         problems = self.verify()
         damaged = {s: p for s, p in problems.items() if p != "missing" and not p.startswith("written but")}
         if damaged:
             listed = "; ".join(f"{os.path.basename(self.shard_path(s))} {p}" for s, p in sorted(damaged.items())[:5])
-            raise ValueError(f"label cache {self.directory!r} has {len(damaged)} damaged shard(s): {listed}; run the "
-                             f"labels step again with the same arguments to recompute them")
+            raise ValueError(f"{self.what} {self.directory!r} has {len(damaged)} damaged shard(s): {listed}; "
+                             f"{self.rerun} with the same arguments to recompute them")
         missing = sorted(problems)
         if missing and not allow_partial:
-            raise ValueError(f"label cache {self.directory!r} is incomplete: {len(missing)} of {m['num_shards']} "
-                             f"shards missing (first {missing[:5]}); run the labels step again to finish it")
+            raise ValueError(f"{self.what} {self.directory!r} is incomplete: {len(missing)} of {m['num_shards']} "
+                             f"shards missing (first {missing[:5]}); {self.rerun} to finish it")
         parts = [load_tensors(self.shard_path(s))[0] for s in range(m["num_shards"]) if s not in problems]
         if not parts:
-            raise ValueError(f"label cache {self.directory!r} has no finished shard")
+            raise ValueError(f"{self.what} {self.directory!r} has no finished shard")
+        return m, parts
+
+    def load(self, allow_partial: bool = False) -> Dict[str, Tensor]:
+        """All rows (sorted by row id) as a dict of tensors. Every shard is verified against the
+        manifest first: a damaged one is a ``ValueError`` naming it (run the labels step again to
+        recompute it), and so are missing shards unless ``allow_partial``."""
+        m, parts = self.sound_shards(allow_partial)
         out = concat_common_fields(parts)
         order = out["rows"].argsort()
         out = {k: v[order] for k, v in out.items()}

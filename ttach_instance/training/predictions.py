@@ -31,7 +31,6 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..io import load_tensors
 from .labels import LabelCache, check_format, dataset_fingerprint, model_identity, write_shards
 
 #: Version of the prediction cache's layout and manifest.
@@ -50,6 +49,7 @@ class PredictionCache(LabelCache):
     ``log_probs`` / ``labels`` (shard records and verification are the label cache's)."""
 
     what = "prediction cache"
+    rerun = "run the same command again"
 
     def manifest(self) -> Dict:
         """The manifest, after checking it is a prediction cache this version reads."""
@@ -73,20 +73,7 @@ class PredictionCache(LabelCache):
         """``{"log_probs": (candidates, samples, classes), "labels": (samples,), "rows": (samples,)}``,
         in row order, after verifying every shard against the manifest (a damaged one is a
         ``ValueError`` naming it; so are missing shards unless ``allow_partial``)."""
-        m = self.manifest()
-        problems = self.verify()
-        damaged = {s: p for s, p in problems.items() if p != "missing" and not p.startswith("written but")}
-        if damaged:
-            listed = "; ".join(f"{os.path.basename(self.shard_path(s))} {p}" for s, p in sorted(damaged.items())[:5])
-            raise ValueError(f"prediction cache {self.directory!r} has {len(damaged)} damaged shard(s): {listed}; run "
-                             f"the same command again to recompute them")
-        if problems and not allow_partial:
-            raise ValueError(f"prediction cache {self.directory!r} is incomplete: {len(problems)} of "
-                             f"{m['num_shards']} shards missing (first {sorted(problems)[:5]}); run the same command "
-                             f"again to finish it")
-        parts = [load_tensors(self.shard_path(s))[0] for s in range(m["num_shards"]) if s not in problems]
-        if not parts:
-            raise ValueError(f"prediction cache {self.directory!r} has no finished shard")
+        m, parts = self.sound_shards(allow_partial)
         rows = torch.cat([p["rows"] for p in parts])
         if not allow_partial and not torch.equal(rows, torch.arange(m["total_rows"])):
             raise ValueError(f"prediction cache {self.directory!r}: rows are not exactly 0..{m['total_rows'] - 1}")
