@@ -32,7 +32,7 @@ BAD = [
     (FIT, "--lr", "inf"), (FIT, "--ema", "1"), (FIT, "--val-fraction", "1.0"), (FIT, "--val-fraction", "-0.2"),
     (FIT, "--width", "0"), (FIT, "--clean-tolerance", "-1"), (FIT, "--clean-tolerance", "101"), (FIT, "--tau", "0"),
     (FIT, "--tau", "hot"), (FIT, "--group-weight", "-1"), (FIT, "--distill-weight", "nan"),
-    (FIT, "--init-num-classes", "0"), (FIT, "--seed", "-5"),
+    (FIT, "--init-num-classes", "0"), (FIT, "--seed", "-5"), (FIT, "--weight-decay", "-0.1"),
     (EVAL, "--limit", "0"), (EVAL, "--size", "0"), (EVAL, "--cost-images", "-1"), (EVAL, "--batch-size", "0"),
     (EVAL, "--cost-repeats", "0"), (EVAL, "--num-classes", "0"), (EVAL, "--severities", "3,9"),
     (PREDICT, "--k", "0"), (PREDICT, "--size", "0"), (PREDICT, "--num-classes", "-4"),
@@ -58,6 +58,7 @@ def test_good_values_at_the_bounds_parse():
     a = p.parse_args([*FIT, "--ema", "0", "--val-fraction", "0", "--tau", "auto", "--clean-tolerance", "0"])
     assert (a.ema, a.val_fraction, a.tau, a.clean_tolerance, a.input_size) == (0.0, 0.0, "auto", 0.0, None)
     assert p.parse_args([*FIT, "--tau", "0.5"]).tau == 0.5
+    assert p.parse_args([*FIT, "--weight-decay", "0"]).weight_decay == 0.0
     a = p.parse_args([*EVAL, "--cost-images", "0", "--limit", "1"])
     assert (a.cost_images, a.limit, a.severities) == (0, 1, [1, 2, 3, 4, 5])
 

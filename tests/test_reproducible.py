@@ -208,6 +208,12 @@ def test_cli_fit_seed_fixes_the_whole_fit_and_its_checkpoint_refuses_other_label
     one, two, other = (load_file(str(tmp_path / d / "predictor.safetensors")) for d in ("one", "two", "other_seed"))
     assert sorted(one) == sorted(two) and all(torch.equal(one[k], two[k]) for k in one)  # initialisation included
     assert not torch.equal(one["head.weight"], other["head.weight"])
+    # --weight-decay reaches the optimiser: the same seed with another decay trains other weights
+    assert main(["fit", "--labels", labels["a"], "--out", str(tmp_path / "decayed"), "--predictor", "small",
+                 "--width", "4", "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw",
+                 "--val-fraction", "0.25", "--seed", "3", "--weight-decay", "0.5"]) == 0
+    decayed = load_file(str(tmp_path / "decayed" / "predictor.safetensors"))
+    assert not torch.equal(one["head.weight"], decayed["head.weight"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         fit("one", 3, cache="b")

@@ -320,6 +320,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError("--identity-gate needs --clean-tolerance (the gate scales the identity margin that "
                          "calibration picks)")
     cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                    weight_decay=args.weight_decay,
                     ema_decay=args.ema, val_fraction=args.val_fraction, listwise_weight=args.listwise_weight,
                     spearman_weight=args.spearman_weight, tau=tau, seed=args.seed, group_weight=args.group_weight,
                     flip_permutation=flip_permutation(space) if args.flip else None,
@@ -550,6 +551,8 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw", "sgd"])
     p.add_argument("--lr", type=positive_number, default=0.01)
+    p.add_argument("--weight-decay", type=non_negative_number, default=1e-5,
+                   help="the optimiser's weight decay (>= 0)")
     p.add_argument("--ema", type=fraction_below_one, default=0.999, help="EMA decay of the weights, in [0, 1)")
     p.add_argument("--val-fraction", type=fraction_below_one, default=0.2, help="held-out images, in [0, 1)")
     p.add_argument("--listwise-weight", type=non_negative_number, default=1.0)
