@@ -103,6 +103,10 @@ class LabelCache:
     #: What the cache is called in messages, and the step that (re)computes its shards.
     what = "label cache"
     rerun = "run the labels step again"
+    #: The manifest's ``kind`` (label caches have none), format version and least ``total_rows``.
+    kind = None
+    format_version = FORMAT_VERSION
+    min_rows = 0
     """A label cache directory: its manifest, which shards are done and sound, and loading the rows."""
 
     def __init__(self, directory: str):
@@ -115,20 +119,25 @@ class LabelCache:
         return os.path.join(self.directory, "manifest.json")
 
     def manifest(self) -> Dict:
-        """The manifest, after checking it is one this version reads (else a ``ValueError``)."""
+        """The manifest, after checking it is a cache of this kind and format with valid shard
+        counts (else a ``ValueError`` naming the directory)."""
+        what, where = self.what, f"{self.what} {self.directory!r}"
         if not os.path.isfile(self.manifest_path):
-            raise ValueError(f"directory {self.directory!r} is not a label cache (no manifest.json)")
+            raise ValueError(f"directory {self.directory!r} is not a {what} (no manifest.json)")
         try:
             with open(self.manifest_path) as f:
                 m = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"label cache {self.directory!r}: manifest.json is unreadable ({e})") from None
+            raise ValueError(f"{where}: manifest.json is unreadable ({e})") from None
         if not isinstance(m, dict):
-            raise ValueError(f"label cache {self.directory!r}: manifest.json must hold a JSON object")
-        check_format(m.get("format"), FORMAT_VERSION, f"label cache {self.directory!r}")
+            raise ValueError(f"{where}: manifest.json must hold a JSON object")
+        if m.get("kind") != self.kind:
+            raise ValueError(f"directory {self.directory!r} does not hold a {what} (its manifest.json is of kind "
+                             f"{m.get('kind')!r})")
+        check_format(m.get("format"), self.format_version, where)
         for key in ("num_shards", "total_rows", "shard_size"):
-            if not isinstance(m.get(key), int) or m[key] < (0 if key == "total_rows" else 1):
-                raise ValueError(f"label cache {self.directory!r}: manifest.json has no valid {key!r}")
+            if not isinstance(m.get(key), int) or m[key] < (self.min_rows if key == "total_rows" else 1):
+                raise ValueError(f"{where}: manifest.json has no valid {key!r}")
         return m
 
     def identity(self) -> str:
@@ -287,9 +296,10 @@ def load_label_caches(directories: Sequence[str]) -> Tuple[Dict[str, Tensor], Di
     return data, manifest
 
 
-def _check_positive_int(value: Any, name: str) -> None:
+def _check_positive_int(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 @torch.no_grad()

@@ -25,23 +25,16 @@ merges them.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .labels import LabelCache, check_format, dataset_fingerprint, model_identity, write_shards
+from .labels import LabelCache, _check_positive_int, dataset_fingerprint, model_identity, write_shards
 
 #: Version of the prediction cache's layout and manifest.
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class PredictionCache(LabelCache):
@@ -50,24 +43,9 @@ class PredictionCache(LabelCache):
 
     what = "prediction cache"
     rerun = "run the same command again"
-
-    def manifest(self) -> Dict:
-        """The manifest, after checking it is a prediction cache this version reads."""
-        if not os.path.isfile(self.manifest_path):
-            raise ValueError(f"directory {self.directory!r} is not a prediction cache (no manifest.json)")
-        try:
-            with open(self.manifest_path) as f:
-                m = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"prediction cache {self.directory!r}: manifest.json is unreadable ({e})") from None
-        if not isinstance(m, dict) or m.get("kind") != "predictions":
-            raise ValueError(f"directory {self.directory!r} does not hold a prediction cache (its manifest.json is "
-                             f"not one; a label cache?)")
-        check_format(m.get("format"), FORMAT_VERSION, f"prediction cache {self.directory!r}")
-        for key in ("num_shards", "total_rows", "shard_size"):
-            if not isinstance(m.get(key), int) or m[key] < 1:
-                raise ValueError(f"prediction cache {self.directory!r}: manifest.json has no valid {key!r}")
-        return m
+    kind = "predictions"
+    format_version = FORMAT_VERSION
+    min_rows = 1
 
     def load(self, allow_partial: bool = False) -> Dict[str, Tensor]:
         """``{"log_probs": (candidates, samples, classes), "labels": (samples,), "rows": (samples,)}``,
@@ -87,7 +65,7 @@ def candidate_log_probs(model: nn.Module, pixels: Tensor, space, normalize: Call
     """``(B, candidates, classes)`` float32 log-softmax of ``model`` on every candidate of
     ``space`` applied to pixel images ``(B, 3, H, W)`` in [0, 1]; ``batch_size`` images
     (``x candidates`` views) per model call."""
-    _positive_int(batch_size, "batch_size")
+    _check_positive_int(batch_size, "batch_size")
     t = len(space)
     out = []
     for i in range(0, pixels.shape[0], batch_size):
@@ -144,12 +122,12 @@ def generate_predictions(
                          f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
     if bool((labels < 0).any()):
         raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
-    _positive_int(shard_size, "shard_size")
-    _positive_int(batch_size, "batch_size")
+    _check_positive_int(shard_size, "shard_size")
+    _check_positive_int(batch_size, "batch_size")
     if size is not None:
-        _positive_int(size, "size")
+        _check_positive_int(size, "size")
     if max_shards is not None:
-        _positive_int(max_shards, "max_shards")
+        _check_positive_int(max_shards, "max_shards")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     normalize = normalize or normalizer(model)
