@@ -21,9 +21,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_save_tensors, atomic_write_json, load_tensors, tensors_sha256
+from ..io import atomic_save_tensors, atomic_write_json, load_tensors
 from ..normalization import to_model_input
 from ..training.corruptions import COMMON, HELD_OUT, SEVERITIES, check_names, corrupt_batch
+from ..training.labels import check_format, dataset_fingerprint, describe_differences, model_identity
 from .methods import METHODS, PREDICTOR_METHODS, SEG_LABELS, SEG_METHODS, ViewMemo, build_method
 from .report import (markdown_table, plot_scatter, plot_selection_rates, segmentation_markdown_table,
                      summarize)
@@ -118,10 +119,6 @@ def evaluate_arrays(model: nn.Module, images: Tensor, labels: Tensor, space, pre
             "pred": torch.cat(preds) if preds else None, "true": torch.cat(trues) if trues else None}
 
 
-def _data_fingerprint(images: Tensor, targets: Tensor) -> str:
-    return tensors_sha256({"images": images, "targets": targets})
-
-
 def corrupted_set(images: Tensor, name: Optional[str], severity: int, size: Optional[int], cache_dir: Optional[str],
                   seed: int = 0, fingerprint: Optional[str] = None) -> Tensor:
     """``images`` (source resolution, uint8) corrupted by ``name`` at ``severity`` then resized to
@@ -129,7 +126,7 @@ def corrupted_set(images: Tensor, name: Optional[str], severity: int, size: Opti
     fingerprint, size and seed, and recomputed when any of them differs."""
     from ..data import resize_uint8
 
-    fingerprint = fingerprint or _data_fingerprint(images, torch.zeros(0))
+    fingerprint = fingerprint or dataset_fingerprint(images, torch.zeros(0))
     key = f"{name or 'clean'}_{severity if name else 0}"
     path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else None
     meta = {"source": fingerprint, "n": int(images.shape[0]), "size": size, "seed": seed, "corruption": name,
@@ -151,17 +148,8 @@ def corrupted_set(images: Tensor, name: Optional[str], severity: int, size: Opti
     return out
 
 
-def _module_identity(module: Optional[nn.Module], spec: Any = None) -> Optional[Dict[str, Any]]:
-    if module is None:
-        return None
-    return {"class": f"{type(module).__module__}.{type(module).__qualname__}", "spec": spec,
-            "weights_sha256": tensors_sha256(module.state_dict())}
-
-
 def _claim(out_dir: str, identity: Dict[str, Any]) -> None:
     """Record ``identity`` in ``out_dir/run.json``, or refuse a folder that holds another run."""
-    from ..training.labels import check_format, describe_differences
-
     os.makedirs(os.path.join(out_dir, "sets"), exist_ok=True)
     path = os.path.join(out_dir, "run.json")
     identity = json.loads(json.dumps(identity, sort_keys=True))
@@ -178,9 +166,9 @@ def _claim(out_dir: str, identity: Dict[str, Any]) -> None:
 
 
 def _identity(task: str, model, predictor, space, images, targets, **settings) -> Dict[str, Any]:
-    return {"format_version": RUN_FORMAT, "task": task, "model": _module_identity(model, settings.pop("model_spec")),
-            "predictor": _module_identity(predictor), "space": space.fingerprint,
-            "data": _data_fingerprint(images, targets), **settings}
+    return {"format_version": RUN_FORMAT, "task": task, "model": model_identity(model, settings.pop("model_spec")),
+            "predictor": None if predictor is None else model_identity(predictor), "space": space.fingerprint,
+            "data": dataset_fingerprint(images, targets), **settings}
 
 
 def measure_cost(model: nn.Module, predictor: Optional[nn.Module], space, images: Tensor,
@@ -256,7 +244,7 @@ def evaluate(model: nn.Module, val_images: Tensor, val_labels: Tensor, space, ou
     _claim(out_dir, _identity("classification", model, predictor, space, val_images, val_labels,
                               model_spec=model_spec, size=size, seed=seed, methods=methods,
                               corruptions=list(corruptions), held_out=list(held_out), severities=severities))
-    source = _data_fingerprint(val_images, val_labels)
+    source = dataset_fingerprint(val_images, val_labels)
     jobs = _jobs(corruptions, held_out, severities)
     rank, world = dist.rank(), dist.world_size()
     for j, (name, sev) in enumerate(tqdm(jobs, desc="eval sets", disable=not progress or rank != 0)):
@@ -364,7 +352,7 @@ def evaluate_segmentation(model: nn.Module, val_images: Tensor, val_masks: Tenso
                               held_out=list(held_out), severities=severities, loss=loss, ignore_index=ignore_index,
                               num_classes=num_classes, output_key=output_key))
     masks = resize_masks(val_masks, size) if size is not None and val_masks.shape[-1] != size else val_masks
-    source = _data_fingerprint(val_images, val_masks)
+    source = dataset_fingerprint(val_images, val_masks)
     per_set: Dict[str, Dict] = {}
     for name, sev in tqdm(_jobs(corruptions, held_out, severities), desc="eval sets", disable=not progress):
         key = f"{name or 'clean'}_{sev}"

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from ..registry import get_space
 from ..segmentation import LOSS_KINDS, segmentation_loss
-from ..selection import select_oracle
+from ..selection import check_k, select_oracle
 from ..space import Candidate, TransformSpace
 from ..wrappers import (FullSpaceWrapper, LossGuidedSegmentationWrapper, LossGuidedWrapper, RandomKSegmentationWrapper,
-                        RandomKWrapper, Selection, SegmentationTTAWrapper, TTAWrapper, _FullSpace)
+                        RandomKWrapper, Selection, SegmentationTTAWrapper, TTAWrapper, _FullSpace, resolve_space)
 
 __all__ = ["METHODS", "LABELS", "MODEL_CALLS", "PREDICTOR_METHODS", "SEG_METHODS", "SEG_LABELS", "build_method",
            "OracleKWrapper", "OracleKSegmentationWrapper", "ViewMemo", "identity_space"]
@@ -71,9 +71,9 @@ class OracleKWrapper(_OracleK):
                  loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, merge_mode: str = "mean",
                  merge_space: str = "probs", mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
                  temperature: float = 1.0, output_label_key: Optional[str] = None, return_selection: bool = False):
-        TTAWrapper.__init__(self, model, space, len(_space(space)), merge_mode, merge_space, mean, std, chunk_size,
+        TTAWrapper.__init__(self, model, space, len(resolve_space(space)), merge_mode, merge_space, mean, std, chunk_size,
                             temperature, output_label_key, return_selection=return_selection)
-        self.k = _check_oracle_k(k, self.space)
+        self.k = check_k(k, len(self.space), self.space.name)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> per-sample losses, got {loss_fn!r}")
         self.loss_fn = loss_fn or (lambda out, y: TF.cross_entropy(out.float(), y, reduction="none"))
@@ -95,10 +95,10 @@ class OracleKSegmentationWrapper(_OracleK):
                  merge_mode: str = "mean", merge_space: str = "probs", mean: Any = None, std: Any = None,
                  chunk_size: Optional[int] = None, output_mask_key: Optional[str] = None,
                  interpolation: str = "bilinear", coverage: str = "extrapolate", return_selection: bool = False):
-        TTAWrapper.__init__(self, model, space, len(_space(space)), merge_mode, merge_space, mean, std, chunk_size,
+        TTAWrapper.__init__(self, model, space, len(resolve_space(space)), merge_mode, merge_space, mean, std, chunk_size,
                             1.0, output_mask_key, dense=True, interpolation=interpolation, coverage=coverage,
                             return_selection=return_selection)
-        self.k = _check_oracle_k(k, self.space)
+        self.k = check_k(k, len(self.space), self.space.name)
         if loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {list(LOSS_KINDS)}, got {loss!r}")
         self.loss, self.ignore_index = loss, ignore_index
@@ -108,18 +108,6 @@ class OracleKSegmentationWrapper(_OracleK):
         flat = per_view.flatten(0, 1)
         return segmentation_loss(flat, target.to(flat.device).repeat_interleave(t, 0), kind=self.loss,
                                  ignore_index=self.ignore_index).view(b, t)
-
-
-def _space(space: Any) -> TransformSpace:
-    from ..wrappers import resolve_space
-
-    return resolve_space(space)
-
-
-def _check_oracle_k(k: Any, space: TransformSpace) -> int:
-    from ..selection import check_k
-
-    return check_k(k, len(space), space.name)
 
 
 class ViewMemo(nn.Module):
