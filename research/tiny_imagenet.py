@@ -47,6 +47,8 @@ def stage_data(args) -> dict:
 
 
 def target_model(args, num_classes):
+    if args.arch != "small_resnet":  # a timm architecture, from scratch (the second target)
+        return build_model(args.arch, num_classes=num_classes)
     return build_model("ttach_instance.models:small_resnet", num_classes=num_classes, kwargs={"width": args.width})
 
 
@@ -61,7 +63,7 @@ def stage_target(args, sets):
         train = resize_uint8(sets["train"].images, args.size)
         train_classifier(model, train, sets["train"].labels, norm, epochs=args.target_epochs, seed=args.seed,
                          checkpoint=os.path.join(args.out, "target_ckpt.safetensors"), log=log)
-        atomic_save_tensors(final, model.state_dict(), {"width": args.width, "size": args.size})
+        atomic_save_tensors(final, model.state_dict(), {"arch": args.arch, "width": args.width, "size": args.size})
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(final))
@@ -130,6 +132,8 @@ def main(argv=None):
     p.add_argument("--data", default=os.path.join(os.path.dirname(HERE), "..", "shared", "data", "tinyimagenet-dev20"))
     p.add_argument("--out", default="runs/tinyimagenet")
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--arch", default="small_resnet",
+                   help="target: small_resnet (with --width) or a timm model name trained from scratch")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--target-epochs", type=int, default=25)
     p.add_argument("--draws", type=int, default=3, help="corruption draws per training image for the labels")
