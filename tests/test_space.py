@@ -33,6 +33,9 @@ SPACES = {
     "five_crops_px": lambda: five_crops(20),
     "ten_crops": lambda: ten_crops(24),
     "paper12_hflip": lambda: ti.get_space("paper12_hflip"),
+    "center_crop_paper": lambda: ti.get_space("center_crop_paper"),
+    "five_crops_paper": lambda: ti.get_space("five_crops_paper", fraction=0.75),
+    "ten_crops_paper": lambda: ti.get_space("ten_crops_paper"),
 }
 
 
@@ -185,7 +188,7 @@ def test_deaugment_border_fill_differs_from_zero_only_where_invalid(name, mode):
     assert torch.all(zero[~inside] == 0) and torch.all(border[~inside] >= 0.5)
     # a rotation, zoom-in or crop among the candidates leaves pixels unseen; flips and quarter
     # turns see everything
-    lossy = any(op.name.startswith(("rotate", "zoom(1.2)", "crop")) for c in space for op in c.ops)
+    lossy = any(op.name.startswith(("rotate", "zoom(1.2)", "crop", "resize_crop")) for c in space for op in c.ops)
     assert bool((~inside).any()) == lossy
     thetas = space.thetas(32, 32)
     if thetas is not None:

@@ -13,6 +13,7 @@ from .ops import (
     CropResize,
     HFlip,
     Identity,
+    ResizeCrop,
     Rot90,
     Rotate,
     Sharpness,
@@ -80,6 +81,25 @@ def ten_crops(crop_size: CropSize = 0.875) -> TransformSpace:
     return TransformSpace(list(crops) + flipped, name="ten_crops")
 
 
+def center_crop_paper(fraction: float = 0.875) -> TransformSpace:
+    """The paper's Center-Crop baseline: resize up by ``1 / fraction``, cut the centre window of
+    the input's size (no resize back; :class:`~ttach_instance.ops.ResizeCrop`)."""
+    return TransformSpace([Candidate(ResizeCrop("center", fraction))], name="center_crop_paper")
+
+
+def five_crops_paper(fraction: float = 0.875) -> TransformSpace:
+    """The paper's 5-Crops: the four corner windows and the centre one of the input's size, cut
+    from the image resized up by ``1 / fraction`` (torchvision's ``Resize`` + ``FiveCrop``), in
+    :data:`~ttach_instance.ops.CROP_POSITIONS` order."""
+    return TransformSpace([Candidate(ResizeCrop(p, fraction)) for p in CROP_POSITIONS], name="five_crops_paper")
+
+
+def ten_crops_paper(fraction: float = 0.875) -> TransformSpace:
+    """The paper's 10-Crops: :func:`five_crops_paper` and the horizontal flip of each window."""
+    crops = five_crops_paper(fraction)
+    return TransformSpace(list(crops) + [Candidate(c.ops + (HFlip(),)) for c in crops], name="ten_crops_paper")
+
+
 def paper12_hflip() -> TransformSpace:
     """paper12 x {identity, hflip}: 24 candidates (the paper's flip-combined variant)."""
     return paper12().product(hflip(), name="paper12_hflip")
@@ -94,6 +114,11 @@ BUILTIN_SPACES = {
     "five_crops": (five_crops, "4 corner crops + centre crop, resized back (crop_size: px or fraction)"),
     "ten_crops": (ten_crops, "five crops and their horizontal flips"),
     "paper12_hflip": (paper12_hflip, "paper12 combined with horizontal flip (24)"),
+    "center_crop_paper": (center_crop_paper, "the paper's Center-Crop: resize by 1/fraction (0.875), centre window "
+                                             "of the input size, no resize back"),
+    "five_crops_paper": (five_crops_paper, "the paper's 5-Crops: resize by 1/fraction, 4 corner + centre windows of the "
+                                           "input size"),
+    "ten_crops_paper": (ten_crops_paper, "the paper's 10-Crops: five_crops_paper and their horizontal flips"),
 }
 
 OP_DESCRIPTIONS = {
@@ -107,6 +132,7 @@ OP_DESCRIPTIONS = {
     "vflip": "vertical flip",
     "rot90": "rot90(k): k quarter turns counter-clockwise",
     "crop": "crop(position, size): a five-crop position resized back to the input size",
+    "resize_crop": "resize_crop(position, fraction): resize by 1/fraction, a window of the input size (no resize back)",
 }
 
 

@@ -412,6 +412,63 @@ class CropResize(Op):
         return F.crop_theta(box, height, width)[0]
 
 
+class ResizeCrop(Op):
+    """A crop as the paper evaluates crops (torchvision's ``Resize`` then ``CenterCrop`` /
+    ``FiveCrop``): the image is resized up by ``1 / fraction`` (each side ``floor(side /
+    fraction)``, as timm's ``crop_pct``; bilinear, antialiased like PIL) and a window of the
+    *input's* size is cut at ``position``, with no resize back. So a view has the input's shape
+    and is an affine map of it (``theta``), unlike :class:`CropResize`, which crops a fraction of
+    the input and upsamples it. The centre window starts at ``round((resized - size) / 2)``
+    (torchvision's ``center_crop``)."""
+
+    family = "resize_crop"
+    geometric = True
+
+    def __init__(self, position: str, fraction: float = 0.875):
+        if position not in CROP_POSITIONS:
+            raise ValueError(f"resize_crop: position must be one of {CROP_POSITIONS}, got {position!r}")
+        fraction = _number(fraction, "fraction", "resize_crop")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"resize_crop: fraction (crop side / resized side) must be in (0, 1], got {fraction}")
+        super().__init__(position=position, fraction=fraction)
+
+    @property
+    def name(self) -> str:
+        return f"resize_crop_{self._params['position']}({_format(self._params['fraction'])})"
+
+    def resized_size(self, height: int, width: int) -> Tuple[int, int]:
+        """``(height, width)`` of the resized image the window is cut from."""
+        f = self._params["fraction"]
+        return int(math.floor(height / f + 1e-9)), int(math.floor(width / f + 1e-9))
+
+    def offset(self, height: int, width: int) -> Tuple[int, int]:
+        """``(left, top)`` of the window in the resized image."""
+        rh, rw = self.resized_size(height, width)
+        dx, dy = rw - width, rh - height
+        return {"left_top": (0, 0), "left_bottom": (0, dy), "right_bottom": (dx, dy), "right_top": (dx, 0),
+                "center": (int(round(dx / 2.0)), int(round(dy / 2.0)))}[self._params["position"]]
+
+    def apply(self, images):
+        F.check_images(images, check_range=False)
+        h, w = images.shape[-2:]
+        rh, rw = self.resized_size(h, w)
+        left, top = self.offset(h, w)
+        work = F._sample_dtype(images)
+        if F._channels_last(work):
+            work = work.contiguous()
+        resized = torch.nn.functional.interpolate(work, size=(rh, rw), mode="bilinear", align_corners=False,
+                                                  antialias=True)
+        return resized[..., top:top + h, left:left + w].contiguous().to(images.dtype)
+
+    def theta(self, height, width, device="cpu"):
+        rh, rw = self.resized_size(height, width)
+        left, top = self.offset(height, width)
+        # The window in input pixels: resized coordinates scaled by input / resized.
+        box = torch.tensor([[left * width / rw, top * height / rh, (left + width) * width / rw,
+                             (top + height) * height / rh]], dtype=torch.float64, device=device)
+        return F.crop_theta(box, height, width)[0]
+
+
 
 class CallableOp(Op):
     """Wrap user callables as an op.
@@ -474,5 +531,6 @@ class CallableOp(Op):
 
 BUILTIN_OPS = {
     cls.family: cls
-    for cls in (Identity, Rotate, Zoom, AutoContrast, Sharpness, Color, HFlip, VFlip, Rot90, CropResize)
+    for cls in (Identity, Rotate, Zoom, AutoContrast, Sharpness, Color, HFlip, VFlip, Rot90, CropResize,
+                ResizeCrop)
 }
