@@ -25,7 +25,8 @@ from ..io import atomic_save_tensors, atomic_write_json, load_tensors
 from ..normalization import to_model_input
 from ..training.corruptions import COMMON, HELD_OUT, SEVERITIES, check_names, corrupt_batch
 from ..training.labels import check_format, dataset_fingerprint, describe_differences, model_identity
-from .methods import METHODS, PREDICTOR_METHODS, SEG_LABELS, SEG_METHODS, ViewMemo, build_method
+from .methods import (METHODS, PREDICTOR_METHODS, SEG_LABELS, SEG_METHODS, ViewMemo, _policy_api, build_method,
+                      load_policies, policy_methods)
 from .report import (markdown_table, plot_scatter, plot_selection_rates, segmentation_markdown_table,
                      summarize)
 
@@ -38,8 +39,10 @@ GEOMETRIC_CORRUPTIONS = ("elastic_transform",)
 RUN_FORMAT = 2
 
 
-def check_methods(methods: Sequence[str], task: str = "classification") -> List[str]:
-    valid = METHODS if task == "classification" else SEG_METHODS
+def check_methods(methods: Sequence[str], task: str = "classification", policies: Any = None) -> List[str]:
+    """``methods`` without repeats, or an error naming the unknown ones (``policies``: loaded
+    policy documents whose rows are valid too)."""
+    valid = (METHODS + tuple(policy_methods(policies))) if task == "classification" else SEG_METHODS
     bad = [m for m in methods if m not in valid]
     if bad:
         raise ValueError(f"methods must be among {list(valid)} for {task}, got unknown {bad}")
@@ -87,19 +90,21 @@ def _method_outputs(wrappers: Dict[str, nn.Module], x: Tensor, y: Tensor, preds:
 @torch.no_grad()
 def evaluate_arrays(model: nn.Module, images: Tensor, labels: Tensor, space, predictor: Optional[nn.Module] = None,
                     methods: Sequence[str] = METHODS, batch_size: int = 200, mean: Any = None,
-                    std: Any = None) -> Dict:
-    """Errors of every method on one uint8 set ``(N, 3, H, W)`` at the model's size.
+                    std: Any = None, policies: Any = None) -> Dict:
+    """Errors of every method on one uint8 set ``(N, 3, H, W)`` at the model's size
+    (``policies``: ``{name: policy file or document}`` whose rows ``methods`` may name).
 
     Returns ``{"n", "errors": {method: %}, "choices": (T,) counts of Ours k=1's picks,
     "pred": (N, T) predicted losses, "true": (N, T) true losses}`` (the last two for plots and
     the ranking metrics; ``None`` without a predictor)."""
-    methods = _usable(check_methods(methods), predictor, min(images.shape[-2:]), "classification")
+    policies = load_policies(policies)
+    methods = _usable(check_methods(methods, policies=policies), predictor, min(images.shape[-2:]), "classification")
     mean, std = _mean_std(model, mean, std)
     model.eval()
     if predictor is not None:
         predictor.eval()
     memo = ViewMemo(model)
-    wrappers = _wrappers(memo, space, predictor, methods, "classification", mean=mean, std=std)
+    wrappers = _wrappers(memo, space, predictor, methods, "classification", mean=mean, std=std, policies=policies)
     oracle = wrappers.get("oracle_k1") or (build_method("oracle_k1", memo, space, mean=mean, std=std)
                                            if predictor is not None else None)
     correct = {m: 0 for m in methods}
@@ -228,8 +233,12 @@ def evaluate(model: nn.Module, val_images: Tensor, val_labels: Tensor, space, ou
              corruptions: Sequence[str] = COMMON, held_out: Sequence[str] = HELD_OUT,
              severities: Sequence[int] = SEVERITIES, methods: Sequence[str] = METHODS, batch_size: int = 200,
              seed: int = 0, cost_images: int = 256, progress: bool = True, log: Callable[[str], None] = print,
-             model_spec: Any = None) -> Dict:
+             model_spec: Any = None, policies: Any = None) -> Dict:
     """Table 1 on clean, common-corrupted and held-out-corrupted versions of ``val_images``.
+
+    ``policies``: ``{name: policy file or document}`` (GPS or budget search results); their rows
+    (:func:`~ttach_instance.evaluation.methods.policy_methods`) join ``methods``, and the
+    run's identity records each policy's candidates (the fingerprint of its space).
 
     Writes ``out_dir/results.json``, ``out_dir/table.md`` and PNG plots; per-set results are kept
     in ``out_dir/sets`` (an interrupted run continues where it stopped). Under ``torchrun`` every
@@ -240,10 +249,14 @@ def evaluate(model: nn.Module, val_images: Tensor, val_labels: Tensor, space, ou
     from ..training.losses import ranking_metrics
 
     corruptions, held_out = check_names(corruptions, "corruptions"), check_names(held_out, "held_out")
-    methods, severities = check_methods(methods), _check_severities(severities)
+    policies = load_policies(policies)
+    methods = check_methods(list(methods) + list(policy_methods(policies)), policies=policies)
+    severities = _check_severities(severities)
+    extra = {"policies": {name: _policy_api()[1](doc).fingerprint for name, doc in policies.items()}} \
+        if policies else {}
     _claim(out_dir, _identity("classification", model, predictor, space, val_images, val_labels,
                               model_spec=model_spec, size=size, seed=seed, methods=methods,
-                              corruptions=list(corruptions), held_out=list(held_out), severities=severities))
+                              corruptions=list(corruptions), held_out=list(held_out), severities=severities, **extra))
     source = dataset_fingerprint(val_images, val_labels)
     jobs = _jobs(corruptions, held_out, severities)
     rank, world = dist.rank(), dist.world_size()
@@ -252,7 +265,8 @@ def evaluate(model: nn.Module, val_images: Tensor, val_labels: Tensor, space, ou
         if os.path.isfile(path) or j % world != rank:
             continue
         imgs = corrupted_set(val_images, name, sev, size, os.path.join(out_dir, "data"), seed, source)
-        res = evaluate_arrays(model, imgs, val_labels, space, predictor, methods, batch_size=batch_size)
+        res = evaluate_arrays(model, imgs, val_labels, space, predictor, methods, batch_size=batch_size,
+                              policies=policies)
         rec = {"corruption": name, "severity": sev, "n": res["n"], "errors": res["errors"], "choices": res["choices"]}
         if res["pred"] is not None:
             rec["ranking"] = ranking_metrics(res["pred"], res["true"])
@@ -268,10 +282,12 @@ def evaluate(model: nn.Module, val_images: Tensor, val_labels: Tensor, space, ou
         with open(os.path.join(out_dir, "sets", key + ".json")) as f:
             per_set[key] = json.load(f)
     cost = measure_cost(model, predictor, space, corrupted_set(val_images[:cost_images], None, 0, size, None),
-                        methods) if cost_images else {}
+                        methods, policies=policies) if cost_images else {}
     if cost and "oracle_k1" in methods:
         cost["oracle_k1"] = {"model_calls_per_image": float(len(space)), "relative_time": None, "seconds": None}
-    results = summarize(per_set, methods, corruptions, held_out, severities, space.names, cost)
+    rows = policy_methods(policies)
+    results = summarize(per_set, methods, corruptions, held_out, severities, space.names, cost,
+                        labels={m: v[0] for m, v in rows.items()}, model_calls={m: v[1] for m, v in rows.items()})
     atomic_write_json(os.path.join(out_dir, "results.json"), results)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(markdown_table(results))

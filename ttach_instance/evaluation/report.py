@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -11,7 +11,10 @@ from .methods import LABELS, MODEL_CALLS
 __all__ = ["summarize", "markdown_table", "plot_selection_rates", "plot_scatter", "segmentation_markdown_table"]
 
 
-def summarize(per_set: Dict[str, Dict], methods, corruptions, held_out, severities, names, cost) -> Dict:
+def summarize(per_set: Dict[str, Dict], methods, corruptions, held_out, severities, names, cost,
+              labels: Optional[Dict[str, str]] = None, model_calls: Optional[Dict[str, int]] = None) -> Dict:
+    """``labels`` / ``model_calls``: those of methods beyond the built-in table (policy rows)."""
+    labels, model_calls = {**LABELS, **(labels or {})}, {**MODEL_CALLS, **(model_calls or {})}
     present = [m for m in methods if m in per_set["clean_0"]["errors"]]
 
     def mean_err(cs):
@@ -27,7 +30,8 @@ def summarize(per_set: Dict[str, Dict], methods, corruptions, held_out, severiti
     ranking = {k: v["ranking"] for k, v in per_set.items() if "ranking" in v}
     return {
         "methods": present,
-        "labels": {m: LABELS[m] for m in present},
+        "labels": {m: labels[m] for m in present},
+        "model_calls": {m: model_calls[m] for m in present if m in model_calls},
         "clean": per_set["clean_0"]["errors"],
         "common_mean": mean_err(corruptions),
         "held_out_mean": mean_err(held_out),
@@ -54,7 +58,7 @@ def markdown_table(results: Dict) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for m in results["methods"]:
         c = cost.get(m, {})
-        calls = c.get("model_calls_per_image", MODEL_CALLS.get(m, ""))
+        calls = c.get("model_calls_per_image", results.get("model_calls", MODEL_CALLS).get(m, ""))
         rel = c.get("relative_time")
         lines.append(
             f"| {results['labels'][m]} | {results['clean'][m]:.2f} | "
