@@ -25,6 +25,7 @@ import torch
 
 from ttach_instance.data import ImageSet, build_model, load_image_folder, normalizer, resize_uint8
 from ttach_instance.io import atomic_save_tensors, load_tensors
+from ttach_instance.model_spec import save_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,7 +64,10 @@ def stage_target(args, sets):
         train = resize_uint8(sets["train"].images, args.size)
         train_classifier(model, train, sets["train"].labels, norm, epochs=args.target_epochs, seed=args.seed,
                          checkpoint=os.path.join(args.out, "target_ckpt.safetensors"), log=log)
-        atomic_save_tensors(final, model.state_dict(), {"arch": args.arch, "width": args.width, "size": args.size})
+        # with its spec, so the CLI's labels/eval/predict need no --model for it
+        factory, kwargs = (("ttach_instance.models:small_resnet", {"width": args.width}) if args.arch == "small_resnet"
+                           else (args.arch if args.arch.startswith("timm:") else f"timm:{args.arch}", {}))
+        save_model(final, model, factory, {**kwargs, "num_classes": nc}, {"arch": args.arch, "size": args.size})
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(final))

@@ -481,3 +481,100 @@ def test_the_guard_sees_what_an_unsafe_loader_would_do(originals, guard):
     guard.modules.discard("json")
     with pytest.raises(AssertionError, match="imported"):
         guard.check()
+
+
+# -- target-model weights carrying their spec (ttach_instance.model_spec) ------------------------------
+# A weights file may name a model to build; only allow-listed factories are honoured, with their
+# arguments schema-checked, before anything is imported, called or built.
+
+from ttach_instance.model_spec import load_model, save_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model_files")
+    torch.manual_seed(0)
+    paths = {"small": str(root / "small.safetensors"), "timm": str(root / "timm.safetensors")}
+    small = __import__("ttach_instance.models", fromlist=["small_resnet"]).small_resnet(num_classes=3, width=2)
+    save_model(paths["small"], small, "ttach_instance.models:small_resnet", {"width": 2, "num_classes": 3})
+    save_model(paths["timm"], timm.create_model("resnet10t", num_classes=3), "timm:resnet10t", {"num_classes": 3})
+    for path in paths.values():  # every lazy import of a good load happens here
+        load_model(path)
+    # a module that would leave a marker if a file could make the loader import it
+    plugin = root / "evil_target_module"
+    plugin.mkdir()
+    (plugin / "evil_target_module.py").write_text(
+        f"open({str(root / 'imported')!r}, 'w').write('ran')\ndef factory(**kw):\n    raise SystemExit\n")
+    paths["module_dir"], paths["marker"] = str(plugin), str(root / "imported")
+    return paths
+
+
+def _spec(**changes):
+    def mutate(meta):
+        meta["model_spec"].update(changes)
+        return meta
+    return mutate
+
+
+def _kwargs(**changes):
+    def mutate(meta):
+        meta["model_spec"]["kwargs"].update(changes)
+        return meta
+    return mutate
+
+
+MODEL_CASES = [
+    ("small", _spec(factory="os:system"), r"model_spec.factory 'os:system' is not an allow-listed"),
+    ("small", _spec(factory="builtins:eval"), r"model_spec.factory 'builtins:eval' is not an allow-listed"),
+    ("small", _spec(factory="evil_target_module:factory"), r"model_spec.factory .* not an allow-listed"),
+    ("small", _spec(factory="ttach_instance.models:SmallResNet"), r"not an allow-listed"),
+    ("small", _spec(factory="timm:hf-hub:timm/resnet18.a1_in1k"), r"model_spec.factory .* not an allow-listed"),
+    ("small", _spec(factory="timm:resnet18.a1_in1k"), r"not an allow-listed"),
+    ("small", _spec(factory="timm:../x"), r"not an allow-listed"),
+    ("small", _spec(factory="timm:no_such_model"), r"not an allow-listed"),
+    ("small", _spec(factory=["os", "system"]), r"model_spec.factory must be a string"),
+    ("timm", _kwargs(pretrained=True), r"model_spec.kwargs has keys \['pretrained'\]"),
+    ("timm", _kwargs(pretrained_cfg_overlay={"file": "/etc/passwd"}), r"keys \['pretrained_cfg_overlay'\]"),
+    ("timm", _kwargs(checkpoint_path="x.pth"), r"keys \['checkpoint_path'\]"),
+    ("small", _kwargs(width="2"), r"model_spec.kwargs.width must be a finite int"),
+    ("small", _kwargs(width=True), r"model_spec.kwargs.width must be"),
+    ("small", _kwargs(width=10 ** 9), r"model_spec.kwargs.width must be"),
+    ("small", _kwargs(num_classes=2.0), r"model_spec.kwargs.num_classes must be"),
+    ("small", _spec(kwargs=[]), r"model_spec.kwargs must be a JSON object"),
+    ("small", _spec(kind="ttach_instance.loss_predictor"), r"model_spec.kind must be"),
+    ("small", _spec(format_version=2), r"model_spec.format_version is 2"),
+    ("small", _spec(module="os"), r"model_spec has unknown fields \['module'\]"),
+    ("small", _set("model_spec", "os:system"), r"model_spec must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("which,mutate,match", MODEL_CASES)
+def test_a_weights_file_naming_code_or_bad_arguments_imports_and_builds_nothing(tmp_path, model_files, guard,
+                                                                                  monkeypatch, which, mutate, match):
+    monkeypatch.syspath_prepend(model_files["module_dir"])
+    path = write(tmp_path, model_files[which], mutate(meta_of(model_files[which])))
+    refused(path, guard, match, loader=load_model)
+    assert guard.created == [] and not os.path.exists(model_files["marker"])
+    assert "evil_target_module" not in sys.modules
+
+
+def test_a_small_weights_file_naming_a_large_timm_model_never_allocates_it(tmp_path, model_files, guard):
+    meta = _spec(factory="timm:vit_giant_patch14_clip_224")(meta_of(model_files["timm"]))
+    meta["model_spec"]["kwargs"] = {"num_classes": 3}
+    refused(write(tmp_path, model_files["timm"], meta), guard, r"does not hold the weights of.*missing tensors",
+            loader=load_model)
+    assert [(name, kwargs.get("pretrained")) for name, kwargs in guard.created] == [("vit_giant_patch14_clip_224",
+                                                                                      False)]
+
+
+def test_weights_that_do_not_match_their_spec_are_refused(tmp_path, model_files, guard):
+    meta = _kwargs(width=3)(meta_of(model_files["small"]))  # recorded width 3, weights of width 2
+    refused(write(tmp_path, model_files["small"], meta), guard, r"mismatched \['stem.0.weight", loader=load_model)
+
+
+def test_good_model_files_still_load_under_the_guard(model_files, guard):
+    for which in ("small", "timm"):
+        digest = _sha(model_files[which])
+        load_model(model_files[which])
+        guard.check(model_files[which], digest)
+    assert all(kwargs.get("pretrained") is False for _, kwargs in guard.created)

@@ -164,14 +164,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- pipeline commands
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required,
-                   help="timm model name (timm:NAME or NAME, built with pretrained=False) or package.module:factory")
+    p.add_argument("--model", default=None,
+                   help="timm model name (timm:NAME or NAME, built with pretrained=False) or package.module:factory; "
+                        "default: the spec recorded in --weights (files saved by ttach-instance)")
     p.add_argument("--weights", default=None, help="model weights: .safetensors or a torch state dict (weights_only)")
     p.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
                    help='more constructor arguments of the model, as a JSON object, e.g. \'{"width": 8}\'')
     p.add_argument("--num-classes", type=positive_int, default=None,
                    help="classes of the model (default: from the data)")
     p.add_argument("--device", type=device, default="cpu")
+    p.set_defaults(model_required=required)
 
 
 def _json_object(text: str) -> dict:
@@ -185,9 +187,39 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _model_from_weights(args) -> None:
+    """Without ``--model``: take the model's spec from ``--weights`` (a file saved with one by
+    :func:`~ttach_instance.model_spec.save_model`; only allow-listed factories are honoured)."""
+    if getattr(args, "model", "") is not None:
+        return
+    if not getattr(args, "weights", None):
+        if args.model_required:  # search makes no model without --data
+            raise ValueError("--model is required (or --weights FILE saved by ttach-instance with its model spec)")
+        return
+    from .model_spec import read_model_spec
+
+    spec = read_model_spec(args.weights)
+    if spec is None:
+        raise ValueError(f"--model is required: --weights {args.weights!r} records no model spec (only .safetensors "
+                         f"files saved by ttach-instance do)")
+    if args.model_kwargs:
+        raise ValueError("--model-kwargs goes with --model: the spec in --weights records the constructor arguments")
+    kwargs = dict(spec["kwargs"])
+    recorded = kwargs.pop("num_classes", None)
+    if args.num_classes is not None and recorded is not None and args.num_classes != recorded:
+        raise ValueError(f"--num-classes {args.num_classes}: --weights {args.weights!r} holds a model of {recorded} "
+                         f"classes")
+    args.model, args.model_kwargs, args.model_from_weights = spec["factory"], kwargs, True
+    args.num_classes = args.num_classes or recorded
+
+
 def _load_model(args, num_classes):
     from .data import build_model
 
+    if getattr(args, "model_from_weights", False):  # built from the allow-list, nothing imported by name
+        from .model_spec import load_model
+
+        return load_model(args.weights, num_classes=args.num_classes or num_classes)[0].to(args.device)
     return build_model(args.model, num_classes=args.num_classes or num_classes, weights=args.weights,
                        kwargs=getattr(args, "model_kwargs", None)).to(args.device)
 
@@ -767,6 +799,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _model_from_weights(args)
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
         if os.environ.get("TTACH_INSTANCE_TRACEBACK"):

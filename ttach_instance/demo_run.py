@@ -18,6 +18,8 @@ import torch
 
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
                "brick", "grass", "gravel")
+#: The demo's target model factory (allow-listed in :mod:`ttach_instance.model_spec`).
+DEMO_TARGET = "ttach_instance.models:small_resnet"
 
 
 def _photo(name: str) -> np.ndarray:
@@ -84,7 +86,7 @@ def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8,
     from .data import build_model, normalizer, resize_uint8
     from .evaluation import evaluate, markdown_table
     from .registry import get_space
-    from .io import atomic_save_tensors
+    from .model_spec import save_model
     from .training.labels import generate_labels
     from .training.target import accuracy, train_classifier
     from .training.trainer import FitConfig, fit_predictor, flip_permutation
@@ -94,13 +96,15 @@ def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8,
     os.makedirs(out_dir, exist_ok=True)
     train, val = photo_patch_task(seed=seed)
     log(f"task: {len(train.classes)} classes (bundled photos), {len(train)} train / {len(val)} val crops")
-    model = build_model("ttach_instance.models:small_resnet", num_classes=len(train.classes), kwargs={"width": 8})
+    model = build_model(DEMO_TARGET, num_classes=len(train.classes), kwargs={"width": 8})
     norm = normalizer(model)
     train_small = resize_uint8(train.images, size)
     train_classifier(model, train_small, train.labels, norm, epochs=target_epochs, batch_size=64, lr=0.05,
                      seed=seed, checkpoint=os.path.join(out_dir, "target_ckpt.safetensors"), progress=progress,
                      log=log)
-    atomic_save_tensors(os.path.join(out_dir, "target.safetensors"), model.state_dict(), {"width": 8, "size": size})
+    # saved with its spec (factory and arguments), so `predict` and `eval` need no --model for it
+    save_model(os.path.join(out_dir, "target.safetensors"), model, DEMO_TARGET,
+               {"width": 8, "num_classes": len(train.classes)}, {"size": size})
     acc = accuracy(model, resize_uint8(val.images, size), val.labels, norm)
     log(f"target model: clean val error {100 * (1 - acc):.1f}% ({time.time() - t0:.0f}s)")
     space = get_space("paper12")
@@ -123,20 +127,20 @@ def run_demo(out_dir: str = "runs/demo", size: int = 32, target_epochs: int = 8,
     print(markdown_table(results))
     log(f"demo finished in {time.time() - t0:.0f}s; table, JSON and plots in {os.path.join(out_dir, 'eval')}")
     log("classify any image with what the demo trained (here one of its validation crops):\n  "
-        + predict_command(out_dir, val, len(train.classes), size))
+        + predict_command(out_dir, val, size))
     return results
 
 
-def predict_command(out_dir: str, val, num_classes: int, size: int) -> str:
+def predict_command(out_dir: str, val, size: int) -> str:
     """The ``ttach-instance predict`` command line for the demo's target and predictor, with a
-    validation crop written to ``out_dir/example.png`` and the class names to ``classes.txt``."""
+    validation crop written to ``out_dir/example.png`` and the class names to ``classes.txt``.
+    No ``--model`` nor ``--num-classes``: the target's file records its spec (:func:`save_model`)."""
     from PIL import Image
 
     example, classes = os.path.join(out_dir, "example.png"), os.path.join(out_dir, "classes.txt")
     Image.fromarray(val.images[0].permute(1, 2, 0).numpy()).save(example)
     with open(classes, "w") as f:
         f.write("\n".join(val.classes) + "\n")
-    return (f"ttach-instance predict --model ttach_instance.models:small_resnet --model-kwargs '{{\"width\": 8}}' "
-            f"--weights {os.path.join(out_dir, 'target.safetensors')} --num-classes {num_classes} "
+    return (f"ttach-instance predict --weights {os.path.join(out_dir, 'target.safetensors')} "
             f"--predictor {os.path.join(out_dir, 'fit', 'predictor.safetensors')} --size {size} "
             f"--classes {classes} {example}")
