@@ -16,7 +16,7 @@ from ttach_instance.registry import get_space
 from ttach_instance.search import budget_policy_search, greedy_policy_search
 from ttach_instance.training.predictions import load_predictions
 
-from test_cli import FACTORY, folder  # noqa: F401 - the image folder fixture
+from test_cli import FACTORY, _val_pixels, folder  # noqa: F401 - the image folder fixture
 
 
 @pytest.fixture()
@@ -103,3 +103,52 @@ def test_budget_flags_checked_against_the_pool(folder, weights16, tmp_path, caps
         assert words in capsys.readouterr().err
     assert main(["search", "budget", *common, "--budget", "2", "--identity", "1"]) == 0
     assert json.load(open(tmp_path / "p.json"))["indices"][0] == 1
+
+
+def test_eval_policy_rows_from_searched_files(folder, tmp_path, capsys):  # noqa: F811
+    """search gps / budget, then ``eval --policy``: the rows' clean errors are those of the mean
+    probability of the policy's candidates read from the prediction cache (same images, same
+    model; an independent path: the cache runs every candidate, the rows run the wrappers)."""
+    # a fresh model puts every image in one class: its class-1 bias is moved to the median margin
+    # of the candidates' views, so the candidates disagree and the rows can differ
+    torch.manual_seed(0)
+    model = build_model(FACTORY, num_classes=2)
+    x, _ = _val_pixels(folder)
+    mean, std = torch.tensor(model.mean).view(1, 3, 1, 1), torch.tensor(model.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        z = torch.cat([model((c.apply(x) - mean) / std) for c in get_space("paper12").candidates])
+        model.head.bias[1] -= (z[:, 1] - z[:, 0]).median()
+    weights16 = str(tmp_path / "split.pt")
+    torch.save(model.state_dict(), weights16)
+    preds, gps_file, budget_file = str(tmp_path / "preds"), str(tmp_path / "gps.json"), str(tmp_path / "b2.json")
+    assert main(["search", "gps", "--predictions", preds, "--out", gps_file, "--model", FACTORY, "--weights", weights16,
+                 "--data", folder, "--n", "5", "--temperature", "none"]) == 0
+    assert main(["search", "budget", "--predictions", preds, "--out", budget_file, "--budget", "2"]) == 0
+    out = str(tmp_path / "eval")
+    assert main(["eval", "--model", FACTORY, "--weights", weights16, "--data", folder, "--out", out,
+                 "--corruptions", "contrast", "--held-out", "saturate", "--severities", "1", "--methods", "identity",
+                 "--cost-images", "0", "--policy", f"gps={gps_file}", "--policy", f"budget2={budget_file}"]) == 0
+    text = capsys.readouterr().out
+    res = json.load(open(f"{out}/results.json"))
+    gps, budget = json.load(open(gps_file))["indices"], json.load(open(budget_file))["indices"]
+    rows = {f"gps_n{n}": gps[:n] for n in (1, 2, 4, 5)}
+    rows["budget2"] = budget
+    assert res["methods"] == ["identity", *rows]
+    assert [res["labels"][m] for m in rows] == ["GPS n=1", "GPS n=2", "GPS n=4", "GPS n=5", "Budget N=2"]
+    cache = load_predictions(preds)
+    probs, y = cache["log_probs"].double().exp(), cache["labels"]
+    for m, idx in {"identity": [0], **rows}.items():
+        wrong = (probs[idx].mean(0).argmax(1) != y).double().mean()
+        assert res["clean"][m] == pytest.approx(100 * float(wrong)), m
+        assert f"| {res['labels'][m]} |" in text
+    assert len({res["clean"][m] for m in rows}) > 1, res["clean"]  # the set-up tells the rows apart
+    # bad --policy values are named
+    for extra, words in [(["--policy", "gps"], "--policy must be NAME=FILE"),
+                         (["--policy", f"gps={tmp_path / 'none.json'}"], "--policy gps: no policy file"),
+                         (["--policy", f"gps={gps_file}", "--policy", f"gps={budget_file}"], "given twice"),
+                         (["--policy", f"hflip={gps_file}"], "built-in method")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", "--model", FACTORY, "--weights", weights16, "--data", folder, "--out",
+                  str(tmp_path / "e2"), *extra])
+        assert exc.value.code == 2
+        assert words in capsys.readouterr().err, extra

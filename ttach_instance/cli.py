@@ -388,26 +388,45 @@ def _init_model(args, data):
     return build_model(args.init_from, num_classes=classes, weights=args.init_weights)
 
 
+def _policy_args(items: Optional[List[str]]) -> dict:
+    """``--policy NAME=FILE`` (repeatable) as ``{name: file}``; each file is loaded and checked by
+    the evaluation (an unreadable or foreign one is refused naming it)."""
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--policy must be NAME=FILE (e.g. gps=runs/search/gps.json), got {item!r}")
+        if name in out:
+            raise ValueError(f"--policy: the name {name!r} is given twice")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--policy {name}: no policy file {path!r}")
+        out[name] = path
+    return out
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import METHODS, evaluate, markdown_table
-    from .registry import get_space
     from .training import distributed as dist
+    from .wrappers import resolve_space
 
     if args.task == "segmentation":
+        if args.policy:
+            raise ValueError("--policy: policy rows are classification methods, not --task segmentation")
         return _eval_segmentation(args)
     dist.init_from_env(args.device)  # under torchrun each rank evaluates its share of the sets
     ds = _load_data(args)
     if args.limit is not None:
         ds = ds.subset(range(0, len(ds), max(1, len(ds) // args.limit)))
     model = _load_model(args, len(ds.classes))
-    space = get_space(args.space)
+    space = resolve_space(args.space, "--space")  # a registered name or a policy file (Ours over GPS)
     predictor = _load_predictor_arg(args, space)
     methods = METHODS if args.methods == "all" else _parse_list(args.methods, "--methods")
     res = evaluate(model, ds.images, ds.labels, space, args.out, predictor=predictor, size=args.size,
                    corruptions=_corruption_list(args.corruptions, "--corruptions"),
                    held_out=_corruption_list(args.held_out, "--held-out"),
                    severities=args.severities, methods=methods,
-                   seed=args.seed, cost_images=args.cost_images, model_spec=_model_spec(args, len(ds.classes)))
+                   seed=args.seed, cost_images=args.cost_images, model_spec=_model_spec(args, len(ds.classes)),
+                   policies=_policy_args(args.policy))
     if dist.is_main():  # the other ranks return no results
         print(markdown_table(res))
         print(f"wrote {args.out}/table.md, results.json and plots")
@@ -623,6 +642,9 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--held-out", default="held_out")
     p.add_argument("--severities", type=severities, default=[1, 2, 3, 4, 5], help="comma-separated, each in 1..5")
     p.add_argument("--methods", default="all")
+    p.add_argument("--policy", action="append", default=None, metavar="NAME=FILE",
+                   help="add a searched policy's rows (repeatable): a GPS file gives 'GPS n=1/2/4/N', a budget "
+                        "file 'Budget N=<its size>'; each is plain TTA over the policy's candidates")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate on about this many images (evenly spaced)")
     p.add_argument("--cost-images", type=non_negative_int, default=256,
