@@ -71,3 +71,64 @@ def apply(name: str, img: Image.Image) -> Image.Image:
         if n == name:
             return fn(img, *args)
     raise KeyError(name)
+
+
+# RandAugment ops (tests/test_randaugment_ops.py). Geometric ones are PIL's affine transform
+# (bicubic) on the mirror-expanded canvas, about its centre, centre cropped back.
+
+
+def _affine(img, data):
+    w, h = img.size
+    canvas = expand(img)
+    return center_crop(canvas.transform(canvas.size, Image.AFFINE, data, resample=Image.BICUBIC), w, h)
+
+
+def translate_x(img, fraction):
+    return _affine(img, (1, 0, -fraction * img.size[0], 0, 1, 0))
+
+
+def translate_y(img, fraction):
+    return _affine(img, (1, 0, 0, 0, 1, -fraction * img.size[1]))
+
+
+def shear_x(img, shear):
+    cy = 1.5 * img.size[1]  # the canvas centre
+    return _affine(img, (1, shear, -shear * cy, 0, 1, 0))
+
+
+def shear_y(img, shear):
+    cx = 1.5 * img.size[0]
+    return _affine(img, (1, 0, 0, shear, 1, -shear * cx))
+
+
+def brightness(img, factor):
+    return ImageEnhance.Brightness(img).enhance(factor)
+
+
+def contrast(img, factor):
+    return ImageEnhance.Contrast(img).enhance(factor)
+
+
+def equalize(img):
+    return ImageOps.equalize(img)
+
+
+def posterize(img, bits):
+    return ImageOps.posterize(img, bits)
+
+
+def solarize(img, threshold):
+    return ImageOps.solarize(img, threshold * 255)
+
+
+RANDAUGMENT = {
+    "translate_x": translate_x,
+    "translate_y": translate_y,
+    "shear_x": shear_x,
+    "shear_y": shear_y,
+    "brightness": brightness,
+    "contrast": contrast,
+    "equalize": equalize,
+    "posterize": posterize,
+    "solarize": solarize,
+}

@@ -133,6 +133,15 @@ OP_DESCRIPTIONS = {
     "rot90": "rot90(k): k quarter turns counter-clockwise",
     "crop": "crop(position, size): a five-crop position resized back to the input size",
     "resize_crop": "resize_crop(position, fraction): resize by 1/fraction, a window of the input size (no resize back)",
+    "translate_x": "translate_x(fraction): content moves right by fraction of the width, bicubic, mirrored fill",
+    "translate_y": "translate_y(fraction): content moves down by fraction of the height, bicubic, mirrored fill",
+    "shear_x": "shear_x(shear): (X, Y) reads (X + shear*Y, Y) about the centre, bicubic, mirrored fill",
+    "shear_y": "shear_y(shear): (X, Y) reads (X, Y + shear*X) about the centre, bicubic, mirrored fill",
+    "brightness": "brightness(factor): PIL ImageEnhance.Brightness",
+    "contrast": "contrast(factor): PIL ImageEnhance.Contrast (blend with the rounded mean grey)",
+    "equalize": "per-channel histogram equalisation (PIL ImageOps.equalize)",
+    "posterize": "posterize(bits): keep the bits (1-8) high bits of each 8-bit level (PIL ImageOps.posterize)",
+    "solarize": "solarize(threshold): invert pixels >= threshold in [0, 1] (PIL ImageOps.solarize, threshold*255)",
 }
 
 

@@ -627,6 +627,252 @@ def color(images: Tensor, factor: Param) -> Tensor:
     return out.clamp_(0, 1).to(images.dtype)
 
 
+# --------------------------------------------------------------------------- RandAugment ops
+#
+# The RandAugment op set (translate, shear, brightness, contrast, equalize, posterize,
+# solarize), PIL-faithful like the paper's ops: geometric ones are PIL's affine bicubic on the
+# mirror-expanded canvas, photometric ones PIL's ImageEnhance / ImageOps.
+
+
+def translate_theta(fraction: Tensor, axis: str) -> Tensor:
+    """``(N, 2, 3)`` view->input map of :func:`translate_x` (``axis="x"``) or
+    :func:`translate_y` (``"y"``) by ``fraction`` of the image side (content moves right /
+    down for positive values)."""
+    t = fraction.to(torch.float64)
+    one, zero = torch.ones_like(t), torch.zeros_like(t)
+    tx, ty = (-2 * t, zero) if axis == "x" else (zero, -2 * t)
+    return torch.stack([torch.stack([one, zero, tx], -1), torch.stack([zero, one, ty], -1)], -2)
+
+
+def shear_theta(shear: Tensor, axis: str, height: int, width: int) -> Tensor:
+    """``(N, 2, 3)`` view->input map of :func:`shear_x` (``axis="x"``: a view pixel at centred
+    pixel coordinates ``(X, Y)`` reads the input at ``(X + shear * Y, Y)``) or :func:`shear_y`
+    (reads ``(X, Y + shear * X)``). Normalised coordinates rescale by ``W/2`` and ``H/2``, hence
+    the aspect factor."""
+    s = shear.to(torch.float64)
+    one, zero = torch.ones_like(s), torch.zeros_like(s)
+    if axis == "x":
+        rows = ([one, s * (height / width), zero], [zero, one, zero])
+    else:
+        rows = ([one, zero, zero], [s * (width / height), one, zero])
+    return torch.stack([torch.stack(rows[0], -1), torch.stack(rows[1], -1)], -2)
+
+
+def _check_rows(values: Tensor, ok: Tensor, name: str, expected: str) -> None:
+    """Refuse per-row parameters outside their range (CPU tensors only: reading them on an
+    accelerator would synchronise with the host)."""
+    if values.device.type == "cpu" and values.numel() and not bool(ok.all()):
+        bad = values[~ok]
+        raise ValueError(f"{name} must be {expected} in every row, got {float(bad[0]):.4g}")
+
+
+def _check_scalar(value: Param, ok: bool, name: str, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _shift_lines(images: Tensor, shift: Tensor) -> Tensor:
+    """Resample every image row along x: ``out[n, c, y, x] = in[n, c, y, x + shift[n, y]]``
+    (``shift`` ``(N, H)`` or ``(N, 1)``, pixels, float64), with PIL's affine bicubic
+    (``a = -1``) and mirrored taps (numpy ``symmetric``).
+
+    A translation or a shear along x leaves every source row where it is, so PIL's 4x4
+    bicubic has weight 1 on the centre row and 0 on the others (Keys' cubic at 0 and +-1): the
+    exact result is this 1-D filter, four gathers and multiply-adds whatever the device, per-row
+    parameters included (no host synchronisation). An integer shift copies pixels exactly.
+    """
+    n, c, h, w = images.shape
+    device = images.device
+    src = torch.arange(w, dtype=torch.float64, device=device) + shift[..., None]  # (N, H|1, W)
+    x0 = torch.floor(src)
+    offsets = torch.arange(-1, 3, dtype=torch.float64, device=device)
+    weight = _pil_cubic((src - x0)[..., None] - offsets, -1.0).to(images.dtype)  # (N, H|1, W, 4)
+    index = symmetric_indices((x0[..., None] + offsets).long(), w)
+    out = None
+    for k in range(4):
+        taps = images.gather(3, index[..., k][:, None].expand(n, c, h, w))
+        term = taps.mul_(weight[..., k][:, None])
+        out = term if out is None else out.add_(term)
+    return out
+
+
+def _unit_rows(value: Param, n: int, images: Tensor, name: str, what: str = "") -> Tensor:
+    """A parameter in [-1, 1] as float64 ``(n,)`` rows. A scalar goes through float32 like the
+    per-row form (a space's float32 parameter table), so both forms give the same bits."""
+    expected = f"in [-1, 1]{what}"
+    if isinstance(value, Tensor):
+        rows = row_param(value, n, images, name)
+        _check_rows(rows, rows.abs() <= 1, name, expected)
+    else:
+        _check_scalar(value, math.isfinite(float(value)) and abs(float(value)) <= 1, name, expected)
+        rows = torch.full((n,), float(value), dtype=torch.float32, device=images.device)
+    return rows.to(torch.float64)
+
+
+def _shift_along(images: Tensor, shift: Tensor, axis: str) -> Tensor:
+    """:func:`_shift_lines` along ``axis`` (``"y"``: on the transposed image), in ``images``'
+    dtype and layout."""
+    work = _sample_dtype(images)
+    if axis == "x":
+        out = _shift_lines(work, shift)
+    else:
+        out = _shift_lines(work.transpose(-1, -2), shift).transpose(-1, -2)
+    return _clamp_into(out, images)
+
+
+def _translate(images: Tensor, fraction: Param, axis: str) -> Tensor:
+    check_images(images, check_range=False)
+    n, _, h, w = images.shape
+    t = _unit_rows(fraction, n, images, f"translate_{axis}: fraction", " (a fraction of the image side)")
+    side = w if axis == "x" else h
+    return _shift_along(images, (-t * side)[:, None], axis)  # the view reads `t * side` pixels back
+
+
+def translate_x(images: Tensor, fraction: Param) -> Tensor:
+    """Move the content right by ``fraction`` of the width (left for negative), mirrored fill.
+
+    PIL: ``expanded.transform(size, AFFINE, (1, 0, -fraction * W, 0, 1, 0), BICUBIC)`` on the
+    mirror-expanded canvas, centre cropped (the RandAugment op with the paper's mirrored
+    borders instead of black). ``fraction`` in [-1, 1]; sub-pixel shifts are bicubic."""
+    return _translate(images, fraction, "x")
+
+
+def translate_y(images: Tensor, fraction: Param) -> Tensor:
+    """Move the content down by ``fraction`` of the height (up for negative); see
+    :func:`translate_x`."""
+    return _translate(images, fraction, "y")
+
+
+def _shear(images: Tensor, shear: Param, axis: str) -> Tensor:
+    check_images(images, check_range=False)
+    n, _, h, w = images.shape
+    s = _unit_rows(shear, n, images, f"shear_{axis}: shear")
+    lines = h if axis == "x" else w
+    # Centred coordinate of each line (pixel centres at +0.5, as PIL's affine reads them).
+    centred = torch.arange(lines, dtype=torch.float64, device=images.device) + 0.5 - lines / 2
+    return _shift_along(images, s[:, None] * centred, axis)
+
+
+def shear_x(images: Tensor, shear: Param) -> Tensor:
+    """Shear along x about the image centre: the view pixel at centred coordinates ``(X, Y)``
+    reads the input at ``(X + shear * Y, Y)``, bicubic, mirrored fill.
+
+    PIL: RandAugment's ``transform(size, AFFINE, (1, shear, 0, 0, 1, 0), BICUBIC)`` taken about
+    the centre of the mirror-expanded canvas (so the image is sheared symmetrically and no
+    corner is left empty), centre cropped. ``shear`` in [-1, 1]."""
+    return _shear(images, shear, "x")
+
+
+def shear_y(images: Tensor, shear: Param) -> Tensor:
+    """Shear along y about the centre: ``(X, Y)`` reads ``(X, Y + shear * X)``; see
+    :func:`shear_x`."""
+    return _shear(images, shear, "y")
+
+
+def _factor_of(factor: Param, n: int, images: Tensor, work: Tensor, name: str):
+    """A blend factor >= 0: a Python float, or ``(N, 1, 1, 1)`` in ``work``'s dtype."""
+    if isinstance(factor, Tensor):
+        f = row_param(factor, n, images, name)
+        _check_rows(f, f >= 0, name, ">= 0")
+        return f.to(work.dtype)[:, None, None, None]
+    _check_scalar(factor, math.isfinite(float(factor)) and float(factor) >= 0, name, ">= 0")
+    return float(factor)
+
+
+def brightness(images: Tensor, factor: Param) -> Tensor:
+    """``PIL.ImageEnhance.Brightness``: blend with black, ``factor * x`` clipped to [0, 1]
+    (``factor >= 0``; 1 is the identity). Elementwise, so the output keeps the input's layout."""
+    check_images(images, check_range=False)
+    work = _work_dtype(images)
+    f = _factor_of(factor, images.shape[0], images, work, "brightness: factor")
+    return (work * f).clamp_(0, 1).to(images.dtype)
+
+
+def contrast(images: Tensor, factor: Param) -> Tensor:
+    """``PIL.ImageEnhance.Contrast``: blend with a flat image at the mean grey level,
+    ``m + factor * (x - m)`` clipped to [0, 1] (``factor >= 0``).
+
+    ``m`` is PIL's: the mean of the ITU-R 601 luma image (the channel itself for one channel),
+    rounded to an 8-bit level (``int(mean + 0.5)``), one value per image."""
+    check_images(images, check_range=False)
+    n, c = images.shape[:2]
+    work = _work_dtype(images)
+    f = _factor_of(factor, n, images, work, "contrast: factor")
+    means = work.mean(dim=(-2, -1))  # (N, C)
+    if c == 3:
+        gray = means @ torch.tensor(LUMA_WEIGHTS, dtype=means.dtype, device=means.device)
+    else:
+        gray = means[:, 0]
+    gray = (torch.floor(gray * 255 + 0.5) / 255)[:, None, None, None]
+    # lerp: exact at factor 1 (the identity), as its weight >= 0.5 branch computes end - (end - start) * (1 - w)
+    return torch.lerp(gray.expand_as(work), work, f).clamp_(0, 1).to(images.dtype)
+
+
+def _levels(work: Tensor) -> Tensor:
+    """The 8-bit levels PIL would hold: ``round(255 * x)`` as uint8."""
+    return (work * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _enabled_rows(out: Tensor, work: Tensor, enabled: Optional[Tensor]) -> Tensor:
+    if enabled is None:
+        return out
+    keep = enabled.to(device=out.device, dtype=torch.bool)[:, None, None, None]
+    return torch.where(keep, out, work)
+
+
+def equalize(images: Tensor, enabled: Optional[Tensor] = None) -> Tensor:
+    """``PIL.ImageOps.equalize``: per-channel histogram equalisation with PIL's lookup table
+    (torchvision's ``v2.functional.equalize``, which reproduces it on 8-bit images), on the
+    8-bit levels of the input (``round(255 * x)``; a channel PIL leaves alone comes back
+    quantised to those levels). ``enabled`` (bool ``(N,)``) restricts it to some rows."""
+    from torchvision.transforms.v2 import functional as TF  # a second import of torchvision costs nothing
+
+    check_images(images, check_range=False)
+    work = _work_dtype(images)
+    out = TF.equalize(_levels(work)).to(work.dtype).div_(255)
+    fmt = torch.channels_last if _channels_last(images) else torch.contiguous_format
+    return _enabled_rows(out, work, enabled).to(images.dtype, memory_format=fmt)
+
+
+def posterize(images: Tensor, bits: Param) -> Tensor:
+    """``PIL.ImageOps.posterize``: keep the ``bits`` (1-8) high bits of each 8-bit level
+    (``round(255 * x)``), i.e. ``level & ~(2 ** (8 - bits) - 1)``, back in [0, 1].
+
+    torchvision's float kernel quantises to ``2 ** bits`` levels of [0, 1] instead (up to 4/255
+    off PIL), so the masking runs here, per row when ``bits`` is a tensor."""
+    check_images(images, check_range=False)
+    n = images.shape[0]
+    work = _work_dtype(images)
+    if isinstance(bits, Tensor):
+        b = row_param(bits, n, images, "posterize: bits")
+        _check_rows(b, (b >= 1) & (b <= 8) & (b == b.round()), "posterize: bits", "an integer in [1, 8]")
+        mask = (256 - torch.pow(2.0, 8 - b.round())).to(torch.uint8)[:, None, None, None]
+    else:
+        ok = isinstance(bits, (int, float)) and not isinstance(bits, bool) and float(bits).is_integer() \
+            and 1 <= bits <= 8
+        _check_scalar(bits, ok, "posterize: bits", "an integer in [1, 8]")
+        mask = 256 - 2 ** (8 - int(bits))
+    return torch.bitwise_and(_levels(work), mask).to(work.dtype).div_(255).to(images.dtype)
+
+
+def solarize(images: Tensor, threshold: Param) -> Tensor:
+    """``PIL.ImageOps.solarize``: invert the pixels at or above ``threshold`` (PIL's threshold
+    / 255: ``x >= threshold`` becomes ``1 - x``), as torchvision's ``v2.functional.solarize``,
+    with per-row thresholds. ``threshold >= 0``; above 1 nothing is inverted (the identity)."""
+    check_images(images, check_range=False)
+    n = images.shape[0]
+    work = _work_dtype(images)
+    if isinstance(threshold, Tensor):
+        t = row_param(threshold, n, images, "solarize: threshold")
+        _check_rows(t, t >= 0, "solarize: threshold", ">= 0")
+        t = t.to(work.dtype)[:, None, None, None]
+    else:
+        _check_scalar(threshold, math.isfinite(float(threshold)) and float(threshold) >= 0, "solarize: threshold",
+                      ">= 0")
+        t = float(threshold)
+    return torch.where(work >= t, 1 - work, work).to(images.dtype)
+
+
 def hflip(images: Tensor) -> Tensor:
     return images.flip(-1)
 

@@ -221,15 +221,18 @@ class Zoom(Op):
         return F.zoom_theta(params[:, 0], height, width)
 
 
-class AutoContrast(Op):
-    family = "autocontrast"
+class _Switch(Op):
+    """A parameterless photometric op; its per-row form is an on/off flag per row."""
+
     supports_rows = True
+    #: ``kernel(images, enabled=None)``; ``enabled`` (bool ``(N,)``) restricts it to some rows.
+    kernel: ClassVar[Callable[..., Tensor]]
 
     def __init__(self) -> None:
         super().__init__()
 
     def apply(self, images):
-        return F.autocontrast(images)
+        return type(self).kernel(images)
 
     def row_params(self):
         return (1.0,)
@@ -240,53 +243,234 @@ class AutoContrast(Op):
 
     @classmethod
     def apply_rows(cls, images, params):
-        return F.autocontrast(images, enabled=params[:, 0] > 0.5)
+        return cls.kernel(images, enabled=params[:, 0] > 0.5)
 
 
-class Sharpness(Op):
+class AutoContrast(_Switch):
+    """``PIL.ImageOps.autocontrast`` (cutoff 0)."""
+
+    family = "autocontrast"
+    kernel = staticmethod(F.autocontrast)
+
+
+class Equalize(_Switch):
+    """``PIL.ImageOps.equalize``: per-channel histogram equalisation."""
+
+    family = "equalize"
+    kernel = staticmethod(F.equalize)
+
+
+class _Factor(Op):
+    """A photometric op with one blend ``factor`` (1 is the identity)."""
+
+    supports_rows = True
+    #: ``kernel(images, factor)``, ``factor`` a number or ``(N,)`` per-row tensor.
+    kernel: ClassVar[Callable[..., Tensor]]
+    #: PIL extrapolates below 0 for sharpness and colour; brightness and contrast refuse it.
+    non_negative: ClassVar[bool] = False
+
+    def __init__(self, factor: float):
+        factor = _number(factor, "factor", self.family)
+        if self.non_negative and factor < 0:
+            raise ValueError(f"{self.family}: factor must be >= 0 (1 leaves the image unchanged), got {factor!r}")
+        super().__init__(factor=factor)
+
+    def apply(self, images):
+        return type(self).kernel(images, self._params["factor"])
+
+    def row_params(self):
+        return (self._params["factor"],)
+
+    @classmethod
+    def identity_row_params(cls):
+        return (1.0,)
+
+    @classmethod
+    def apply_rows(cls, images, params):
+        return cls.kernel(images, params[:, 0])
+
+
+class Sharpness(_Factor):
+    """``PIL.ImageEnhance.Sharpness``."""
+
     family = "sharpness"
-    supports_rows = True
-
-    def __init__(self, factor: float):
-        factor = _number(factor, "factor", "sharpness")
-        super().__init__(factor=factor)
-
-    def apply(self, images):
-        return F.sharpness(images, self._params["factor"])
-
-    def row_params(self):
-        return (self._params["factor"],)
-
-    @classmethod
-    def identity_row_params(cls):
-        return (1.0,)
-
-    @classmethod
-    def apply_rows(cls, images, params):
-        return F.sharpness(images, params[:, 0])
+    kernel = staticmethod(F.sharpness)
 
 
-class Color(Op):
+class Color(_Factor):
+    """``PIL.ImageEnhance.Color``."""
+
     family = "color"
-    supports_rows = True
+    kernel = staticmethod(F.color)
 
-    def __init__(self, factor: float):
-        factor = _number(factor, "factor", "color")
-        super().__init__(factor=factor)
+
+class Brightness(_Factor):
+    """``PIL.ImageEnhance.Brightness``: ``factor * x``."""
+
+    family = "brightness"
+    kernel = staticmethod(F.brightness)
+    non_negative = True
+
+
+class Contrast(_Factor):
+    """``PIL.ImageEnhance.Contrast``: blend with the image's (8-bit rounded) mean grey level."""
+
+    family = "contrast"
+    kernel = staticmethod(F.contrast)
+    non_negative = True
+
+
+def _in_range(value: Any, name: str, op: str, lo: float, hi: float, what: str = "") -> float:
+    value = _number(value, name, op)
+    if not lo <= value <= hi:
+        raise ValueError(f"{op}: {name} must be in [{_format(float(lo))}, {_format(float(hi))}]{what}, got {value!r}")
+    return value
+
+
+def _compact(value: float) -> Union[int, float]:
+    """An integral float as an int (``rotate(20)``, not ``rotate(20.0)``), so names stay short."""
+    return int(value) if value.is_integer() else value
+
+
+class _Translate(Op):
+    geometric = True
+    supports_rows = True
+    axis: ClassVar[str] = "x"
+
+    def __init__(self, fraction: float):
+        fraction = _in_range(fraction, "fraction", self.family, -1, 1, " (a fraction of the image side)")
+        super().__init__(fraction=_compact(fraction))
 
     def apply(self, images):
-        return F.color(images, self._params["factor"])
+        return F._translate(images, float(self._params["fraction"]), self.axis)
+
+    def theta(self, height, width, device="cpu"):
+        return F.translate_theta(torch.tensor([float(self._params["fraction"])], device=device), self.axis)[0]
 
     def row_params(self):
-        return (self._params["factor"],)
+        return (float(self._params["fraction"]),)
 
     @classmethod
     def identity_row_params(cls):
-        return (1.0,)
+        return (0.0,)
 
     @classmethod
     def apply_rows(cls, images, params):
-        return F.color(images, params[:, 0])
+        return F._translate(images, params[:, 0], cls.axis)
+
+    @classmethod
+    def theta_rows(cls, params, height, width):
+        return F.translate_theta(params[:, 0], cls.axis)
+
+
+class TranslateX(_Translate):
+    """Move the content right by ``fraction`` of the width (left if negative), mirrored fill."""
+
+    family = "translate_x"
+    axis = "x"
+
+
+class TranslateY(_Translate):
+    """Move the content down by ``fraction`` of the height (up if negative), mirrored fill."""
+
+    family = "translate_y"
+    axis = "y"
+
+
+class _Shear(Op):
+    geometric = True
+    supports_rows = True
+    axis: ClassVar[str] = "x"
+
+    def __init__(self, shear: float):
+        shear = _in_range(shear, "shear", self.family, -1, 1)
+        super().__init__(shear=_compact(shear))
+
+    def apply(self, images):
+        return F._shear(images, float(self._params["shear"]), self.axis)
+
+    def theta(self, height, width, device="cpu"):
+        return F.shear_theta(torch.tensor([float(self._params["shear"])], device=device), self.axis, height, width)[0]
+
+    def row_params(self):
+        return (float(self._params["shear"]),)
+
+    @classmethod
+    def identity_row_params(cls):
+        return (0.0,)
+
+    @classmethod
+    def apply_rows(cls, images, params):
+        return F._shear(images, params[:, 0], cls.axis)
+
+    @classmethod
+    def theta_rows(cls, params, height, width):
+        return F.shear_theta(params[:, 0], cls.axis, height, width)
+
+
+class ShearX(_Shear):
+    """Shear along x about the centre: ``(X, Y)`` reads ``(X + shear * Y, Y)``; bicubic, mirrored fill."""
+
+    family = "shear_x"
+    axis = "x"
+
+
+class ShearY(_Shear):
+    """Shear along y about the centre: ``(X, Y)`` reads ``(X, Y + shear * X)``; bicubic, mirrored fill."""
+
+    family = "shear_y"
+    axis = "y"
+
+
+class Posterize(Op):
+    """``PIL.ImageOps.posterize``: keep the ``bits`` (1-8) high bits of each 8-bit level."""
+
+    family = "posterize"
+    supports_rows = True
+
+    def __init__(self, bits: int):
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"posterize: bits must be an integer in [1, 8] (8 leaves the image unchanged), got {bits!r}")
+        super().__init__(bits=bits)
+
+    def apply(self, images):
+        return F.posterize(images, self._params["bits"])
+
+    def row_params(self):
+        return (float(self._params["bits"]),)
+
+    @classmethod
+    def identity_row_params(cls):
+        return (8.0,)
+
+    @classmethod
+    def apply_rows(cls, images, params):
+        return F.posterize(images, params[:, 0])
+
+
+class Solarize(Op):
+    """``PIL.ImageOps.solarize`` with PIL's threshold / 255: pixels ``>= threshold`` are inverted."""
+
+    family = "solarize"
+    supports_rows = True
+
+    def __init__(self, threshold: float):
+        threshold = _in_range(threshold, "threshold", "solarize", 0, 1, " (PIL's threshold / 255)")
+        super().__init__(threshold=threshold)
+
+    def apply(self, images):
+        return F.solarize(images, self._params["threshold"])
+
+    def row_params(self):
+        return (float(self._params["threshold"]),)
+
+    @classmethod
+    def identity_row_params(cls):
+        return (2.0,)  # above every pixel: nothing inverted
+
+    @classmethod
+    def apply_rows(cls, images, params):
+        return F.solarize(images, params[:, 0])
 
 
 class _ExactGeometric(Op):
@@ -532,5 +716,6 @@ class CallableOp(Op):
 BUILTIN_OPS = {
     cls.family: cls
     for cls in (Identity, Rotate, Zoom, AutoContrast, Sharpness, Color, HFlip, VFlip, Rot90, CropResize,
-                ResizeCrop)
+                ResizeCrop, TranslateX, TranslateY, ShearX, ShearY, Brightness, Contrast, Equalize, Posterize,
+                Solarize)
 }
