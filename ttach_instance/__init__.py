@@ -1,6 +1,7 @@
 """ttach-instance: instance-aware test-time augmentation on top of ttach."""
 
 from . import functional, interop  # noqa: F401 - interop attaches TransformSpace.to_ttach / from_ttach
+from .embedding import EmbeddingTTAWrapper, RandomResizedCropSampler
 from .merge import MERGE_MODES, merge_outputs
 from .ops import Op
 from .registry import get_space, list_ops, list_spaces, make_op, reload, space_from_specs
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Candidate",
+    "EmbeddingTTAWrapper",
     "FullSpaceWrapper",
     "LossGuidedWrapper",
     "MERGE_MODES",
@@ -22,6 +24,7 @@ __all__ = [
     "SegmentationTTAWrapper",
     "TTAWrapper",
     "RandomKWrapper",
+    "RandomResizedCropSampler",
     "Selection",
     "TransformSpace",
     "functional",
