@@ -80,7 +80,7 @@ def test_builtins_are_registered_through_the_same_pluggy_hook():
     assert [i.plugin for i in impls if i.plugin_name == "builtin"] == [builtin_spaces]
     info = reg.plugins["builtin"]
     assert info.package == "ttach-instance" and info.status == "ok"
-    assert info.spaces == list(builtin_spaces.BUILTIN_SPACES)
+    assert info.spaces == list(builtin_spaces.BUILTIN_SPACES) + list(builtin_spaces.PARAMETRIC_SPACES)
     assert info.ops == list(BUILTIN_OPS)
     assert set(builtin_spaces.BUILTIN_SPACES) <= set(ti.list_spaces())
     space = ti.get_space("paper12")
@@ -97,7 +97,7 @@ def test_unknown_names_and_bad_parameters_say_what_is_expected():
         ti.make_op("rotat", angle=3)
     with pytest.raises(TypeError, match=r"space 'five_crops'.*bad parameters \['size'\].*accepts \(crop_size"):
         ti.get_space("five_crops", size=3)
-    with pytest.raises(TypeError, match="space name must be a string, got int"):
+    with pytest.raises(TypeError, match="space must be a TransformSpace, a space name, .* or a policy file path, got int"):
         ti.get_space(3)
     with pytest.raises(ValueError, match="parameters can only be given with a space name"):
         ti.get_space(ti.get_space("hflip"), crop_size=3)

@@ -1,8 +1,9 @@
-"""Built-in transform spaces and ops, registered through the same hooks as any plugin."""
+"""Built-in transform spaces and ops, registered through the same hooks as any plugin (the core
+distribution's own `builtin` entry point, pyproject.toml)."""
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from .hookspecs import hookimpl
 from .ops import (
@@ -20,6 +21,7 @@ from .ops import (
     VFlip,
     Zoom,
 )
+from .policy import policy_space
 from .space import Candidate, TransformSpace
 
 CropSize = Union[int, float, Sequence[Union[int, float]]]
@@ -121,6 +123,19 @@ BUILTIN_SPACES = {
     "ten_crops_paper": (ten_crops_paper, "the paper's 10-Crops: five_crops_paper and their horizontal flips"),
 }
 
+def policy(path: str, n: Optional[int] = None) -> TransformSpace:
+    """The first ``n`` (default all) candidates of the policy file at ``path``, written by
+    ``ttach-instance search``, in the order chosen; a candidate GPS chose again is kept as
+    ``"name#k"`` (:func:`ttach_instance.policy.policy_space`)."""
+    return policy_space(path, n)
+
+
+#: Built-in spaces that need parameters (left out of BUILTIN_SPACES, whose factories all have defaults).
+PARAMETRIC_SPACES = {
+    "policy": (policy, "a policy file's candidates in order (path=FILE.json, n=first n; GPS repeats kept as name#k); "
+                       "also reached as --space FILE.json[:n=N]"),
+}
+
 OP_DESCRIPTIONS = {
     "identity": "no change",
     "rotate": "rotate(angle): degrees counter-clockwise, bicubic, mirrored corners",
@@ -147,7 +162,7 @@ OP_DESCRIPTIONS = {
 
 @hookimpl
 def register_spaces(register):
-    for name, (factory, description) in BUILTIN_SPACES.items():
+    for name, (factory, description) in {**BUILTIN_SPACES, **PARAMETRIC_SPACES}.items():
         register(name, factory, description)
 
 

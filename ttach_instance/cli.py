@@ -546,6 +546,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+SPACE_HELP = ("a registered space (`ttach-instance spaces`), with parameters as name:key=value,key=value (values read "
+              "as JSON where they parse, e.g. five_crops:crop_size=0.8), or a policy file written by `search` "
+              "(FILE.json, or FILE.json:n=N for its first N candidates)")
 SKIP_HELP = ("leave out image files that cannot be decoded (corrupt, truncated) and print how many; without it "
              "such a file is an error naming it")
 PREDICTOR_FLIP_HELP = ("score each image and its mirror and average (the paper's test-time option; "
@@ -557,7 +560,7 @@ def _add_pipeline_commands(sub) -> None:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="ImageFolder root (with train/ val/ or classes directly) or cifar10:ROOT")
     p.add_argument("--split", default="train")
-    p.add_argument("--space", default="paper12")
+    p.add_argument("--space", default="paper12", help=SPACE_HELP)
     p.add_argument("--out", required=True, help="label cache directory")
     p.add_argument("--size", type=positive_int, default=None,
                    help="resize to the model's input size (after corruption); images of mixed sizes are resized to "
@@ -582,7 +585,7 @@ def _add_pipeline_commands(sub) -> None:
                    help="one or more label caches of the same images, space and size (e.g. other --seed or --deform "
                         "runs of `labels`), trained on as one set")
     p.add_argument("--out", required=True)
-    p.add_argument("--space", default=None, help="default: the labels' space")
+    p.add_argument("--space", default=None, help="default: the labels' space; " + SPACE_HELP)
     p.add_argument("--predictor", default="timm", choices=["timm", "small"],
                    help="predictor architecture (ttach_instance.predictors registry): timm, a timm backbone read at "
                         "every level; small, a light plain CNN that ranks better when trained from scratch on small "
@@ -634,7 +637,7 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--predictor", default=None, help="predictor .safetensors (without it: baselines only)")
     p.add_argument("--predictor-flip", action="store_true", help=PREDICTOR_FLIP_HELP)
-    p.add_argument("--space", default="paper12")
+    p.add_argument("--space", default="paper12", help=SPACE_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=positive_int, default=None,
                    help="model input size (images of mixed sizes are resized to it when loaded)")
@@ -766,7 +769,7 @@ def _add_search_command(sub) -> None:
     _add_model_args(p, required=False)
     p.add_argument("--data", default=None, help="validation images: ImageFolder root or cifar10:ROOT (with --model)")
     p.add_argument("--split", default="val")
-    p.add_argument("--space", default="paper12", help="the pool: a registered space (with --model)")
+    p.add_argument("--space", default="paper12", help="the pool (with --model): " + SPACE_HELP)
     p.add_argument("--size", type=positive_int, default=None, help="model input size (with --model)")
     p.add_argument("--shard-size", type=positive_int, default=500)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (x candidates views)")
@@ -801,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_spaces)
 
     p = sub.add_parser("render", help="render every candidate of a space on a bundled photo to a PNG grid")
-    p.add_argument("--space", default="paper12")
+    p.add_argument("--space", default="paper12", help=SPACE_HELP)
     p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--output", default="outputs/space_grid.png")
     p.set_defaults(func=_cmd_render)

@@ -1,6 +1,12 @@
 """The plugin manager and the registry: the only way names become spaces and ops.
 
-Plugins are found through the entry-point group ``ttach_instance``. Each entry point is
+Plugins are found through the entry-point group ``ttach_instance``; the built-in spaces and ops
+are a plugin too, :mod:`ttach_instance.builtin_spaces`, published by the ttach-instance
+distribution itself under the reserved entry-point name ``builtin`` (pyproject.toml). It is
+loaded first, whatever the environment variables say. Where the installed metadata lacks that
+entry point (a source checkout run without ``pip install -e .``, or installed before the entry
+point existed) the same module is loaded by the same name and ``Registry.builtin_source`` says
+``"fallback"``: stale metadata must not leave the core without its spaces. Each entry point is
 loaded on its own and each hook implementation is called on its own, so a plugin that fails
 to import, or whose hook raises, is reported once as a :class:`PluginWarning` naming it and
 skipped as a whole (none of its spaces or ops are kept); the built-ins and the other plugins
@@ -18,6 +24,14 @@ Environment (entry-point names or distribution names, comma separated):
   none; ``a,b`` loads only those.
 - ``TTACH_INSTANCE_DISABLE_PLUGINS``: ``a,b`` skips those.
 The built-ins are always loaded. Call :func:`reload` after changing these or installing.
+
+Space references (:func:`get_space`, and so every ``--space`` of the CLI and every wrapper's
+``space=``): a registered name (``"paper12"``, ``"plugin:name"``), a name with parameters
+after a colon, ``"five_crops:crop_size=0.8"`` (``key=value`` pairs separated by commas; a value
+is read as JSON when it parses, ``[56, 48]``, ``true``, ``"text"``, else as a string), or the
+path of a policy file written by ``ttach-instance search`` (``"runs/gps.json"``, optionally
+``"runs/gps.json:n=4"`` for its first four candidates): that is the built-in space ``policy``,
+``get_space("policy", path=..., n=...)``, :mod:`ttach_instance.policy`.
 
 Warnings are emitted after the registry is built and point at the first caller outside this
 package; turning :class:`PluginWarning` into an error (``-W error``) makes that first call
@@ -43,6 +57,9 @@ from . import hookspecs
 from .space import TransformSpace
 
 BUILTIN_PLUGIN = "builtin"
+#: The distribution whose ``builtin`` entry point provides the built-in spaces and ops, and that module.
+CORE_DISTRIBUTION = "ttach-instance"
+BUILTIN_MODULE = "ttach_instance.builtin_spaces"
 HOOKS = ("register_spaces", "register_ops")
 _KIND = {"register_spaces": "space", "register_ops": "op"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -115,14 +132,21 @@ class Registry:
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
-        from . import builtin_spaces as builtin
-
+        entry_points = _entry_points()
+        core = _core_entry_point(entry_points)
+        #: ``"entry point"`` when the built-ins came from the installed ttach-instance
+        #: distribution's own entry point, ``"fallback"`` when its metadata lacks it (a source
+        #: checkout not re-installed since the entry point was added, or no install at all).
+        self.builtin_source = "fallback" if core is None else "entry point"
+        if core is None:
+            core = metadata.EntryPoint(BUILTIN_PLUGIN, BUILTIN_MODULE, hookspecs.PROJECT)
+        builtin = core.load()  # no try: without its built-ins the core is broken, not a plugin
         self.pm.register(builtin, name=BUILTIN_PLUGIN)
         self._order.append((BUILTIN_PLUGIN, builtin))
         self.plugins[BUILTIN_PLUGIN] = PluginInfo(
-            BUILTIN_PLUGIN, package="ttach-instance", version=_version("ttach-instance"), module=builtin.__name__
+            BUILTIN_PLUGIN, package=CORE_DISTRIBUTION, version=_version(CORE_DISTRIBUTION), module=core.value
         )
-        for ep, reason in _discover(self.problems):
+        for ep, reason in _discover(self.problems, entry_points):
             dist = getattr(ep, "dist", None)
             info = PluginInfo(
                 ep.name,
@@ -347,17 +371,32 @@ def _entry_points() -> List[Any]:
     return sorted(found, key=lambda ep: ep.name)
 
 
-def _discover(problems: List[str]) -> List[Tuple[Any, Optional[str]]]:
-    """Every installed entry point of the group, each with ``None`` (load it) or the reason it
-    is disabled. Unknown names in the env vars are reported in ``problems``."""
+def _is_core(ep: Any) -> bool:
+    """Whether ``ep`` is ttach-instance's own ``builtin`` entry point (pointing at :data:`BUILTIN_MODULE`)."""
+    dist = getattr(ep, "dist", None)
+    return (ep.name == BUILTIN_PLUGIN and ep.value == BUILTIN_MODULE and dist is not None
+            and _norm(dist.name) == CORE_DISTRIBUTION)
+
+
+def _core_entry_point(entry_points: Sequence[Any]) -> Optional[Any]:
+    """The core's own entry point among ``entry_points``, or ``None`` when the installed metadata
+    lacks it (then :meth:`Registry._load` loads :data:`BUILTIN_MODULE` by the same name)."""
+    return next((ep for ep in entry_points if _is_core(ep)), None)
+
+
+def _discover(problems: List[str], entry_points: Optional[Sequence[Any]] = None) -> List[Tuple[Any, Optional[str]]]:
+    """Every installed entry point of the group but the core's own, each with ``None`` (load it)
+    or the reason it is disabled. Unknown names in the env vars are reported in ``problems``."""
     allow = _env_names("TTACH_INSTANCE_PLUGINS")
     deny = _env_names("TTACH_INSTANCE_DISABLE_PLUGINS") or set()
     found: List[Tuple[Any, Optional[str]]] = []
     seen = set()
     known = set()
-    for ep in _entry_points():
+    for ep in _entry_points() if entry_points is None else entry_points:
         dist = getattr(ep, "dist", None)
         ids = {_norm(ep.name)} | ({_norm(dist.name)} if dist is not None else set())
+        if _is_core(ep):
+            continue
         known |= ids
         if (ep.name, ep.value) in seen:  # the same distribution found twice on sys.path
             continue
@@ -436,13 +475,102 @@ def reload() -> Registry:
 
 
 def get_space(name: Any, /, **params: Any) -> TransformSpace:
-    """A space by registered name (``get_space("five_crops", crop_size=56)``, or
-    ``"plugin:name"``); a :class:`TransformSpace` passes through unchanged."""
+    """A space from a reference: a registered name (``get_space("five_crops", crop_size=56)``,
+    ``"plugin:name"``), a name with parameters (``"five_crops:crop_size=56"``) or a policy file's
+    path (``"runs/gps.json"``, ``"runs/gps.json:n=4"``, an ``os.PathLike``); see the module
+    docstring. A :class:`TransformSpace` passes through unchanged. This is the one place a
+    reference is resolved: the CLI, the wrappers and checkpoint loading all come here."""
     if isinstance(name, TransformSpace):
         if params:
             raise ValueError("parameters can only be given with a space name, not a TransformSpace instance")
         return name
+    name, params = parse_space_reference(name, params)
     return registry().get_space(name, **params)
+
+
+#: The built-in space that reads a policy file (``ttach_instance.policy.policy_space``).
+POLICY_SPACE = "policy"
+_PATH_REF = re.compile(r"^(?P<path>.*\.json)(?::(?P<params>[A-Za-z_]\w*=.*))?$", re.IGNORECASE | re.DOTALL)
+_NAME_REF = re.compile(r"^(?P<name>[A-Za-z0-9_][\w.\-]*(?::[A-Za-z0-9_][\w.\-]*)?)(?::(?P<params>[A-Za-z_]\w*=.*))?$",
+                       re.DOTALL)
+_KEY_RE = re.compile(r"^[A-Za-z_]\w*$")
+
+
+def parse_space_reference(ref: Any, params: Optional[Dict[str, Any]] = None) -> Tuple[str, Dict[str, Any]]:
+    """``(registered name, parameters)`` of a space reference (see the module docstring), with
+    ``params`` (keyword arguments) merged in; a parameter given twice is an error. A path ending
+    in ``.json`` is the ``policy`` space with ``path`` made absolute (so the recorded parameters
+    rebuild it from any working directory); whether the file exists is checked when it is read."""
+    params = dict(params or {})
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+        if not isinstance(ref, str):
+            raise TypeError(f"space must be a name or a str path, got bytes path {ref!r}")
+        return POLICY_SPACE, _merge({"path": os.path.abspath(ref)}, params, ref)
+    if not isinstance(ref, str):
+        raise TypeError(f"space must be a TransformSpace, a space name, 'name:key=value,...' or a policy file "
+                        f"path, got {type(ref).__name__}")
+    named = _NAME_REF.match(ref)
+    if named and not named.group("name").lower().endswith(".json"):
+        if not named.group("params"):
+            return ref, params  # a plain or qualified name
+        return named.group("name"), _merge(_parse_params(named.group("params"), ref), params, ref)
+    path = _PATH_REF.match(ref)
+    if path:
+        parsed = _parse_params(path.group("params"), ref) if path.group("params") else {}
+        return POLICY_SPACE, _merge({"path": os.path.abspath(path.group("path")), **parsed}, params, ref)
+    return ref, params  # no reference form: the registry reports the unknown name
+
+
+def _merge(parsed: Dict[str, Any], params: Dict[str, Any], ref: str) -> Dict[str, Any]:
+    twice = sorted(set(parsed) & set(params))
+    if twice:
+        raise ValueError(f"space {ref!r}: parameter(s) {twice} given both in the reference and as keyword arguments")
+    return {**parsed, **params}
+
+
+def _split_top_level(text: str) -> List[str]:
+    """``text`` split at commas outside brackets, braces and double quotes."""
+    parts, depth, quoted, escaped, start = [], 0, False, False, 0
+    for i, ch in enumerate(text):
+        if quoted:
+            escaped = not escaped and ch == "\\"
+            if ch == '"' and not escaped:
+                quoted = False
+            continue
+        if ch == '"':
+            quoted = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _parse_params(text: str, ref: str) -> Dict[str, Any]:
+    """``key=value,key=value`` as a dict; values JSON where they parse, else strings."""
+    import json
+
+    out: Dict[str, Any] = {}
+    for item in _split_top_level(text):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not _KEY_RE.match(key):
+            raise ValueError(f"space {ref!r}: parameters must be key=value pairs separated by commas "
+                             f"(e.g. 'five_crops:crop_size=0.8'), got {item!r}")
+        if key in out:
+            raise ValueError(f"space {ref!r}: parameter {key!r} is given twice")
+        raw = raw.strip()
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key] = value
+    return out
 
 
 def list_spaces() -> List[str]:

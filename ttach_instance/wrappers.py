@@ -37,6 +37,7 @@ maps cached on the device, selection by ``torch.sort``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -78,10 +79,12 @@ class Selection:
 
 
 def resolve_space(space: Any, name: str = "space") -> TransformSpace:
-    """A :class:`TransformSpace` from a space, a registered name (``"paper12"``) or a ``ttach.Compose``."""
+    """A :class:`TransformSpace` from a space, a ``ttach.Compose`` or a reference that
+    :func:`ttach_instance.get_space` resolves: a registered name (``"paper12"``), a name with
+    parameters (``"five_crops:crop_size=0.8"``) or a policy file (``"runs/gps.json:n=4"``)."""
     if isinstance(space, TransformSpace):
         return space
-    if isinstance(space, str):
+    if isinstance(space, (str, os.PathLike)):
         from .registry import get_space
 
         return get_space(space)
@@ -89,8 +92,8 @@ def resolve_space(space: Any, name: str = "space") -> TransformSpace:
 
     if isinstance(space, ttach.Compose):
         return TransformSpace.from_ttach(space)
-    raise TypeError(f"{name} must be a TransformSpace, a registered space name or a ttach.Compose, got "
-                    f"{type(space).__name__}")
+    raise TypeError(f"{name} must be a TransformSpace, a registered space name, a policy file path or a "
+                    f"ttach.Compose, got {type(space).__name__}")
 
 
 def _strided(size: Tuple[int, int], image: Tuple[int, int]) -> bool:
