@@ -126,3 +126,59 @@ def test_the_albumentations_plugin_is_listed_when_installed(capsys, monkeypatch)
     assert albu["spaces"] == ["albumentations"] and albu["ops"] == ["albu"]
     space = ti.get_space("albumentations")
     assert space.provider == "albumentations" and space.names[0] == "identity"
+
+
+# ---------------------------------------------------------------------------------- the core's own entry point
+def test_the_builtins_come_from_the_core_distributions_own_entry_point(monkeypatch):
+    core = [ep for ep in metadata.entry_points(group="ttach_instance") if ep.name == "builtin"]
+    assert [(ep.value, ep.dist.name) for ep in core] == [("ttach_instance.builtin_spaces", "ttach-instance")], (
+        "the installed ttach-instance metadata lacks its entry point: pip install -e . (pyproject.toml declares it)")
+    monkeypatch.delenv("TTACH_INSTANCE_PLUGINS", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)
+        reg = ti.reload()
+    assert reg.builtin_source == "entry point"
+    info = reg.plugins["builtin"]
+    assert (info.package, info.version, info.module) == ("ttach-instance", metadata.version("ttach-instance"),
+                                                         "ttach_instance.builtin_spaces")
+    assert ti.get_space("paper12").provider == "builtin" and "policy" in info.spaces
+
+
+def test_stale_metadata_without_the_entry_point_falls_back_to_the_same_builtins(monkeypatch):
+    from ttach_instance import registry as registry_module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)
+        fresh = ti.reload()
+    listed = registry_module._entry_points
+    monkeypatch.setattr(registry_module, "_entry_points", lambda: [ep for ep in listed() if ep.name != "builtin"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PluginWarning)  # a source checkout is normal: nothing to warn about
+            stale = ti.reload()
+        assert stale.builtin_source == "fallback"
+        assert stale.plugins["builtin"].spaces == fresh.plugins["builtin"].spaces
+        assert stale.plugins["builtin"].ops == fresh.plugins["builtin"].ops
+        assert ti.get_space("paper12").fingerprint == fresh.get_space("paper12").fingerprint
+    finally:
+        monkeypatch.undo()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)
+            ti.reload()
+
+
+def test_another_distribution_cannot_take_the_builtin_entry_point(tmp_path):
+    site = tmp_path / "site"
+    fake.install_fake(site, "ti_clash_plugin", entry_points={"builtin": "ti_clash_plugin"})
+    script = ("import json, warnings\nimport ttach_instance as ti\n"
+              "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n"
+              "    reg = ti.reload()\n"
+              "print(json.dumps({'warnings': [str(w.message) for w in caught], 'source': reg.builtin_source,\n"
+              "                  'paper12': ti.get_space('paper12').provider, 'module': reg.plugins['builtin'].module}))")
+    run = run_python(site, "-c", script)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["source"] == "entry point" and result["module"] == "ttach_instance.builtin_spaces"
+    assert result["paper12"] == "builtin"
+    assert any("entry point 'builtin' (ti_clash_plugin) uses the reserved name 'builtin'; skipped" in w
+               for w in result["warnings"]), result["warnings"]
