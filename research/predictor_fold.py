@@ -1,7 +1,7 @@
 """Predictor variants on the Tiny ImageNet benchmark's label caches, judged on the held-out fold.
 
-``fit NAME --recipe FILE`` trains the predictor a recipe (``research/recipes/*.json``: the
-architecture, the label caches, the ``FitConfig``) describes into ``--out/exp_NAME``; ``--set
+``fit NAME --recipe FILE`` trains the predictor a recipe (a shipped name, ``ttach_instance/recipes/``, or a
+file: the architecture, the label caches, the ``FitConfig``) describes into ``--out/exp_NAME``; ``--set
 fit.KEY=VALUE`` / ``predictor.KEY=VALUE`` varies one setting; ``score DIR [DIR ...]`` prints the held-out fold's Spearman (all / clean /
 corrupted rows), k=1 accuracy and regret of each fitted predictor, plain and flip-averaged, and
 of the mean of the flip-averaged ones; ``probe`` trains an MLP on the frozen target model's own
@@ -12,8 +12,8 @@ target's own label-free confidence on all 12 views. The fold is
 ``labels_seed*`` caches, so every variant is scored on the same rows.
 (docs/research-log/, "What limits the predictor's ranking".)
 
-    python research/predictor_fold.py fit in24_d270 --recipe research/recipes/in24_d270.json
-    python research/predictor_fold.py fit sw1 --recipe research/recipes/in24_d270.json --set fit.spearman_weight=1
+    python research/predictor_fold.py fit in24_d270 --recipe tinyimagenet-in24-d270
+    python research/predictor_fold.py fit sw1 --recipe tinyimagenet-in24-d270 --set fit.spearman_weight=1
     python research/predictor_fold.py score exp_in24_d270 exp_sw1
     python research/predictor_fold.py probe [--features exp_in24_d270 --candidate-deltas]
     python research/predictor_fold.py selfscore
@@ -29,14 +29,13 @@ import os
 
 import torch
 
+from ttach_instance import recipes
 from ttach_instance.predictors import FlipAveragedPredictor, PredictorEnsemble, create_predictor, load_predictor
 from ttach_instance.registry import get_space
-from ttach_instance.space import flip_permutation
 from ttach_instance.training.labels import LabelCache, load_label_caches
 from ttach_instance.training.losses import ranking_metrics, spearman
-from ttach_instance.training.trainer import FitConfig, fit_predictor, predict_features, predict_losses, split_rows
+from ttach_instance.training.trainer import fit_predictor, predict_features, predict_losses, split_rows
 
-RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
 
 def target(out):
@@ -55,42 +54,39 @@ def load_caches(out, names):
     return data, manifest["num_images"]
 
 
-def load_recipe(path, settings=()):
-    """A recipe file with ``SECTION.KEY=VALUE`` settings applied (``VALUE`` read as JSON, else
-    kept as a string): ``{"predictor": {...}, "fit": {...}, "caches": [...], ...}``."""
-    with open(path) as f:
-        recipe = json.load(f)
+def load_recipe(name_or_path, settings=()):
+    """A fit recipe (a shipped name, ``ttach_instance/recipes/``, or a ``.json`` file) with
+    ``SECTION.KEY=VALUE`` settings applied (``VALUE`` read as JSON, else kept as a string), checked
+    again after them (ttach_instance.recipes)."""
+    recipe = json.loads(json.dumps(recipes.load_recipe(name_or_path)))
     for setting in settings:
         key, sep, value = setting.partition("=")
         section, dot, name = key.partition(".")
-        if not (sep and dot and isinstance(recipe.get(section), dict)):
-            raise SystemExit(f"--set takes SECTION.KEY=VALUE with SECTION one of "
-                             f"{[k for k, v in recipe.items() if isinstance(v, dict)]}, got {setting!r}")
+        if not (sep and dot and section in ("predictor", "fit")):
+            raise SystemExit(f"--set takes SECTION.KEY=VALUE with SECTION predictor or fit, got {setting!r}")
         try:
             recipe[section][name] = json.loads(value)
         except json.JSONDecodeError:
             recipe[section][name] = value
-    return recipe
+    return recipes.check_recipe(recipe, f"recipe {name_or_path!r} with --set {list(settings)}")
 
 
 def fit_config(recipe, space):
-    """The recipe's ``FitConfig`` (``"flip_permutation": "space"``: the space's own)."""
-    fit = dict(recipe["fit"])
-    if fit.get("flip_permutation") == "space":
-        fit["flip_permutation"] = flip_permutation(space)
-    return FitConfig(**fit)
+    """The recipe's ``FitConfig`` (``"flip": true``: the space's own flip permutation)."""
+    fit = {**recipes.defaults()["fit"], **recipe["fit"]}
+    return recipes.fit_config(fit, space, fit["tau"] if fit["tau"] is not None else 1.0)
 
 
 def cmd_fit(args):
     recipe = load_recipe(args.recipe, args.set)
-    caches = args.caches.split(",") if args.caches else recipe["caches"]
+    caches = args.caches.split(",") if args.caches else recipe["label_caches"]
     data, n_images = load_caches(args.out, caches)
     space = get_space("paper12")
     cfg = fit_config(recipe, space)
-    spec = dict(recipe["predictor"])
-    torch.manual_seed(recipe.get("init_seed", 0))
+    spec = {k: v for k, v in recipe["predictor"].items() if k != "init_from"}
+    torch.manual_seed(cfg.seed)
     predictor = create_predictor(spec.pop("architecture"), space, **spec)
-    if recipe.get("init_from_target"):  # the target's trained layers (same architecture), a fresh ranking head
+    if recipe["predictor"].get("init_from") == "target":  # the target's trained layers, a fresh ranking head
         predictor.init_from(target(args.out))
     res = fit_predictor(predictor, data, os.path.join(args.out, f"exp_{args.name}"), cfg, num_images=n_images,
                         progress=False, log=lambda m: print(m, flush=True))
@@ -327,7 +323,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit")
     f.add_argument("name")
-    f.add_argument("--recipe", default=os.path.join(RECIPES, "in24_d270.json"),
+    f.add_argument("--recipe", default="tinyimagenet-in24-d270",
                    help="recipe file: predictor, label caches, FitConfig (default: %(default)s)")
     f.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change one recipe setting, e.g. fit.epochs=3 or predictor.width=8 (repeatable)")

@@ -12,7 +12,7 @@ is 1 inside the box, inclusive pixel coordinates, 0 outside). Stages, each cache
               ``paper12`` candidate (:func:`ttach_instance.segmentation.view_losses`) on
               train images, 60 % of them under a random common corruption (severity 1-5);
               ``--draws`` corruption draws per image.
-4. ``fit``    the loss predictor of ``--recipe`` (default ``recipes/segmentation_small24.json``:
+4. ``fit``    the loss predictor of ``--recipe`` (default the shipped ``segmentation-small24``:
               a ``SmallLossPredictor`` at 24 px, ~3 % of the U-Net's time) with the library's
               trainer (:func:`ttach_instance.training.trainer.fit_predictor`: listwise KL + soft
               Spearman, EMA, flip augmentation) and the identity margin calibrated on its
@@ -41,7 +41,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as TF
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyimagenet-dev20"
 if not DATA.exists():  # repository checked out elsewhere: fall back to the shared location
     DATA = Path("/work/shared/data/tinyimagenet-dev20")
@@ -288,10 +287,11 @@ PREDICTORS = {
 }
 
 
-def load_recipe(path: Path) -> dict:
-    """A recipe file: ``{"predictor": {"architecture": ..., **config}, "fit": {FitConfig fields},
-    "tau": "from_spread" | float}``."""
-    return json.loads(Path(path).read_text())
+def load_recipe(name_or_path) -> dict:
+    """A fit recipe (ttach_instance.recipes: a shipped name or a .json file), checked."""
+    from ttach_instance import recipes
+
+    return recipes.load_recipe(str(name_or_path))
 
 
 def fit_dir(runs: Path, recipe: Path, n_labels: int, draws: int) -> Path:
@@ -337,9 +337,8 @@ def stage_fit(runs: Path, n_labels: int, draws: int, recipe_path: Path) -> Path:
     maximising the held-out k=1 pixel accuracy with clean images' pixel accuracy at least the
     identity's minus ``clean_tolerance`` points."""
     from ttach_instance.predictors import create_predictor
-    from ttach_instance.space import flip_permutation
     from ttach_instance.training.losses import ranking_metrics, tau_from_spread
-    from ttach_instance.training.trainer import FitConfig, fit_predictor, predict_losses
+    from ttach_instance.training.trainer import fit_predictor, predict_losses
 
     out = fit_dir(runs, recipe_path, n_labels, draws)
     if (out / "fit.json").exists():
@@ -348,16 +347,16 @@ def stage_fit(runs: Path, n_labels: int, draws: int, recipe_path: Path) -> Path:
     recipe = load_recipe(recipe_path)
     lab = np.load(stage_labels(runs, n_labels, draws))
     space = ti_space()
-    spec = dict(recipe["predictor"])
+    spec = {k: v for k, v in recipe["predictor"].items() if k != "init_from"}
     pred = create_predictor(spec.pop("architecture"), space, **spec)
     data = fit_data(lab, pred.input_size)
     # listwise target softmin(losses / tau): mean-pixel CE differs by a few hundredths between
     # views, so "from_spread" sets tau from the labels' spread (half the median per-image std)
-    tau = tau_from_spread(data["losses"]) if recipe.get("tau") == "from_spread" else float(recipe.get("tau", 1.0))
-    fit = dict(recipe["fit"], tau=tau)
-    if fit.get("flip_permutation") == "space":
-        fit["flip_permutation"] = flip_permutation(space)
-    cfg = FitConfig(**fit)
+    from ttach_instance import recipes
+
+    fit = {**recipes.defaults()["fit"], **recipe["fit"]}
+    tau = tau_from_spread(data["losses"]) if fit["tau"] == "auto" else float(fit["tau"] or 1.0)
+    cfg = recipes.fit_config(fit, space, tau)
     res = fit_predictor(pred, data, str(out), cfg, num_images=data["num_images"], progress=False,
                         log=lambda m: print("  " + m, flush=True))
     val = res["val_rows"]
@@ -586,7 +585,7 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--labels", type=int, default=8000, help="train images to label (predictor train + valid)")
     p.add_argument("--draws", type=int, default=1, help="corruption draws per labelled image (rows = labels x draws)")
-    p.add_argument("--recipe", type=Path, default=RECIPES / "segmentation_small24.json",
+    p.add_argument("--recipe", default="segmentation-small24",
                    help="the loss predictor's recipe: architecture, FitConfig, tau (default: %(default)s)")
     p.add_argument("--n-val", type=int, default=1000)
     args = p.parse_args(argv)

@@ -4,7 +4,7 @@ Every stage caches its result under ``--out`` (default ``runs/tinyimagenet``) an
 when done; kill it at any point and run the same command again to continue.
 
     python research/tiny_imagenet.py --data ../shared/data/tinyimagenet-dev20 --stages data,target,labels
-    python research/predictor_fold.py fit in24_gate_e3 --recipe research/recipes/in24_gate_e3.json
+    python research/predictor_fold.py fit in24_gate_e3 --recipe tinyimagenet-in24-gate-e3
     python research/tiny_imagenet.py --stages eval --fit-dir exp_in24_gate_e3
 
 Stages: data (decode JPEGs once) -> target (small ResNet, from scratch) -> labels (paper12
@@ -12,7 +12,7 @@ losses, corruption p=0.4 from the 15 common corruptions, several draws per image
 optionally with the images deformed first) -> eval (clean / 15 common x severities / 4
 held-out; Table 1 as markdown + JSON + plots, every method through its wrapper). The predictor
 is fitted between labels and eval by ``predictor_fold.py fit`` from a recipe file
-(``research/recipes/``), so a published predictor is one file, not a set of flags.
+(``ttach_instance/recipes/``), so a published predictor is one file, not a set of flags.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def main(argv=None):
         n = len(sets["train"])
         sets["train"] = sets["train"].subset(range(0, n, max(1, n // args.train_limit)))
     if "fit" in stages:
-        raise SystemExit("the fit stage is research/predictor_fold.py fit NAME --recipe research/recipes/FILE.json")
+        raise SystemExit("the fit stage is research/predictor_fold.py fit NAME --recipe NAME|FILE.json")
     model = stage_target(args, sets) if any(s in stages for s in ("target", "labels", "eval")) else None
     if "labels" in stages:
         stage_labels(args, sets, model)

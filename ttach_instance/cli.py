@@ -324,15 +324,50 @@ def _deformation(text):
         raise ValueError(f"--deform {text!r}: {e}") from None
 
 
+#: fit's flags that a recipe may also set: dest -> (recipe section, key). Their parser default is
+#: None (not given); the built-in defaults live in ttach_instance.recipes.defaults().
+FIT_RECIPE_FLAGS = {
+    "predictor": ("predictor", "architecture"), "backbone": ("predictor", "backbone"), "width": ("predictor", "width"),
+    "input_size": ("predictor", "input_size"), "pretrained": ("predictor", "pretrained"),
+    "init_from": ("predictor", "init_from"), "ema": ("fit", "ema_decay"),
+    **{dest: ("fit", dest) for dest in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "val_fraction",
+                                        "listwise_weight", "spearman_weight", "group_weight", "distill_weight", "tau",
+                                        "flip", "clean_tolerance", "identity_gate", "seed", "patience")},
+}
+
+
+def _fit_settings(args, manifest, data):
+    """``(settings, sources, name)``: the built-in defaults, then ``--recipe`` (a shipped name, a
+    file or ``auto``), then the flags given (ttach_instance.recipes.resolve)."""
+    from . import recipes
+
+    recipe = None
+    if args.recipe == "auto":
+        width = None
+        if args.init_weights:
+            from .model_spec import read_model_spec
+
+            width = ((read_model_spec(args.init_weights) or {}).get("kwargs") or {}).get("width")
+        recipe = recipes.auto_recipe(manifest, data, target_width=width, has_target_weights=bool(args.init_weights))
+    elif args.recipe is not None:
+        try:
+            recipe = recipes.load_recipe(args.recipe)
+        except ValueError as e:
+            raise ValueError(f"--recipe: {e}") from None
+    explicit = {key: getattr(args, dest) for dest, key in FIT_RECIPE_FLAGS.items() if getattr(args, dest) is not None}
+    settings, sources = recipes.resolve(recipe, explicit)
+    return settings, sources, (recipe or {}).get("name", "built-in defaults")
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from . import recipes
     from .predictors import create_predictor
     from .registry import get_space
     from .training import distributed as dist
     from .training.labels import load_label_caches
-    from .training.trainer import FitConfig, fit_predictor, flip_permutation, seed_everything
+    from .training.trainer import fit_predictor, seed_everything
 
     dist.init_from_env(args.device)
-    seed_everything(args.seed)  # the predictor's initialisation draws from the global generator
     try:
         data, manifest = load_label_caches(args.labels)
     except ValueError as e:
@@ -341,33 +376,40 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if space.fingerprint != manifest["space_fingerprint"]:
         raise ValueError(f"--space {space.name!r} (fingerprint {space.fingerprint}) is not the space the labels were "
                          f"made with ({manifest['space']!r}, {manifest['space_fingerprint']})")
-    tau = args.tau if args.tau is not None else (
+    settings, sources, name = _fit_settings(args, manifest, data)
+    if dist.is_main():
+        print(recipes.describe(name, settings, sources))
+    pred, fit = settings["predictor"], settings["fit"]
+    tau = fit["tau"] if fit["tau"] is not None else (
         "auto" if manifest.get("task", {}).get("name") == "segmentation" else 1.0)
     if tau == "auto":
         from .training.losses import tau_from_spread
 
         tau = tau_from_spread(data["losses"])
         print(f"listwise temperature from the labels' spread: tau {tau:.4g}")
-    if args.identity_gate and args.clean_tolerance is None:
+    if fit["identity_gate"] and fit["clean_tolerance"] is None:
         raise ValueError("--identity-gate needs --clean-tolerance (the gate scales the identity margin that "
                          "calibration picks)")
-    cfg = FitConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                    weight_decay=args.weight_decay,
-                    ema_decay=args.ema, val_fraction=args.val_fraction, listwise_weight=args.listwise_weight,
-                    spearman_weight=args.spearman_weight, tau=tau, seed=args.seed, group_weight=args.group_weight,
-                    flip_permutation=flip_permutation(space) if args.flip else None,
-                    clean_tolerance=args.clean_tolerance, identity_gate=args.identity_gate,
-                    distill_weight=args.distill_weight)
-    input_size = args.input_size if args.input_size is not None else manifest["size"]
-    if args.predictor == "small":
-        if args.backbone:
-            raise ValueError("--backbone is a --predictor timm option; --predictor small takes --width")
-        predictor = create_predictor("small", space, width=args.width, input_size=input_size)
+    cfg = recipes.fit_config(fit, space, tau)
+    init_model = _init_model(args, data, manifest, pred["init_from"])
+    input_size = pred["input_size"] if pred["input_size"] is not None else manifest["size"]
+    start = [f for f, on in (("--pretrained", pred["pretrained"]), ("--backbone-weights", args.backbone_weights),
+                             ("--init-from/--init-weights", init_model is not None)) if on]
+    if len(start) > 1:
+        raise ValueError(f"{' and '.join(start)}: the predictor starts from one of them, not several")
+    seed_everything(fit["seed"])  # the predictor's initialisation draws from the global generator
+    if pred["architecture"] == "small":
+        if pred["backbone"] or pred["pretrained"] or args.backbone_weights:
+            raise ValueError("--backbone, --pretrained and --backbone-weights are --predictor timm options; "
+                             "--predictor small takes --width")
+        predictor = create_predictor("small", space, width=pred["width"], input_size=input_size)
     else:
-        kwargs = {"backbone": args.backbone} if args.backbone else {}
-        predictor = create_predictor("timm", space, input_size=input_size, **kwargs)
-    if args.init_from:
-        predictor.init_from(_init_model(args, data))
+        kwargs = {"backbone": pred["backbone"]} if pred["backbone"] else {}
+        predictor = create_predictor("timm", space, input_size=input_size, pretrained=pred["pretrained"], **kwargs)
+        if args.backbone_weights:
+            predictor.load_backbone_weights(args.backbone_weights)
+    if init_model is not None:
+        predictor.init_from(init_model)
     res = fit_predictor(predictor, data, args.out, cfg, num_images=manifest["num_images"], device=args.device,
                         labels_identity={"caches": manifest["caches"], "identities": manifest["identities"]})
     if dist.is_main():
@@ -376,8 +418,26 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _init_model(args, data):
-    """The classifier ``fit --init-from`` starts the predictor from (usually the target model)."""
+def _init_model(args, data, manifest, init_from):
+    """The classifier the predictor starts from (usually the target model), or ``None``:
+    ``--init-from MODEL`` with ``--init-weights``; or ``--init-weights`` alone (or a recipe's
+    ``init_from: "target"``) from the spec that file records, checked for ``"target"`` to be the
+    labels' model (its weights' sha256)."""
+    if init_from is None and not args.init_weights:
+        return None
+    if init_from in (None, "target"):
+        from .io import tensors_sha256
+        from .model_spec import load_model
+
+        if not args.init_weights:
+            raise ValueError("the recipe starts the predictor from the target model: give its weights, --init-weights "
+                             "FILE (saved with its model spec), or --init-from MODEL --init-weights FILE")
+        model = load_model(args.init_weights, num_classes=args.init_num_classes)[0]
+        recorded = (manifest.get("model") or {}).get("weights_sha256")
+        if init_from == "target" and recorded and tensors_sha256(model.state_dict()) != recorded:
+            raise ValueError(f"--init-weights {args.init_weights!r} is not the model the labels were made with (its "
+                             f"weights' sha256 differs from the labels' {recorded[:12]}...)")
+        return model
     from .data import build_model
 
     classes = args.init_num_classes
@@ -385,7 +445,7 @@ def _init_model(args, data):
         classes = int(data["input_logits"].shape[1])  # the labels' model's classes
     if classes is None:
         raise ValueError("--init-from needs --init-num-classes (the labels do not record the model's outputs)")
-    return build_model(args.init_from, num_classes=classes, weights=args.init_weights)
+    return build_model(init_from, num_classes=classes, weights=args.init_weights)
 
 
 def _policy_args(items: Optional[List[str]]) -> dict:
@@ -620,16 +680,30 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--tau", type=tau_value, default=None,
                    help="listwise temperature: a number or 'auto' (from the labels' spread); default 1 (the paper's) "
                         "for classification labels, auto for segmentation labels (losses differ by hundredths)")
-    p.add_argument("--flip", action="store_true", help="flip augmentation (candidates permuted to their mirrors)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="flip augmentation (candidates permuted to their mirrors)")
     p.add_argument("--clean-tolerance", type=percentage_points, default=None,
                    help="calibrate an identity margin keeping held-out clean accuracy within this many points")
-    p.add_argument("--identity-gate", action="store_true",
+    p.add_argument("--identity-gate", action=argparse.BooleanOptionalAction,
                    help="with --clean-tolerance: scale the margin by how clean each image looks (a logistic gate "
                         "on the predictor's features, saved with it); corrupted images keep more of their gain")
     p.add_argument("--seed", type=seed_int, default=0,
                    help="seeds every generator the fit draws from (initialisation, dropout, shuffling, cutout)")
     p.add_argument("--device", type=device, default="cpu")
-    p.set_defaults(func=_cmd_fit)
+    p.add_argument("--patience", type=positive_int, default=None,
+                   help="early stopping: end when the held-out Spearman has not improved for this many epochs")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
+                   help="--predictor timm: start the backbone from timm's pretrained weights (downloaded from the hub; "
+                        "offline, use --backbone-weights)")
+    p.add_argument("--backbone-weights", default=None, metavar="FILE",
+                   help="--predictor timm: start the backbone from this .safetensors file of its timm model's weights "
+                        "(e.g. the hub's model.safetensors, fetched elsewhere)")
+    p.add_argument("--recipe", default=None, metavar="NAME|FILE|auto",
+                   help="settings from a recipe: a shipped one (ttach_instance/recipes/: "
+                        "tinyimagenet-cut, ...), a recipe .json file, or auto (chosen from the labels' target model); "
+                        "flags given explicitly override it; default: none (the flags' defaults)")
+    # A flag not given is None, so that a recipe's value can stand (ttach_instance.recipes.resolve).
+    p.set_defaults(func=_cmd_fit, **{dest: None for dest in FIT_RECIPE_FLAGS})
 
     p = sub.add_parser("eval", help="Table 1: methods x clean / corrupted data (markdown, JSON, plots)")
     _add_model_args(p)

@@ -92,7 +92,15 @@ class LossPredictor(LossPredictorBase):
         self.level_drop = float(level_drop)
         self.dropout_p = float(dropout)
         extra = {} if self.out_indices is None else {"out_indices": tuple(self.out_indices)}
-        self.backbone = timm.create_model(backbone, pretrained=bool(pretrained), features_only=True, **extra)
+        try:
+            self.backbone = timm.create_model(backbone, pretrained=bool(pretrained), features_only=True, **extra)
+        except (OSError, RuntimeError) as e:  # no hub (offline), no such weights, a broken download
+            if not pretrained:
+                raise
+            raise ValueError(f"pretrained weights of timm backbone {backbone!r} could not be loaded "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); if this machine "
+                             f"is offline, fetch them where the hub is reachable and start from the file: "
+                             f"fit --backbone-weights FILE.safetensors (LossPredictor.load_backbone_weights)") from None
         self.channels = [int(c) for c in self.backbone.feature_info.channels()]
         bmean, bstd = _backbone_norm(self.backbone)
         self.mean = _check_triple(bmean if mean is None else mean, "mean")
@@ -123,6 +131,28 @@ class LossPredictor(LossPredictorBase):
         return {"backbone": self.backbone_name, "input_size": self.input_size, "out_indices": self.out_indices,
                 "level_drop": self.level_drop, "dropout": self.dropout_p, "mean": list(self.mean),
                 "std": list(self.std)}
+
+    def load_backbone_weights(self, path: str) -> "LossPredictor":
+        """Start the backbone from a local ``.safetensors`` file of its timm model's weights (the
+        state dict as timm saves it, e.g. the hub's ``model.safetensors``; the classifier's and
+        other unused tensors are ignored): the pretrained start without a download. ``ValueError``
+        naming the file and the backbone tensors it lacks or holds in another shape. Returns ``self``."""
+        from ..io import load_tensors
+
+        if not isinstance(path, str) or not path.endswith(".safetensors"):
+            raise ValueError(f"backbone weights must be a .safetensors file, got {path!r}")
+        tensors, _ = load_tensors(path)
+        mine = self.backbone.state_dict()
+        missing = [k for k in mine if k not in tensors]
+        wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(v.shape)})" for k, v in mine.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+        if missing or wrong:
+            parts = [f"{len(missing)} of its {len(mine)} tensors missing (first: {missing[:3]})" if missing else "",
+                     f"{len(wrong)} of another shape (first: {wrong[:3]})" if wrong else ""]
+            raise ValueError(f"backbone weights {path!r} are not those of timm backbone {self.backbone_name!r}: "
+                             + "; ".join(p for p in parts if p))
+        self.backbone.load_state_dict({k: tensors[k].to(mine[k].dtype) for k in mine})
+        return self
 
     def init_from(self, model: nn.Module) -> "LossPredictor":
         """Start the backbone from a trained classifier of the same architecture -- typically the

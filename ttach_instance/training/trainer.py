@@ -97,6 +97,10 @@ class FitConfig:
     #: ``"top1_hit"``; ``"regret"`` is minimised), or ``None`` for the last epoch's. Without a
     #: held-out fold it is always the last.
     select_by: Optional[str] = "spearman"
+    #: Early stopping: end the fit when ``select_by`` has not improved on the held-out fold for this
+    #: many epochs (``epochs`` is then the most it runs; the cosine schedule still spans ``epochs``).
+    #: ``None``: run every epoch. Needs a held-out fold and ``select_by``.
+    patience: Optional[int] = None
 
     def __post_init__(self):
         if self.optimizer not in ("rmsprop", "adamw", "sgd"):
@@ -116,6 +120,9 @@ class FitConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.select_by is not None and self.select_by not in SELECTABLE_METRICS:
             raise ValueError(f"select_by must be one of {sorted(SELECTABLE_METRICS)} or None, got {self.select_by!r}")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
+                                          or self.patience < 1 or self.select_by is None):
+            raise ValueError(f"patience must be None or an integer >= 1 with select_by set, got {self.patience!r}")
         if self.flip_permutation is not None and sorted(self.flip_permutation) != list(range(len(self.flip_permutation))):
             raise ValueError(f"flip_permutation must be a permutation of 0..T-1, got {self.flip_permutation}")
 
@@ -360,7 +367,10 @@ def fit_predictor(
     else:
         seed_everything(cfg.seed)
     end_epoch = cfg.epochs if max_epochs_this_run is None else min(cfg.epochs, start_epoch + max_epochs_this_run)
+    stopped = _patience_spent(cfg, history, best_epoch)  # a resumed fit that had stopped early
     for epoch in range(start_epoch, end_epoch):
+        if stopped:
+            break
         net.train()
         g = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
         perm = train_idx[torch.randperm(train_idx.numel(), generator=g)]
@@ -434,7 +444,10 @@ def fit_predictor(
                                      "best_epoch": best_epoch})
                 atomic_write_json(os.path.join(out_dir, "history.json"), history)
         dist.barrier()
-    done = end_epoch >= cfg.epochs
+        stopped = _patience_spent(cfg, history, best_epoch)
+        if stopped and rank == 0:
+            log(f"early stop after epoch {epoch + 1}: held-out {cfg.select_by} not improved for {cfg.patience} epochs")
+    done = end_epoch >= cfg.epochs or stopped
     chosen = best_epoch if (done and best_state is not None) else len(history)
     predictor.load_state_dict(best_state if chosen != len(history) else ema.state_dict())
     predictor.eval()
@@ -499,6 +512,13 @@ def _checked_checkpoint(ckpt: str, cfg: FitConfig, labels: Dict):
         raise ValueError(f"fit checkpoint {ckpt!r} was trained on other labels (checkpoint -> now: "
                          f"{'; '.join(diff)}); continue it with the labels it was made with, or use another out_dir")
     return tensors, meta
+
+
+def _patience_spent(cfg: FitConfig, history: List[Dict], best_epoch: Optional[int]) -> bool:
+    """Whether ``cfg.patience`` epochs have passed since the selected one (held-out fold only)."""
+    if not cfg.patience or not history or best_epoch is None or f"val_{cfg.select_by}" not in history[-1]:
+        return False
+    return len(history) - best_epoch >= cfg.patience
 
 
 def _improves(record: Dict, history: List[Dict], best_epoch: Optional[int], metric: str) -> bool:
