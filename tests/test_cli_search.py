@@ -105,12 +105,10 @@ def test_budget_flags_checked_against_the_pool(folder, weights16, tmp_path, caps
     assert json.load(open(tmp_path / "p.json"))["indices"][0] == 1
 
 
-def test_eval_policy_rows_from_searched_files(folder, tmp_path, capsys):  # noqa: F811
-    """search gps / budget, then ``eval --policy``: the rows' clean errors are those of the mean
-    probability of the policy's candidates read from the prediction cache (same images, same
-    model; an independent path: the cache runs every candidate, the rows run the wrappers)."""
-    # a fresh model puts every image in one class: its class-1 bias is moved to the median margin
-    # of the candidates' views, so the candidates disagree and the rows can differ
+@pytest.fixture()
+def split16(folder, tmp_path):  # noqa: F811
+    """Weights of a model whose candidates disagree: a fresh model puts every image in one class,
+    so its class-1 bias is moved to the median margin of paper12's views of the val images."""
     torch.manual_seed(0)
     model = build_model(FACTORY, num_classes=2)
     x, _ = _val_pixels(folder)
@@ -118,14 +116,21 @@ def test_eval_policy_rows_from_searched_files(folder, tmp_path, capsys):  # noqa
     with torch.no_grad():
         z = torch.cat([model((c.apply(x) - mean) / std) for c in get_space("paper12").candidates])
         model.head.bias[1] -= (z[:, 1] - z[:, 0]).median()
-    weights16 = str(tmp_path / "split.pt")
-    torch.save(model.state_dict(), weights16)
+    path = str(tmp_path / "split.pt")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_eval_policy_rows_from_searched_files(folder, split16, tmp_path, capsys):  # noqa: F811
+    """search gps / budget, then ``eval --policy``: the rows' clean errors are those of the mean
+    probability of the policy's candidates read from the prediction cache (same images, same
+    model; an independent path: the cache runs every candidate, the rows run the wrappers)."""
     preds, gps_file, budget_file = str(tmp_path / "preds"), str(tmp_path / "gps.json"), str(tmp_path / "b2.json")
-    assert main(["search", "gps", "--predictions", preds, "--out", gps_file, "--model", FACTORY, "--weights", weights16,
+    assert main(["search", "gps", "--predictions", preds, "--out", gps_file, "--model", FACTORY, "--weights", split16,
                  "--data", folder, "--n", "5", "--temperature", "none"]) == 0
     assert main(["search", "budget", "--predictions", preds, "--out", budget_file, "--budget", "2"]) == 0
     out = str(tmp_path / "eval")
-    assert main(["eval", "--model", FACTORY, "--weights", weights16, "--data", folder, "--out", out,
+    assert main(["eval", "--model", FACTORY, "--weights", split16, "--data", folder, "--out", out,
                  "--corruptions", "contrast", "--held-out", "saturate", "--severities", "1", "--methods", "identity",
                  "--cost-images", "0", "--policy", f"gps={gps_file}", "--policy", f"budget2={budget_file}"]) == 0
     text = capsys.readouterr().out
@@ -148,7 +153,46 @@ def test_eval_policy_rows_from_searched_files(folder, tmp_path, capsys):  # noqa
                          (["--policy", f"gps={gps_file}", "--policy", f"gps={budget_file}"], "given twice"),
                          (["--policy", f"hflip={gps_file}"], "built-in method")]:
         with pytest.raises(SystemExit) as exc:
-            main(["eval", "--model", FACTORY, "--weights", weights16, "--data", folder, "--out",
+            main(["eval", "--model", FACTORY, "--weights", split16, "--data", folder, "--out",
                   str(tmp_path / "e2"), *extra])
         assert exc.value.code == 2
         assert words in capsys.readouterr().err, extra
+
+
+def test_eval_ours_over_a_gps_space(folder, split16, tmp_path, capsys):  # noqa: F811
+    """The paper's Fig. 7: ``eval --space gps.json`` runs the loss-guided rows over the GPS
+    policy's candidates (repeats kept), beside the GPS rows; Ours k=1's clean error is that of
+    ``LossGuidedWrapper`` called alone on the same images with the same predictor."""
+    from ttach_instance.data import load_dataset, model_mean_std
+    from ttach_instance.normalization import to_model_input
+    from ttach_instance.policy import policy_space
+    from ttach_instance.predictors import create_predictor
+    from ttach_instance.wrappers import LossGuidedWrapper
+
+    preds, gps_file = str(tmp_path / "preds"), str(tmp_path / "gps.json")
+    assert main(["search", "gps", "--predictions", preds, "--out", gps_file, "--model", FACTORY, "--weights", split16,
+                 "--data", folder, "--n", "4", "--temperature", "none"]) == 0
+    space = policy_space(gps_file)
+    torch.manual_seed(3)
+    predictor = create_predictor("small", space, width=4, input_size=16).eval()
+    pred_file = str(tmp_path / "pred.safetensors")
+    predictor.save(pred_file)
+    out = str(tmp_path / "eval")
+    assert main(["eval", "--model", FACTORY, "--weights", split16, "--data", folder, "--out", out, "--space", gps_file,
+                 "--predictor", pred_file, "--policy", f"gps={gps_file}", "--methods", "identity,ours_k1,ours_k2",
+                 "--corruptions", "contrast", "--held-out", "saturate", "--severities", "1", "--cost-images", "0"]) == 0
+    res = json.load(open(f"{out}/results.json"))
+    assert res["methods"] == ["identity", "ours_k1", "ours_k2", "gps_n1", "gps_n2", "gps_n4"]
+    assert res["candidate_names"] == space.names
+    model = build_model(FACTORY, num_classes=2, weights=split16).eval()
+    ds = load_dataset(folder, split="val")
+    mean, std = model_mean_std(model)
+    x = to_model_input(ds.images.float() / 255, mean, std)
+    with torch.no_grad():
+        for m, k in (("ours_k1", 1), ("ours_k2", 2)):
+            alone = LossGuidedWrapper(model, predictor, k=k, mean=mean, std=std)(x)
+            assert res["clean"][m] == pytest.approx(100 * float((alone.argmax(1) != ds.labels).double().mean())), m
+    assert res["clean"]["ours_k1"] != res["clean"]["identity"]  # the set-up tells the picks apart
+    selected = torch.tensor(res["selection_rates"]["clean_0"])
+    assert selected.shape == (len(space),) and float(selected.sum()) == pytest.approx(1.0)
+

@@ -14,6 +14,7 @@ from ttach_instance.data import model_mean_std, normalizer
 from ttach_instance.evaluation import ViewMemo, build_method, evaluate, evaluate_arrays, markdown_table
 from ttach_instance.evaluation.methods import load_policies, policy_methods
 from ttach_instance.normalization import to_model_input
+from ttach_instance.policy import policy_space
 from ttach_instance.search import SearchResult, policy_document
 
 from _tiny import space, tiny_data, tiny_model
@@ -70,8 +71,9 @@ def test_rows_keys_labels_and_costs(tmp_path):
         "budget2": ("Budget N=2", 2), "mine_n1": ("GPS n=1 (mine)", 1), "mine_n2": ("GPS n=2 (mine)", 2),
         "mine_n3": ("GPS n=3 (mine)", 3), "dufour": ("Budget N=3 (dufour)", 3)}
     for bad, words in [({"ours_k1": doc("gps", GPS)}, "built-in method"), ({"GPS": doc("gps", GPS)}, "lowercase"),
-                       ({"x": {"kind": "ttach-instance policy", "candidates": []}}, "at least one candidate")]:
-        with pytest.raises(ValueError, match=words):
+                       ({"x": dict(doc("gps", GPS), candidates=[])}, r"policy 'x': field 'candidates' is empty"),
+                       ({"x": str(tmp_path / "none.json")}, "does not exist")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=words):
             load_policies(bad)
     with pytest.raises(ValueError, match="classification"):
         build_method("gps_n1", tiny_model(3), space(), task="segmentation", policies=policies)
@@ -97,12 +99,10 @@ def test_policy_rows_against_a_plain_loop():
 def test_harness_rows_equal_their_wrapper_alone_and_ours_over_gps():
     """Every policy row, and Ours k=1 / k=2 whose space is the GPS policy's (the paper's Fig. 7),
     give in the harness (shared views) exactly what their wrapper called alone gives."""
-    from ttach_instance.evaluation.methods import _policy_api
-
     model = balanced_model()
     images, labels = tiny_data(18, size=32)
     policies = {"gps": doc("gps", GPS), "budget2": doc("budget", BUDGET)}
-    gps_space = _policy_api()[1](policies["gps"])
+    gps_space = policy_space(policies["gps"])
     assert len(gps_space) == len(GPS) and len(set(gps_space.names)) == len(GPS)
     pred = FixedPredictor(len(gps_space), 2, 1)  # picks the repeat of zoom(0.8), then sharpness(4.0)
     methods = ["identity", "ours_k1", "ours_k2", "gps_n2", "gps_n5", "budget2"]

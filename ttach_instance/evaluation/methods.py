@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from ..policy import Policy, load_policy, policy_space, read_policy
 from ..registry import get_space
 from ..segmentation import LOSS_KINDS, segmentation_loss
 from ..selection import check_k, select_oracle
@@ -228,7 +229,7 @@ def build_method(method: str, model: nn.Module, space: TransformSpace, predictor
                  **kwargs: Any) -> nn.Module:
     """The wrapper that defines ``method``: classification ``kwargs`` go to the wrapper (``mean``,
     ``std``, ``output_label_key``...); segmentation takes ``output_key``, ``loss``, ``ignore_index``.
-    ``policies`` (``{name: policy file or document}``, classification) adds their rows
+    ``policies`` (``{name: policy file, document or Policy}``, classification) adds their rows
     (:func:`policy_methods`)."""
     table = _CLASSIFICATION if task == "classification" else _SEGMENTATION
     if policies:
@@ -247,79 +248,47 @@ def build_method(method: str, model: nn.Module, space: TransformSpace, predictor
 GPS_PREFIXES = (1, 2, 4)
 
 
-def _policy_api():
-    """``(load_policy, policy_space)`` of :mod:`ttach_instance.policy`."""
-    try:
-        from ..policy import load_policy, policy_space
-    except ImportError:  # stand-in until ttach_instance.policy lands (helper B); deleted then
-        load_policy, policy_space = _standin_load_policy, _standin_policy_space
-    return load_policy, policy_space
+def load_policies(policies: Optional[Mapping[str, Any]]) -> Dict[str, Policy]:
+    """``{name: Policy}`` from ``{name: policy file, document or Policy}`` (``eval --policy
+    NAME=FILE``), each read and checked by :mod:`ttach_instance.policy`.
 
-
-def _standin_load_policy(path: str) -> Dict[str, Any]:
-    import json
-
-    with open(path) as f:
-        doc = json.load(f)
-    if not isinstance(doc, dict) or doc.get("kind") != "ttach-instance policy":
-        raise ValueError(f"{path!r} is not a ttach-instance policy file")
-    return doc
-
-
-def _standin_policy_space(doc: Any, n: Optional[int] = None) -> TransformSpace:
-    from ..registry import space_from_specs
-
-    doc = _standin_load_policy(doc) if isinstance(doc, str) else doc
-    specs, seen = [], {}
-    for spec in doc["candidates"][:n]:
-        seen[spec["name"]] = seen.get(spec["name"], 0) + 1
-        specs.append(dict(spec, name=spec["name"] if seen[spec["name"]] == 1 else f"{spec['name']}#{seen[spec['name']]}"))
-    return TransformSpace(space_from_specs(specs).candidates, name=f"policy:{doc['search']}")
-
-
-def load_policies(policies: Optional[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """``{name: policy document}`` from ``{name: path or document}`` (``eval --policy NAME=FILE``).
-
-    ``name`` keys the rows (``[a-z0-9_]``, not a built-in method's name). A GPS file gives the
-    rows ``<name>_n1``, ``_n2``, ``_n4`` and ``_n<N>`` (its whole length, prefixes longer than it
-    left out); any other search (a budget policy) gives one row ``<name>`` over all its
+    ``name`` keys the rows (``[a-z0-9_]``, not a built-in method's name). A GPS policy gives the
+    rows ``<name>_n1``, ``_n2``, ``_n4`` and ``_n<N>`` (its whole length; prefixes longer than it
+    left out); any other search (budget, staged) gives one row ``<name>`` over all its
     candidates."""
-    load_policy, _ = _policy_api()
-    out: Dict[str, Dict[str, Any]] = {}
+    out: Dict[str, Policy] = {}
     for name, source in dict(policies or {}).items():
         if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9_]+", name):
             raise ValueError(f"policies: a policy's name must be lowercase letters, digits or '_', got {name!r}")
         if name in _CLASSIFICATION:
             raise ValueError(f"policies: {name!r} is a built-in method's name; name the policy otherwise")
-        out[name] = load_policy(source) if isinstance(source, str) else source
-        if not isinstance(out[name], dict) or not out[name].get("candidates"):
-            raise ValueError(f"policies[{name!r}]: a policy document with at least one candidate is expected")
+        out[name] = source if isinstance(source, Policy) else \
+            read_policy(dict(source), f"policy {name!r}") if isinstance(source, Mapping) else load_policy(source)
     return out
 
 
-def policy_methods(policies: Optional[Mapping[str, Dict[str, Any]]]) -> Dict[str, Tuple[str, int, Factory]]:
+def policy_methods(policies: Optional[Mapping[str, Policy]]) -> Dict[str, Tuple[str, int, Factory]]:
     """The rows of loaded policies (:func:`load_policies`): ``{key: (label, model calls, factory)}``.
 
-    Each row is ``FullSpaceWrapper(model, <space of the policy's first n candidates>)`` (a GPS
-    candidate listed twice counts twice in the mean); its cost is ``n`` model calls. Labels:
-    ``"GPS n=4"``, ``"Budget N=2"``, followed by the policy's name in parentheses unless it is
-    the plain ``gps`` / ``budget<N>``."""
-    _, policy_space = _policy_api()
+    Each row is ``FullSpaceWrapper(model, policy_space(policy, n))``, the policy's first ``n``
+    candidates (a GPS candidate chosen twice counts twice in the mean); its cost is ``n`` model
+    calls. Labels: ``"GPS n=4"``, ``"Budget N=2"``, followed by the policy's name in parentheses
+    unless it is the plain ``gps`` / ``budget<N>``."""
     rows: Dict[str, Tuple[str, int, Factory]] = {}
 
-    def row(doc: Dict[str, Any], n: int) -> Factory:
+    def row(policy: Policy, n: Optional[int]) -> Factory:
         def factory(model, space, predictor, **kw):
-            return FullSpaceWrapper(model, policy_space(doc, n), **kw)
+            return FullSpaceWrapper(model, policy_space(policy, n), **kw)
         return factory
 
-    for name, doc in (policies or {}).items():
-        total = len(doc["candidates"])
-        if doc.get("search") == "gps":
+    for name, policy in (policies or {}).items():
+        total = len(policy)
+        if policy.search == "gps":
             suffix = "" if name == "gps" else f" ({name})"
             for n in dict.fromkeys([p for p in GPS_PREFIXES if p < total] + [total]):
-                rows[f"{name}_n{n}"] = (f"GPS n={n}{suffix}", n, row(doc, n))
+                rows[f"{name}_n{n}"] = (f"GPS n={n}{suffix}", n, row(policy, n))
         else:
-            kind = "Budget" if doc.get("search") in ("budget", "staged") else str(doc.get("search", "Policy")).title()
+            kind = "Budget" if policy.search in ("budget", "staged") else policy.search.title()
             suffix = "" if name in ("budget", f"budget{total}") else f" ({name})"
-            rows[name] = (f"{kind} N={total}{suffix}", total, row(doc, None))
+            rows[name] = (f"{kind} N={total}{suffix}", total, row(policy, None))
     return rows
