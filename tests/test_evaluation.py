@@ -194,7 +194,7 @@ def test_bad_arguments(tmp_path):
         evaluate(model, images, labels, space(), str(tmp_path / "b"), severities=[7])
     with pytest.raises(ValueError, match="needs a loss predictor"):
         build_method("ours_k1", model, space())
-    assert len(METHODS) == 13 and set(PREDICTOR_METHODS) == {m for m in METHODS if m.startswith("ours")}
+    assert len(METHODS) == 23 and set(PREDICTOR_METHODS) == {m for m in METHODS if m.startswith("ours")}
 
 
 def test_measure_cost_counts_model_calls():
@@ -202,6 +202,9 @@ def test_measure_cost_counts_model_calls():
     images, _ = tiny_data(10, size=32)
     cost = measure_cost(model, FixedPredictor(12, 4, 7), space(), images, repeats=1, batch_size=4)
     expected = {"identity": 1, "hflip": 2, "five_crops": 5, "ten_crops": 10, "random_k1": 1, "random_k2": 2,
-                "random_k4": 4, "full_mean": 12, "ours_k1": 1, "ours_k2": 2, "ours_k1_hflip": 2, "ours_k2_hflip": 4}
+                "random_k4": 4, "full_mean": 12, "ours_k1": 1, "ours_k2": 2, "ours_k1_hflip": 2, "ours_k2_hflip": 4,
+                "center_crop_paper": 1, "five_crops_paper": 5, "ten_crops_paper": 10, "ours_k2_five_crops": 10,
+                "hflip_logits": 2, "five_crops_logits": 5, "ten_crops_logits": 10, "five_crops_paper_logits": 5,
+                "ten_crops_paper_logits": 10, "full_mean_logits": 12}
     assert {m: c["model_calls_per_image"] for m, c in cost.items()} == expected
     assert cost["identity"]["relative_time"] == 1.0

@@ -113,3 +113,72 @@ def test_resize_crop_spec_round_trip_and_errors():
     with pytest.raises(TypeError, match="fraction must be a finite number"):
         ResizeCrop("center", "0.875")
     assert ResizeCrop("center", 1.0).apply(torch.rand(1, 3, 8, 8)).shape == (1, 3, 8, 8)
+
+
+class _BrightnessPredictor(torch.nn.Module):
+    """Scores paper12 by each input's own mean brightness (lower = better), so the choice
+    changes with the crop it is shown."""
+
+    space = ti.get_space("paper12")
+
+    def forward(self, pixels):
+        best = (pixels.mean((1, 2, 3)) * 997).long() % 12
+        scores = torch.full((pixels.shape[0], 12), 5.0)
+        scores[torch.arange(pixels.shape[0]), best] = 0.0
+        scores[torch.arange(pixels.shape[0]), (best + 5) % 12] = 1.0
+        return scores
+
+
+def test_ours_k2_five_crops_selects_per_crop():
+    """``Ours k=2 + 5-Crops`` (Table 4): each of the paper's five crops is shown to the
+    predictor, its two best candidates are applied to that crop, and the ten views' softmax
+    probabilities are averaged -- computed here crop by crop, view by view."""
+    from _tiny import tiny_model
+
+    from ttach_instance.evaluation import LABELS, MODEL_CALLS, build_method
+    from ttach_instance.normalization import to_model_input
+
+    model, pred = tiny_model(3), _BrightnessPredictor()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pixels = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    paper12 = ti.get_space("paper12")
+    with torch.no_grad():
+        out, selection = build_method("ours_k2_five_crops", model, paper12, pred, mean=mean, std=std)(
+            to_model_input(pixels, mean, std))
+        expected, chosen = torch.zeros(6, 3), set()
+        for position in ("left_top", "left_bottom", "right_bottom", "right_top", "center"):
+            crop = ResizeCrop(position).apply(pixels)
+            for i in range(6):
+                best = int((crop[i].mean() * 997).long() % 12)
+                for c in (best, (best + 5) % 12):
+                    chosen.add((i, c))
+                    view = paper12[c].apply(crop[i:i + 1])
+                    expected[i] += model(to_model_input(view, mean, std)).softmax(1)[0] / 10
+    torch.testing.assert_close(out.exp(), expected, atol=1e-5, rtol=0)
+    assert len(chosen) > 12  # the crops changed some image's choice: selection is per crop
+    assert selection.index.shape == (6, 5)  # the outer wrapper's choice: every crop
+    assert LABELS["ours_k2_five_crops"] == "Ours k=2 + 5-Crops" and MODEL_CALLS["ours_k2_five_crops"] == 10
+
+
+@pytest.mark.parametrize("method, space", [("hflip_logits", "hflip"), ("five_crops_paper_logits", "five_crops_paper"),
+                                           ("ten_crops_logits", "ten_crops"), ("center_crop_paper", "center_crop_paper"),
+                                           ("ten_crops_paper", "ten_crops_paper")])
+def test_crop_and_logit_rows_against_a_loop(method, space):
+    """The logits rows average the views' raw outputs (ttach's merge); the probability rows
+    average softmax probabilities (returned as their log)."""
+    from _tiny import tiny_model
+
+    from ttach_instance.evaluation import build_method
+    from ttach_instance.normalization import to_model_input
+
+    model = tiny_model(3)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    sp = ti.get_space(space)
+    with torch.no_grad():
+        out = build_method(method, model, ti.get_space("paper12"), mean=mean, std=std)(to_model_input(pixels, mean, std))
+        logits = torch.stack([model(to_model_input(c.apply(pixels), mean, std)) for c in sp])
+    if method.endswith("_logits"):
+        torch.testing.assert_close(out, logits.mean(0), atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(out.exp(), logits.softmax(-1).mean(0), atol=1e-5, rtol=0)

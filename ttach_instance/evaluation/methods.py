@@ -153,10 +153,10 @@ Factory = Callable[..., nn.Module]
 
 
 def _classification() -> Dict[str, Tuple[str, int, Factory]]:
-    def full(space_name: Optional[str] = None):
+    def full(space_name: Optional[str] = None, merge_space: str = "probs"):
         return lambda model, space, predictor, **kw: FullSpaceWrapper(
             model, identity_space() if space_name == "identity" else get_space(space_name) if space_name else space,
-            **kw)
+            merge_space=merge_space, **kw)
 
     def random(k: int):
         return lambda model, space, predictor, **kw: RandomKWrapper(model, space, k=k, seed=0, **kw)
@@ -168,14 +168,35 @@ def _classification() -> Dict[str, Tuple[str, int, Factory]]:
     def oracle(k: int):
         return lambda model, space, predictor, **kw: OracleKWrapper(model, space, k=k, return_selection=True, **kw)
 
+    def ours_in_crops(k: int, crops: str):
+        # Table 4's "Ours + 5-Crops": Ours inside every crop. Per-crop selection: each crop is a
+        # model-size input, so the predictor scores what the model will see (per-image selection
+        # would apply candidates it scored on the uncropped image); the wrappers nest as they are.
+        def factory(model, space, predictor, **kw):
+            inner = LossGuidedWrapper(model, predictor, k=k, space=space, **kw)
+            return FullSpaceWrapper(inner, get_space(crops), return_selection=True, **kw)
+        return factory
+
     return {
         "identity": ("Identity", 1, full("identity")), "hflip": ("H-Flip", 2, full("hflip")),
         "five_crops": ("5-Crops", 5, full("five_crops")), "ten_crops": ("10-Crops", 10, full("ten_crops")),
+        "center_crop_paper": ("Center-Crop", 1, full("center_crop_paper")),
+        "five_crops_paper": ("5-Crops (paper)", 5, full("five_crops_paper")),
+        "ten_crops_paper": ("10-Crops (paper)", 10, full("ten_crops_paper")),
         "random_k1": ("Random k=1", 1, random(1)), "random_k2": ("Random k=2", 2, random(2)),
         "random_k4": ("Random k=4", 4, random(4)), "full_mean": ("Full-space mean", 0, full()),
         "ours_k1": ("Ours k=1", 1, ours(1, False)), "ours_k2": ("Ours k=2", 2, ours(2, False)),
         "ours_k1_hflip": ("Ours k=1 + H-Flip", 2, ours(1, True)),
-        "ours_k2_hflip": ("Ours k=2 + H-Flip", 4, ours(2, True)), "oracle_k1": ("Oracle k=1", 0, oracle(1)),
+        "ours_k2_hflip": ("Ours k=2 + H-Flip", 4, ours(2, True)),
+        "ours_k2_five_crops": ("Ours k=2 + 5-Crops", 10, ours_in_crops(2, "five_crops_paper")),
+        "oracle_k1": ("Oracle k=1", 0, oracle(1)),
+        # the fixed spaces with the views' logits averaged (ttach's merge) instead of probabilities
+        "hflip_logits": ("H-Flip (logits)", 2, full("hflip", "logits")),
+        "five_crops_logits": ("5-Crops (logits)", 5, full("five_crops", "logits")),
+        "ten_crops_logits": ("10-Crops (logits)", 10, full("ten_crops", "logits")),
+        "five_crops_paper_logits": ("5-Crops (paper, logits)", 5, full("five_crops_paper", "logits")),
+        "ten_crops_paper_logits": ("10-Crops (paper, logits)", 10, full("ten_crops_paper", "logits")),
+        "full_mean_logits": ("Full-space mean (logits)", 0, full(None, "logits")),
     }
 
 
