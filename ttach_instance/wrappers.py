@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .fusion import FusionWeights, fitted_temperature, load_fusion
 from .merge import check_merge_mode, check_merge_space, check_temperature, merge_outputs
 from .normalization import resolve_mean_std, to_model_input, to_pixels
 from .selection import check_k, select_random, select_topk
@@ -121,7 +122,10 @@ class TTAWrapper(nn.Module):
         space: a :class:`TransformSpace`, a registered name or a ``ttach.Compose``.
         k: views per input.
         merge_mode: ttach's modes (``mean``, ``gmean``, ``sum``, ``max``, ``min``, ``tsharpen``) or
-            ``"weighted"`` (softmax of the negative predicted losses, ``temperature``).
+            ``"weighted"`` (softmax of the negative predicted losses, ``temperature``; the loss-guided
+            presets given no temperature use the one fitted with the predictor for their ``k``,
+            ``flip`` and ``merge_space`` -- :func:`~ttach_instance.fusion.fit_weighted_temperature` --
+            else 1).
         merge_space: ``"probs"`` (default), ``"log_probs"`` or ``"logits"``: see the module docstring.
         mean, std: the model's input normalisation (default: resolved from the model).
         chunk_size: rows per model call (``None``: one call per rank of ``B`` rows).
@@ -134,15 +138,24 @@ class TTAWrapper(nn.Module):
             (``"extrapolate"``), the identity view's output (``"identity"``: one more model call of
             ``B`` rows) or 0 (``"zero"``).
         return_selection: return ``(output, Selection)``.
+        fusion: learned fusion weights (:class:`~ttach_instance.fusion.FusionWeights` or its file) in
+            place of the uniform merge; only for presets that run every candidate of the space
+            (``fixed_views``), whose space the weights must be fitted for.
     """
 
     #: Whether :meth:`select` yields the predicted losses that ``merge_mode="weighted"`` needs.
     has_losses = False
+    #: Whether every input gets every candidate of the space, in order (what ``fusion=`` weighs).
+    fixed_views = False
+    #: Where ``temperature`` came from: ``"argument"``; loss-guided presets given none: ``"fitted"``
+    #: (recorded with the predictor) or ``"default"`` (1).
+    temperature_source = "argument"
 
     def __init__(self, model: Callable[..., Any], space: Any, k: int, merge_mode: str = "mean",
                  merge_space: str = "probs", mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
                  temperature: float = 1.0, output_key: Optional[str] = None, flip: bool = False, dense: bool = False,
-                 interpolation: str = "bilinear", coverage: str = "extrapolate", return_selection: bool = False):
+                 interpolation: str = "bilinear", coverage: str = "extrapolate", return_selection: bool = False,
+                 fusion: Any = None):
         super().__init__()
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
@@ -172,6 +185,30 @@ class TTAWrapper(nn.Module):
         self.return_selection = bool(return_selection)
         self._identity = torch.tensor([c.is_identity for c in self.space.candidates])
         self._identity_on: Dict[str, Tensor] = {}
+        self.fusion = None if fusion is None else self._bind_fusion(fusion)
+
+    def _bind_fusion(self, fusion: Any) -> FusionWeights:
+        name = type(self).__name__
+        if not self.fixed_views or self.k != len(self.space):
+            raise ValueError(f"fusion= weighs every candidate of a fixed space, but {name} chooses {self.k} of "
+                             f"{len(self.space)} candidates per input (top-k); use FullSpaceWrapper or "
+                             f"SegmentationTTAWrapper, or merge_mode='weighted' for loss-weighted views")
+        if self.flip:
+            raise ValueError("fusion= weighs the space's candidates; flip=True adds views it has no weights for: use "
+                             "a space that holds the flips (e.g. 'flips')")
+        if self.merge_mode != "mean" or self.merge_space != "probs":
+            raise ValueError(f"fusion= replaces the merge (its weights average probabilities); leave merge_mode "
+                             f"and merge_space at 'mean' and 'probs', got {self.merge_mode!r}, {self.merge_space!r}")
+        if not isinstance(fusion, FusionWeights):
+            if not isinstance(fusion, (str, os.PathLike)):
+                raise TypeError(f"fusion must be FusionWeights or the path of a fusion weights file, got "
+                                f"{type(fusion).__name__}")
+            return load_fusion(fusion, space=self.space)
+        if fusion.space_fingerprint != self.space.fingerprint:
+            raise ValueError(f"the fusion weights were fitted for space {fusion.space.name!r} (fingerprint "
+                             f"{fusion.space_fingerprint}) but {name} runs space {self.space.name!r} (fingerprint "
+                             f"{self.space.fingerprint})")
+        return fusion
 
     # ------------------------------------------------------------------ selection (presets)
     def select(self, x: Tensor, pixels: Tensor, *args: Any, **kwargs: Any) -> Tuple[Tensor, Optional[Tensor], Selection]:
@@ -319,10 +356,14 @@ class TTAWrapper(nn.Module):
 
     def merge(self, per_view: Tensor, validity: Optional[Tensor], losses: Optional[Tensor], x: Tensor,
               args: Tuple = (), kwargs: Optional[Dict] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """``merge_outputs`` over the views (validity as weights), and the dense coverage; with
-        ``coverage="identity"`` uncovered pixels take the identity view's output (one more call)."""
-        merged = merge_outputs(per_view, self.merge_mode, losses=losses if self.merge_mode == "weighted" else None,
-                               temperature=self.temperature, weights=validity, merge_space=self.merge_space)
+        """``merge_outputs`` over the views (validity as weights) or the learned ``fusion``, and the
+        dense coverage; with ``coverage="identity"`` uncovered pixels take the identity view's
+        output (one more call)."""
+        if self.fusion is not None:
+            merged = self.fusion(per_view, validity)
+        else:
+            merged = merge_outputs(per_view, self.merge_mode, losses=losses if self.merge_mode == "weighted" else None,
+                                   temperature=self.temperature, weights=validity, merge_space=self.merge_space)
         if validity is None:
             return merged, None
         coverage = validity.sum(1)
@@ -338,7 +379,9 @@ class TTAWrapper(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"space={self.space.name!r} ({len(self.space)} candidates), k={self.k}, merge_mode={self.merge_mode!r}, "
-                f"merge_space={self.merge_space!r}, flip={self.flip}, dense={self.dense}, chunk_size={self.chunk_size}")
+                f"merge_space={self.merge_space!r}, flip={self.flip}, dense={self.dense}, chunk_size={self.chunk_size}"
+                + (f", temperature={self.temperature:.4g} ({self.temperature_source})" if self.merge_mode == "weighted"
+                   else ""))
 
 
 # ---------------------------------------------------------------------- selections
@@ -346,6 +389,17 @@ class TTAWrapper(nn.Module):
 
 class _LossGuided(TTAWrapper):
     has_losses = True
+
+    @staticmethod
+    def _temperature(predictor: Any, temperature: Optional[float], k: int, flip: bool,
+                     merge_space: str) -> Tuple[float, str]:
+        """``temperature`` if given, else the one fitted for this ``k``, ``flip`` and ``merge_space``
+        and recorded with the predictor (:func:`~ttach_instance.fusion.fit_weighted_temperature`),
+        else 1; with its source."""
+        if temperature is not None:
+            return temperature, "argument"
+        fitted = fitted_temperature(predictor, k, flip, merge_space)
+        return (1.0, "default") if fitted is None else (fitted, "fitted")
 
     def _bind_predictor(self, predictor: Any, space: Any) -> TransformSpace:
         if not callable(predictor):
@@ -411,6 +465,8 @@ class _RandomK(TTAWrapper):
 
 
 class _FullSpace(TTAWrapper):
+    fixed_views = True
+
     def select(self, x, pixels, *args, **kwargs):
         index = torch.arange(len(self.space), device=x.device).expand(x.shape[0], -1)
         return index, None, Selection(index=index, flip=self.flip)
@@ -430,12 +486,15 @@ class LossGuidedWrapper(_LossGuided):
 
     def __init__(self, model: Callable[..., Any], predictor: Callable[[Tensor], Tensor], k: int = 1,
                  merge_mode: str = "mean", merge_space: str = "probs", mean: Any = None, std: Any = None,
-                 chunk_size: Optional[int] = None, temperature: float = 1.0, output_label_key: Optional[str] = None,
-                 flip: bool = False, return_selection: bool = False, space: Any = None):
+                 chunk_size: Optional[int] = None, temperature: Optional[float] = None,
+                 output_label_key: Optional[str] = None, flip: bool = False, return_selection: bool = False,
+                 space: Any = None):
         space = self._bind_predictor(predictor, space)
+        temperature, source = self._temperature(predictor, temperature, k, flip, merge_space)
         super().__init__(model, space, k, merge_mode, merge_space, mean, std, chunk_size, temperature,
                          output_label_key, flip, return_selection=return_selection)
         self.predictor = predictor
+        self.temperature_source = source
 
 
 class RandomKWrapper(_RandomK):
@@ -451,14 +510,16 @@ class RandomKWrapper(_RandomK):
 
 class FullSpaceWrapper(_FullSpace):
     """Conventional TTA over the whole space: every candidate on every input, merged (ttach's
-    ``ClassificationTTAWrapper`` over ``space.to_ttach()``, with views built in pixel space)."""
+    ``ClassificationTTAWrapper`` over ``space.to_ttach()``, with views built in pixel space), or
+    fused with learned weights (``fusion=``, :mod:`ttach_instance.fusion`)."""
 
     def __init__(self, model: Callable[..., Any], space: Any, merge_mode: str = "mean", merge_space: str = "probs",
                  mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
-                 output_label_key: Optional[str] = None, flip: bool = False, return_selection: bool = False):
+                 output_label_key: Optional[str] = None, flip: bool = False, return_selection: bool = False,
+                 fusion: Any = None):
         space = resolve_space(space)
         super().__init__(model, space, len(space), merge_mode, merge_space, mean, std, chunk_size, 1.0,
-                         output_label_key, flip, return_selection=return_selection)
+                         output_label_key, flip, return_selection=return_selection, fusion=fusion)
 
 
 # ---------------------------------------------------------------------- segmentation presets
@@ -497,14 +558,16 @@ class LossGuidedSegmentationWrapper(_Dense, _LossGuided):
 
     def __init__(self, model: Callable[..., Any], predictor: Callable[[Tensor], Tensor], space: Any = None, k: int = 1,
                  merge_mode: str = "mean", merge_space: str = "probs", mean: Any = None, std: Any = None,
-                 chunk_size: Optional[int] = None, temperature: float = 1.0, output_mask_key: Optional[str] = None,
-                 flip: bool = False, interpolation: str = "bilinear", coverage: str = "extrapolate",
-                 uncertainty: str = "variance", return_selection: bool = False):
+                 chunk_size: Optional[int] = None, temperature: Optional[float] = None,
+                 output_mask_key: Optional[str] = None, flip: bool = False, interpolation: str = "bilinear",
+                 coverage: str = "extrapolate", uncertainty: str = "variance", return_selection: bool = False):
         space = self._bind_predictor(predictor, space)
+        temperature, source = self._temperature(predictor, temperature, k, flip, merge_space)
         super().__init__(model, space, k, merge_mode, merge_space, mean, std, chunk_size, temperature, output_mask_key,
                          flip, return_selection=return_selection, **_dense_kwargs(interpolation, coverage, uncertainty))
         self.predictor = predictor
         self.uncertainty = uncertainty
+        self.temperature_source = source
 
 
 class RandomKSegmentationWrapper(_Dense, _RandomK):
@@ -523,14 +586,16 @@ class RandomKSegmentationWrapper(_Dense, _RandomK):
 class SegmentationTTAWrapper(_Dense, _FullSpace):
     """Conventional segmentation TTA: every candidate of ``space`` (default ``"d4"``), outputs
     de-augmented and merged with validity weights -- arbitrary rotations, zooms and crops
-    included, which ttach's ``SegmentationTTAWrapper`` cannot de-augment."""
+    included, which ttach's ``SegmentationTTAWrapper`` cannot de-augment. ``fusion=``: learned
+    fusion weights in place of the uniform mean (:mod:`ttach_instance.fusion`)."""
 
     def __init__(self, model: Callable[..., Any], space: Any = "d4", merge_mode: str = "mean",
                  merge_space: str = "probs", mean: Any = None, std: Any = None, chunk_size: Optional[int] = None,
                  output_mask_key: Optional[str] = None, flip: bool = False, interpolation: str = "bilinear",
-                 coverage: str = "extrapolate", uncertainty: str = "variance", return_selection: bool = False):
+                 coverage: str = "extrapolate", uncertainty: str = "variance", return_selection: bool = False,
+                 fusion: Any = None):
         space = resolve_space(space)
         super().__init__(model, space, len(space), merge_mode, merge_space, mean, std, chunk_size, 1.0,
-                         output_mask_key, flip, return_selection=return_selection,
+                         output_mask_key, flip, return_selection=return_selection, fusion=fusion,
                          **_dense_kwargs(interpolation, coverage, uncertainty))
         self.uncertainty = uncertainty

@@ -158,6 +158,10 @@ class LossPredictorBase(nn.Module):
         self.input_size = int(input_size)
         self.model_image_size: Optional[Tuple[int, int]] = None
         self.register_module("calibration", None)
+        #: Temperatures of the loss-weighted merge fitted on validation data, one per wrapper setting
+        #: (``k``, ``flip``, ``merge_space``): :func:`ttach_instance.fusion.store_temperature`; saved in
+        #: the checkpoint metadata and used by the loss-guided wrappers given no ``temperature``.
+        self.merge_temperatures: List[Dict[str, Any]] = []
 
     # -- forward ---------------------------------------------------------------------------
     def features(self, pixels: Tensor) -> Tensor:
@@ -186,6 +190,7 @@ class LossPredictorBase(nn.Module):
                 "space_fingerprint": self.space_fingerprint, "candidate_names": self.candidate_names,
                 "model_image_size": None if self.model_image_size is None else list(self.model_image_size),
                 "calibration": None if self.calibration is None else self.calibration.config(),
+                "merge_temperatures": [dict(e) for e in self.merge_temperatures],
                 "versions": {"ttach_instance": __version__, "torch": torch.__version__}}
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -205,6 +210,47 @@ def check_model_image_size(value: Any, where: str) -> Optional[Tuple[int, int]]:
         return None
     size = Field("ints", 1, MAX_SIDE, length=2).validate("model_image_size", value, where)
     return size[0], size[1]
+
+
+#: One fitted temperature of the weighted merge as a checkpoint states it (``merge_temperatures``).
+TEMPERATURE_SCHEMA = {"k": Field("int", 1, 1 << 16), "flip": None, "merge_space": None,
+                      "temperature": Field("float", 1e-30, 1e30), "objective": None, "images": Field("int", 1, 1 << 40),
+                      "nll": Field("float", 0.0), "nll_at_1": Field("float", 0.0)}
+
+
+def check_merge_temperatures(value: Any, num_candidates: int, where: str) -> List[Dict[str, Any]]:
+    """A checkpoint's ``merge_temperatures``: absent or null (none fitted) or a list of at most 64
+    entries with exactly :data:`TEMPERATURE_SCHEMA`'s keys, ``k`` at most the space's candidates,
+    ``merge_space`` one of the merge spaces, ``objective`` ``"nll"``, no setting twice."""
+    from ..merge import MERGE_SPACES
+
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > 64:
+        raise ValueError(f"{where}: merge_temperatures must be null or a list of at most 64 entries, got "
+                         f"{type(value).__name__}")
+    out, seen = [], set()
+    for i, entry in enumerate(value):
+        name = f"merge_temperatures[{i}]"
+        if not isinstance(entry, dict) or set(entry) != set(TEMPERATURE_SCHEMA):
+            raise ValueError(f"{where}: {name} must be an object with the keys {sorted(TEMPERATURE_SCHEMA)}, got "
+                             f"{sorted(entry) if isinstance(entry, dict) else type(entry).__name__}")
+        checked = {key: field.validate(f"{name}.{key}", entry[key], where)
+                   for key, field in TEMPERATURE_SCHEMA.items() if field is not None}
+        if checked["k"] > num_candidates:
+            raise ValueError(f"{where}: {name}.k must be at most the space's {num_candidates} candidates, got "
+                             f"{checked['k']}")
+        if not isinstance(entry["flip"], bool) or entry["merge_space"] not in MERGE_SPACES \
+                or entry["objective"] != "nll":
+            raise ValueError(f"{where}: {name} must have flip true/false, merge_space one of {list(MERGE_SPACES)} "
+                             f"and objective 'nll', got {entry['flip']!r}, {entry['merge_space']!r}, "
+                             f"{entry['objective']!r}")
+        key = (checked["k"], entry["flip"], entry["merge_space"])
+        if key in seen:
+            raise ValueError(f"{where}: {name} repeats the setting k={key[0]}, flip={key[1]}, merge_space={key[2]!r}")
+        seen.add(key)
+        out.append({**checked, "flip": entry["flip"], "merge_space": entry["merge_space"], "objective": "nll"})
+    return out
 
 
 def ensure_strict_match(predictor: nn.Module, tensors: Dict[str, Tensor], where: str) -> None:

@@ -9,8 +9,8 @@ from typing import Callable, Dict, List, Optional, Type, TypeVar, Union
 import torch
 
 from ..space import TransformSpace
-from .base import (CHECKPOINT_KIND, FORMAT_VERSION, Field, LossPredictorBase, check_model_image_size,
-                   ensure_strict_match, validate_config)
+from .base import (CHECKPOINT_KIND, FORMAT_VERSION, Field, LossPredictorBase, check_merge_temperatures,
+                   check_model_image_size, ensure_strict_match, validate_config)
 from .calibration import IdentityCalibration
 
 __all__ = ["register_predictor", "create_predictor", "load_predictor", "list_predictors", "read_checkpoint_metadata"]
@@ -141,6 +141,7 @@ def load_predictor(path: Union[str, os.PathLike], space: Optional[Union[Transfor
         raise ValueError(f"space {space.name!r} (fingerprint {space.fingerprint}) is not the space the predictor "
                          f"{path!r} was trained for ({meta.get('space')!r}, fingerprint {fingerprint})")
     calibration = _checked_calibration(meta.get("calibration"), len(space), where)
+    temperatures = check_merge_temperatures(meta.get("merge_temperatures"), len(space), where)
     # The file's tensors against the architecture built on the meta device (no memory): a small
     # tampered file cannot make loading allocate a large model it does not hold the weights of.
     probe = _build(cls, space, config, calibration, where, device="meta")
@@ -158,6 +159,7 @@ def load_predictor(path: Union[str, os.PathLike], space: Optional[Union[Transfor
                          f"diverged fit)")
     predictor.load_state_dict(tensors, strict=True)
     predictor.model_image_size = size
+    predictor.merge_temperatures = temperatures
     return predictor.to(map_location).eval()
 
 
