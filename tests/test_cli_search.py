@@ -196,3 +196,71 @@ def test_eval_ours_over_a_gps_space(folder, split16, tmp_path, capsys):  # noqa:
     selected = torch.tensor(res["selection_rates"]["clean_0"])
     assert selected.shape == (len(space),) and float(selected.sum()) == pytest.approx(1.0)
 
+
+def test_search_staged_end_to_end(folder, split16, tmp_path, capsys):  # noqa: F811
+    """``search staged``: stages a and b on the prediction cache, the composites of the family
+    winners predicted by the model into a second cache (checked against the model run on each
+    composite's ops applied in order), the policy equal to ``staged_budget_search`` on the same
+    tensors, written as a policy file that loads as a space; then the same search from the caches
+    alone, without stage c, and its refusals."""
+    from ttach_instance.data import load_dataset, model_mean_std
+    from ttach_instance.policy import load_policy, policy_space
+    from ttach_instance.staged_search import composite_specs, op_families, staged_budget_search
+
+    preds, out = str(tmp_path / "preds"), str(tmp_path / "staged.json")
+    assert main(["search", "staged", "--predictions", preds, "--out", out, "--model", FACTORY, "--weights", split16,
+                 "--data", folder, "--budget", "3", "--objective", "nll"]) == 0
+    text = capsys.readouterr().out
+    pool = get_space("paper12")
+    cache, composites = load_predictions(preds), load_predictions(preds + "-composites")
+    families = op_families(pool.spec())
+    assert sorted({f for f in families if f}) == ["autocontrast", "color", "rotate", "sharpness", "zoom"]
+    doc = json.load(open(out))
+    pairs = [tuple(p) for p in doc["details"]["composites"]]
+    assert len(pairs) == 10  # 5 family winners, every pair
+    assert composites["manifest"]["candidate_specs"] == composite_specs(pool.spec(), pairs)
+    # the composites' predictions: candidate i's ops, then j's, through the model
+    model = build_model(FACTORY, num_classes=2, weights=split16).eval()
+    ds = load_dataset(folder, split="val")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in model_mean_std(model))
+    x = ds.images.float() / 255
+    with torch.no_grad():
+        direct = torch.stack([torch.log_softmax(model((pool[j].apply(pool[i].apply(x)) - mean) / std), 1)
+                              for i, j in pairs])
+    torch.testing.assert_close(composites["log_probs"], direct, atol=1e-5, rtol=0)
+    ref = staged_budget_search(cache["log_probs"], cache["labels"], 3, families, objective="nll",
+                               composite_log_probs=lambda p: composites["log_probs"])
+    assert doc["search"] == doc["method"] == "staged" and doc["indices"] == ref.indices
+    assert [s["score"] for s in doc["steps"]] == pytest.approx(ref.scores, abs=1e-12)
+    assert doc["details"]["stages"]["sweep"] == json.loads(json.dumps(ref.details["stages"]["sweep"]))
+    names = pool.names + [s["name"] for s in composite_specs(pool.spec(), pairs)]
+    assert doc["pool"]["candidate_names"] == names and doc["pool"]["params"]["base"]["fingerprint"] == pool.fingerprint
+    assert "stage a, magnitude sweep" in text and "stage c, composites of 16" in text
+    # it loads as a space: the chosen candidates, composites as their ops in order
+    policy = load_policy(out)
+    space = policy_space(out)
+    assert space.names == [names[i] for i in ref.indices] and policy.search == "staged"
+    assert space.spec() == [(pool.spec() + composite_specs(pool.spec(), pairs))[i] for i in ref.indices]
+    # from the caches alone (no model): the same policy
+    again = str(tmp_path / "again.json")
+    assert main(["search", "staged", "--predictions", preds, "--out", again, "--budget", "3", "--objective", "nll"]) == 0
+    assert json.load(open(again))["indices"] == ref.indices
+    # without stage c: stage b's choice, no composite cache needed
+    plain = str(tmp_path / "plain.json")
+    assert main(["search", "staged", "--predictions", preds, "--out", plain, "--budget", "3", "--objective", "nll",
+                 "--no-composites", "--composite-predictions", str(tmp_path / "none")]) == 0
+    nocomp = staged_budget_search(cache["log_probs"], cache["labels"], 3, families, objective="nll")
+    assert json.load(open(plain))["indices"] == nocomp.indices and all(i < 12 for i in nocomp.indices)
+    capsys.readouterr()
+    for extra, words in [
+        (["--composite-predictions", str(tmp_path / "none")], "give --model and --data"),
+        (["--composite-pool", "2"], "holds other composites than the 1"),
+        (["--budget", "17"], "budget must be at most the 16 candidates"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["search", "staged", "--predictions", preds, "--out", str(tmp_path / "x.json"), *extra])
+        assert exc.value.code == 2
+        assert words in capsys.readouterr().err, extra
+    with pytest.raises(SystemExit):
+        main(["search", "gps", "--predictions", preds, "--out", str(tmp_path / "x.json"), "--no-composites"])
+    assert "are `search staged` options" in capsys.readouterr().err

@@ -308,3 +308,163 @@ def test_errors_name_the_argument():
     for call, needle in cases:
         with pytest.raises((ValueError, TypeError), match=needle):
             call()
+
+
+# ----------------------------------------------------------------------------- staged (Dufour)
+FAMILIES = [None, "rotate", "rotate", "rotate", "zoom", "zoom", "color"]  # candidate 0: the original
+
+
+def ref_order(correct, nll, objective):
+    """Sort key of a policy's (correct, NLL): lower is better."""
+    return (-correct, nll) if objective == "accuracy" else (nll,)
+
+
+def ref_sweep(log_probs, labels, families, identity, objective):
+    """Per family, the member whose {identity, member} policy scores best (lowest index of ties)."""
+    out = {}
+    for c, f in enumerate(families):
+        if f is None or c == identity:
+            continue
+        key = ref_order(*ref_budget_key(log_probs, labels, [identity, c]), objective)
+        if f not in out or key < out[f][0]:
+            out[f] = (key, c)
+    return {f: c for f, (_, c) in out.items()}
+
+
+def ref_best_over(log_probs, labels, pool, budget, objective):
+    """Brute force over the subsets of ``pool`` (``pool[0]`` the original, always in)."""
+    best = ref_budget_best(log_probs[pool], labels, budget, 0, objective)
+    return sorted(pool[i] for i in best[1]), best[2], best[3]
+
+
+def composite_source(seed, samples, classes, calls):
+    """A stand-in for the model on composites: fixed log-probs per pair, every call recorded."""
+    def source(pairs):
+        calls.append(list(pairs))
+        out = []
+        for i, j in pairs:
+            g = torch.Generator().manual_seed(seed * 1000 + 10 * i + j)
+            out.append(torch.log_softmax(2.0 * torch.randn(samples, classes, generator=g, dtype=torch.float64), 1))
+        return torch.stack(out)
+    return source
+
+
+@pytest.mark.parametrize("objective", ["accuracy", "nll"])
+def test_staged_stages_equal_brute_force(objective):
+    from ttach_instance.staged_search import staged_budget_search
+
+    composites_won = 0
+    for seed in range(8):
+        lp, labels = random_pool(seed, c=7, n=20, k=4, spread=2.0)
+        winners = ref_sweep(lp, labels, FAMILIES, 0, objective)
+        pool_b = [0] + sorted(winners.values())
+        for budget in (1, 2, 3, 4):
+            calls = []
+            res = staged_budget_search(lp, labels, budget, FAMILIES, objective=objective,
+                                       composite_log_probs=composite_source(seed, 20, 4, calls))
+            st = res.details["stages"]
+            # (a) the sweep: each family's winner, and every member's paired score
+            assert {f: s["winner"] for f, s in st["sweep"].items()} == winners
+            for f, s in st["sweep"].items():
+                for c, score in zip(s["candidates"], s["scores"]):
+                    correct, nll = ref_budget_key(lp, labels, [0, c])
+                    assert score == pytest.approx(correct / 20 if objective == "accuracy" else nll, abs=1e-12)
+            # (b) the best subset of the original and the winners
+            assert st["combinations"]["pool"] == pool_b
+            subset_b, correct_b, nll_b = ref_best_over(lp, labels, pool_b, budget, objective)
+            assert sorted(st["combinations"]["indices"]) == subset_b
+            assert st["combinations"]["indices"][0] == 0 and st["combinations"]["method"] == "exhaustive"
+            # (c) pairs of winners composed; the best subset of everything, composites indexed after the pool
+            pairs = list(itertools.combinations(sorted(winners.values()), 2))
+            assert calls == [pairs] and res.details["composites"] == [list(p) for p in pairs]
+            extended = torch.cat([lp, composite_source(seed, 20, 4, [])(pairs)])
+            pool_c = pool_b + [7 + k for k in range(len(pairs))]
+            subset_c, correct_c, nll_c = ref_best_over(extended, labels, pool_c, budget, objective)
+            assert sorted(st["composites"]["indices"]) == subset_c
+            # the result: stage (c)'s subset (exhaustive, so never worse than (b)'s), prefixes scored
+            assert sorted(res.indices) == subset_c and res.indices[0] == 0 and res.method == "staged"
+            for m in range(1, budget + 1):
+                correct, nll = ref_budget_key(extended, labels, res.indices[:m])
+                assert res.scores[m - 1] == pytest.approx(correct / 20 if objective == "accuracy" else nll, abs=1e-12)
+            assert ref_order(correct_c, nll_c, objective) <= ref_order(correct_b, nll_b, objective)
+            composites_won += any(i >= 7 for i in res.indices)
+    assert composites_won >= 3  # stage (c) mattered somewhere
+
+
+def test_staged_hand_built_composite_and_sweep():
+    """Two samples of class 0 (P(class 0) per candidate by hand). Sweep: rotate(a) pairs with the
+    original (0.4, 0.4) to (0.5, 0.65) -- mean 0.45 / 0.525 -- vs rotate(b) (0.7, 0.1): (0.55, 0.25)
+    => accuracy 1/2 each; NLL picks rotate(a) (-(log .45 + log .525)/2 = 0.7215 < 0.9916).
+    flip: one member. Budget 2: {0, flip (0.9, 0.2)} = (0.65, 0.3), {0, rot a}: (0.45, 0.525);
+    NLL .8174 vs .7215 -> rotate(a) wins stage (b). The composite rot a + flip (0.8, 0.8) gives
+    (0.6, 0.6): NLL 0.5108 and both right: stage (c) picks it."""
+    from ttach_instance.staged_search import staged_budget_search
+
+    lp = torch.stack([two_class([0.4, 0.4]), two_class([0.5, 0.65]), two_class([0.7, 0.1]), two_class([0.9, 0.2])])
+    labels = torch.zeros(2, dtype=torch.long)
+    families = [None, "rotate", "rotate", "hflip"]
+    calls = []
+
+    def composite(pairs):
+        calls.append(pairs)
+        return torch.stack([two_class([0.8, 0.8])])
+
+    res = staged_budget_search(lp, labels, 2, families, objective="nll", composite_log_probs=composite)
+    st = res.details["stages"]
+    assert st["sweep"]["rotate"]["winner"] == 1 and st["sweep"]["hflip"]["winner"] == 3
+    assert st["sweep"]["rotate"]["scores"] == pytest.approx(
+        [-(math.log(0.45) + math.log(0.525)) / 2, -(math.log(0.55) + math.log(0.25)) / 2], abs=1e-12)
+    assert st["combinations"]["indices"] == [0, 1]
+    assert calls == [[(1, 3)]]
+    assert res.indices == [0, 4] and res.details["final_stage"] == "composites"
+    assert res.scores == pytest.approx([-math.log(0.4), -math.log(0.6)], abs=1e-12)
+    # without stage (c): stage (b)'s choice, here also the best pair of the whole pool
+    plain = staged_budget_search(lp, labels, 2, families, objective="nll")
+    assert plain.indices == [0, 1] and plain.details["final_stage"] == "combinations"
+    assert "composites" not in plain.details["stages"]
+    assert plain.indices == budget_policy_search(lp, labels, 2, objective="nll").indices
+
+
+def test_staged_composite_pool_and_limits():
+    from ttach_instance.staged_search import composite_specs, op_families, staged_budget_search
+
+    lp, labels = random_pool(2, c=7, n=20, k=4, spread=2.0)
+    calls = []
+    staged_budget_search(lp, labels, 3, FAMILIES, composite_log_probs=composite_source(2, 20, 4, calls),
+                         composite_pool=2)
+    winners = sorted(ref_sweep(lp, labels, FAMILIES, 0, "accuracy").values())
+    assert len(winners) == 3
+    ranked = sorted(winners, key=lambda c: ref_order(*ref_budget_key(lp, labels, [0, c]), "accuracy"))
+    assert calls == [[tuple(sorted(ranked[:2]))]]  # the pairs among the best 2 winners by accuracy, then NLL
+    # greedy above the limit: stage (b) and (c) report it
+    greedy = staged_budget_search(lp, labels, 3, FAMILIES, composite_log_probs=composite_source(2, 20, 4, []),
+                                  exhaustive_limit=0)
+    assert greedy.details["stages"]["combinations"]["method"] == "greedy"
+    assert greedy.details["stages"]["composites"]["method"] == "greedy"
+    # a budget beyond what the stages reach is refused before any composite is predicted
+    calls.clear()
+    with pytest.raises(ValueError, match=r"budget must be at most the 4 candidates .* 3 family winners and 0 composites"):
+        staged_budget_search(lp, labels, 5, FAMILIES)
+    with pytest.raises(ValueError, match=r"at most the 7 candidates"):
+        staged_budget_search(lp, labels, 8, FAMILIES, composite_log_probs=composite_source(2, 20, 4, calls))
+    assert calls == []
+    for kwargs, needle in [(dict(families=FAMILIES[:-1]), "families must give each of the 7"),
+                           (dict(families=[None, ""] + FAMILIES[2:]), "families"),
+                           (dict(composite_log_probs=lambda p: torch.zeros(len(p), 20, 3)), "composite_log_probs must "
+                                                                                            "return log-probs"),
+                           (dict(composite_log_probs=lambda p: torch.zeros(len(p), 20, 4)), "returned bad values"),
+                           (dict(composite_log_probs="yes"), "composite_log_probs must be callable"),
+                           (dict(composite_pool=0), "composite_pool"), (dict(identity=7), "identity"),
+                           (dict(objective="loss"), "objective")]:
+        with pytest.raises((ValueError, TypeError), match=needle):
+            staged_budget_search(lp, labels, 2, **{"families": FAMILIES, **kwargs})
+    # families and composite specs from a pool's specs
+    from ttach_instance.registry import get_space
+
+    pool = get_space("paper12")
+    fam = op_families(pool.spec())
+    assert fam[0] is None and fam[1] == fam[2] == "rotate" and fam[3] == "zoom" and fam[11] == "color"
+    spec = composite_specs(pool.spec(), [(1, 3)])[0]
+    assert spec == {"name": "rotate(-20)+zoom(0.8)", "ops": pool.spec()[1]["ops"] + pool.spec()[3]["ops"]}
+    with pytest.raises(ValueError, match=r"specs\[1\]"):
+        op_families([{"name": "identity", "ops": []}, {"name": "x"}])

@@ -761,8 +761,9 @@ def search_temperature(text: str):
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    """GPS or the best fixed policy for a budget on a prediction cache (made or finished first
-    when --model and --data are given); prints the chosen candidates and writes a policy file."""
+    """GPS, the best fixed policy for a budget or Dufour's staged search on a prediction cache
+    (made or finished first when --model and --data are given); prints the chosen candidates and
+    writes a policy file."""
     from .io import atomic_write_json
     from .search import budget_policy_search, greedy_policy_search, policy_document
     from .training import distributed as dist
@@ -771,6 +772,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if (args.model is None) != (args.data is None):
         raise ValueError("--model and --data go together: give both to make (or finish) the prediction cache, "
                          "or neither to search an existing one")
+    staged_flags = args.no_composites or args.composite_pool is not None or args.composite_predictions is not None
+    if staged_flags and args.method != "staged":
+        raise ValueError("--no-composites, --composite-pool and --composite-predictions are `search staged` options")
+    made = None  # (model, data) when --model is given: stage (c) runs the model on composites
     if args.model is not None:
         from .registry import get_space
 
@@ -780,7 +785,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         generate_predictions(model, ds.images, ds.labels, get_space(args.space), args.predictions, size=args.size,
                              shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
                              device=args.device, model_spec=_model_spec(args, len(ds.classes)))
-        if not dist.is_main():
+        made = (model, ds)
+        if not dist.is_main() and args.method != "staged":  # staged: every rank predicts the composites
             return 0
     try:
         cache = load_predictions(args.predictions)
@@ -793,6 +799,34 @@ def _cmd_search(args: argparse.Namespace) -> int:
         result = greedy_policy_search(log_probs, labels, args.n, temperature=args.temperature)
         settings = {"n": args.n, "temperature": args.temperature}
         header, score_name = f"GPS, {args.n} step(s), temperature {args.temperature or 'none'}", "log-likelihood"
+    elif args.method == "staged":
+        from .staged_search import composite_specs, op_families, staged_budget_search
+
+        identity = _identity_index(args.identity, m)
+        source = None if args.no_composites else _composite_source(args, m, cache["labels"], made)
+        result = staged_budget_search(log_probs, labels, args.budget, op_families(m["candidate_specs"]),
+                                      identity=identity, objective=args.objective, composite_log_probs=source,
+                                      composite_pool=args.composite_pool, exhaustive_limit=args.exhaustive_limit)
+        if not dist.is_main():
+            return 0
+        extra = composite_specs(m["candidate_specs"], result.details["composites"])
+        names = names + [s["name"] for s in extra]
+        settings = {"budget": args.budget, "identity": identity, "objective": args.objective,
+                    "exhaustive_limit": args.exhaustive_limit, "composites": not args.no_composites,
+                    "composite_pool": args.composite_pool}
+        stages = result.details["stages"]
+        print(f"stage a, magnitude sweep paired with {names[identity]!r} ({args.objective}):")
+        for family, rec in stages["sweep"].items():
+            print(f"  {family:<16} " + ", ".join(f"{names[i]} {v:.4f}" + (" *" if i == rec["winner"] else "")
+                                              for i, v in zip(rec["candidates"], rec["scores"])))
+        for stage in ("combinations", "composites"):
+            if stage in stages:
+                rec = stages[stage]
+                print(f"stage {'b' if stage == 'combinations' else 'c'}, {stage} of {len(rec['pool'])} "
+                      f"({rec['method']}): {[names[i] for i in rec['indices']]} {args.objective} {rec['score']:.6f}")
+        header = (f"staged budget {args.budget} (stage {result.details['final_stage']}, {len(extra)} composites), "
+                  f"always with {names[identity]!r}")
+        score_name = args.objective
     else:
         if args.budget > count:
             raise ValueError(f"--budget must be at most the pool's {count} candidates, got {args.budget}")
@@ -807,10 +841,52 @@ def _cmd_search(args: argparse.Namespace) -> int:
     for step, (i, score, t) in enumerate(zip(result.indices, result.scores, result.temperatures), 1):
         print(f"  {step:4d}  [{i:3d}] {names[i]:<24} {score:15.6f}  {t:11.4g}")
     doc = policy_document(result, args.method, m, settings,
-                          {"directory": os.path.abspath(args.predictions), "identity": cache["identity"]})
+                          {"directory": os.path.abspath(args.predictions), "identity": cache["identity"]},
+                          extra_candidates=extra if args.method == "staged" else None)
     atomic_write_json(args.out, doc)
     print(f"wrote {args.out}")
     return 0
+
+
+def _composite_source(args: argparse.Namespace, manifest: dict, labels, made):
+    """Stage (c)'s ``composite_log_probs(pairs)``: the composites' log-probabilities from a second
+    prediction cache (``--composite-predictions``, default ``<--predictions>-composites``), made
+    or finished with the model when ``made`` = (model, data) -- it refuses another model, data or
+    composite list, naming the difference -- or, without --model, read when complete and made by
+    the same model on the same images for exactly these composites."""
+    from .registry import space_from_specs
+    from .space import TransformSpace
+    from .staged_search import composite_specs
+    from .training.predictions import generate_predictions, load_predictions
+
+    directory = args.composite_predictions or args.predictions.rstrip("/\\") + "-composites"
+
+    def source(pairs):
+        specs = composite_specs(manifest["candidate_specs"], pairs)
+        if made is not None:
+            model, ds = made
+            space = TransformSpace(space_from_specs(specs).candidates, name=f"{manifest['space']}+composites")
+            generate_predictions(model, ds.images, ds.labels, space, directory, size=args.size,
+                                 shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
+                                 device=args.device, model_spec=_model_spec(args, len(ds.classes)))
+        try:
+            cache = load_predictions(directory)
+        except (ValueError, FileNotFoundError) as e:
+            hint = "" if made is not None else " (stage c runs the model on the composites: give --model and --data, " \
+                                                "or --no-composites)"
+            raise ValueError(f"--composite-predictions: {e}{hint}") from None
+        found = cache["manifest"]
+        for key, what in (("model", "model"), ("dataset", "images"), ("size", "size")):
+            if found[key] != manifest[key]:
+                raise ValueError(f"--composite-predictions {directory!r} holds another {what} than --predictions; "
+                                 f"delete it or give --model and --data to make it again")
+        if found["candidate_specs"] != specs or not bool((cache["labels"] == labels).all()):
+            raise ValueError(f"--composite-predictions {directory!r} holds other composites than the {len(specs)} "
+                             f"this search composes; give --model and --data to make them (another directory), or "
+                             f"delete it")
+        return cache["log_probs"]
+
+    return source
 
 
 def _identity_index(text, manifest) -> int:
@@ -834,9 +910,10 @@ def _identity_index(text, manifest) -> int:
 
 
 def _add_search_command(sub) -> None:
-    p = sub.add_parser("search", help="policy search on cached validation predictions: GPS (greedy, with repeats) "
-                                      "or the best fixed policy for a budget of forward passes")
-    p.add_argument("method", choices=["gps", "budget"])
+    p = sub.add_parser("search", help="policy search on cached validation predictions: GPS (greedy, with repeats), "
+                                      "the best fixed policy for a budget of forward passes, or Dufour's staged "
+                                      "procedure for that budget")
+    p.add_argument("method", choices=["gps", "budget", "staged"])
     p.add_argument("--predictions", required=True, metavar="DIR",
                    help="prediction cache (made, or finished, here when --model and --data are given)")
     p.add_argument("--out", required=True, help="policy file to write (JSON)")
@@ -853,12 +930,20 @@ def _add_search_command(sub) -> None:
     p.add_argument("--n", type=positive_int, default=4, help="gps: policy length (candidates, repeats allowed)")
     p.add_argument("--temperature", type=search_temperature, default="fit",
                    help="gps: 'fit' (per step, as GPS), 'none' or a fixed temperature > 0")
-    p.add_argument("--budget", type=positive_int, default=2, help="budget: forward passes (the original included)")
+    p.add_argument("--budget", type=positive_int, default=2,
+                   help="budget, staged: forward passes (the original included)")
     p.add_argument("--identity", default=None,
                    help="budget: the original's candidate (name or index; default: the pool's candidate without ops)")
-    p.add_argument("--objective", default="accuracy", choices=["accuracy", "nll"], help="budget: what to maximise")
+    p.add_argument("--objective", default="accuracy", choices=["accuracy", "nll"],
+                   help="budget, staged: what to maximise")
     p.add_argument("--exhaustive-limit", type=non_negative_int, default=20_000,
-                   help="budget: search every subset when there are at most this many, else greedily")
+                   help="budget, staged: search every subset when there are at most this many, else greedily")
+    p.add_argument("--no-composites", action="store_true",
+                   help="staged: stop after stage b (no composites of the family winners, no model calls)")
+    p.add_argument("--composite-pool", type=positive_int, default=None,
+                   help="staged: compose pairs among the best this many family winners only (default: all)")
+    p.add_argument("--composite-predictions", default=None, metavar="DIR",
+                   help="staged: the composites' prediction cache (default: <--predictions>-composites)")
     p.set_defaults(func=_cmd_search, task="classification")
 
 

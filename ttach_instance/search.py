@@ -14,6 +14,9 @@ tensor work -- no model is called -- so a search over a 100-candidate pool runs 
   the subsets are few, greedy otherwise.
 * :func:`fit_temperature` -- the temperature fit both use, batched over ensembles.
 
+Dufour's staged procedure (sweep, combinations, composites) builds on the budget search in
+:mod:`ttach_instance.staged_search`.
+
 Everything is computed in float64 on ``log_probs``' device; inputs are renormalised with
 ``log_softmax`` first (float16 caches do not sum to exactly one).
 """
@@ -437,15 +440,31 @@ POLICY_FORMAT = 1
 
 
 def policy_document(result: SearchResult, search: str, manifest: Dict[str, Any], settings: Dict[str, Any],
-                    predictions: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                    predictions: Optional[Dict[str, Any]] = None,
+                    extra_candidates: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """The JSON a search writes: what was chosen (ordered candidates with their op specs; GPS
     may list one twice, which counts twice in the mean), how (``search``, ``method``,
     ``objective``, ``settings``), each step's validation score and temperature, and what it was
     searched on: the pool (name, parameters, fingerprint, candidate names) and the model and data
     as a prediction cache's ``manifest`` records them (``predictions``: the cache's directory and
-    identity)."""
-    names, specs = manifest["candidate_names"], manifest["candidate_specs"]
-    return {
+    identity).
+
+    ``extra_candidates``: specs of candidates searched beyond the cache's pool (the staged
+    search's composites), indexed after it. The pool recorded is then the one searched: the
+    cache's candidates and these (named ``"<pool>+composites"``, its fingerprint that of their
+    specs, ``params.base`` the cache's pool), and ``result.details`` is kept as ``details``."""
+    extra = list(extra_candidates or [])
+    names = list(manifest["candidate_names"]) + [s["name"] for s in extra]
+    specs = list(manifest["candidate_specs"]) + extra
+    pool = {"name": manifest["space"], "params": manifest.get("space_params", {}),
+            "fingerprint": manifest["space_fingerprint"], "candidate_names": names}
+    if extra:
+        from .registry import space_from_specs
+
+        pool = {"name": f"{manifest['space']}+composites",
+                "params": {"base": {k: v for k, v in pool.items() if k != "candidate_names"}},
+                "fingerprint": space_from_specs(specs).fingerprint, "candidate_names": names}
+    doc = {
         "kind": "ttach-instance policy",
         "format": POLICY_FORMAT,
         "search": search,
@@ -456,10 +475,12 @@ def policy_document(result: SearchResult, search: str, manifest: Dict[str, Any],
         "indices": list(result.indices),
         "steps": [{"index": i, "candidate": names[i], "score": s, "temperature": t}
                   for i, s, t in zip(result.indices, result.scores, result.temperatures)],
-        "pool": {"name": manifest["space"], "params": manifest.get("space_params", {}),
-                 "fingerprint": manifest["space_fingerprint"], "candidate_names": names},
+        "pool": pool,
         "model": manifest["model"],
         "data": {"dataset": manifest["dataset"], "num_images": manifest["num_images"], "size": manifest["size"],
                  "source_size": manifest["source_size"]},
         "predictions": predictions,
     }
+    if extra_candidates is not None:
+        doc["details"] = result.details
+    return doc
