@@ -464,6 +464,18 @@ def _policy_args(items: Optional[List[str]]) -> dict:
     return out
 
 
+def _fusion_args(paths: Optional[List[str]]) -> dict:
+    """``--fusion FILE`` (repeatable) as policy rows ``{"fusion": FILE, "fusion2": ...}``: learned
+    fusion weights (``fuse weights``), each loaded and checked by the evaluation."""
+    out = {}
+    for i, path in enumerate(paths or []):
+        if not path.endswith(".safetensors") or not os.path.isfile(path):
+            raise FileNotFoundError(f"--fusion: no fusion weights file {path!r} (a .safetensors file written by "
+                                    f"`ttach-instance fuse weights`)")
+        out["fusion" if i == 0 else f"fusion{i + 1}"] = path
+    return out
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import METHODS, evaluate, markdown_table
     from .training import distributed as dist
@@ -472,6 +484,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "segmentation":
         if args.policy:
             raise ValueError("--policy: policy rows are classification methods, not --task segmentation")
+        if args.fusion:
+            raise ValueError("--fusion: eval's learned-fusion row is a classification method; for segmentation use "
+                             "SegmentationTTAWrapper(model, space, fusion=FILE)")
         return _eval_segmentation(args)
     dist.init_from_env(args.device)  # under torchrun each rank evaluates its share of the sets
     ds = _load_data(args)
@@ -486,7 +501,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    held_out=_corruption_list(args.held_out, "--held-out"),
                    severities=args.severities, methods=methods,
                    seed=args.seed, cost_images=args.cost_images, model_spec=_model_spec(args, len(ds.classes)),
-                   policies=_policy_args(args.policy))
+                   policies={**_policy_args(args.policy), **_fusion_args(args.fusion)})
     if dist.is_main():  # the other ranks return no results
         print(markdown_table(res))
         print(f"wrote {args.out}/table.md, results.json and plots")
@@ -722,6 +737,9 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--policy", action="append", default=None, metavar="NAME=FILE",
                    help="add a searched policy's rows (repeatable): a GPS file gives 'GPS n=1/2/4/N', a budget "
                         "file 'Budget N=<its size>'; each is plain TTA over the policy's candidates")
+    p.add_argument("--fusion", action="append", default=None, metavar="FILE",
+                   help="add a 'Learned fusion (<space>)' row (repeatable): every candidate of the weights' space, "
+                        "fused with the weights `fuse weights` fitted")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate on about this many images (evenly spaced)")
     p.add_argument("--cost-images", type=non_negative_int, default=256,
@@ -947,6 +965,109 @@ def _add_search_command(sub) -> None:
     p.set_defaults(func=_cmd_search, task="classification")
 
 
+# ----------------------------------------------------------------------------- learned fusion
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    """``fuse weights``: learned fusion weights for every candidate of --space, fitted on --data
+    (the model frozen, its views computed once); ``fuse temperature``: the temperature of
+    ``merge_mode="weighted"`` for --predictor at --k, fitted and written with a copy of the predictor."""
+    from .data import model_mean_std, resize_masks, resize_uint8
+    from .fusion import collect_views, fit_fusion, fit_weighted_temperature, store_temperature
+    from .normalization import to_model_input
+    from .registry import get_space
+    from . import wrappers as W
+
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out must be a .safetensors file, got {args.out!r}")
+    seg = args.task == "segmentation"
+    if args.what == "weights" and (args.predictor or args.k is not None or args.flip):
+        raise ValueError("--predictor, --k and --flip are `fuse temperature` options; `fuse weights` fits every "
+                         "candidate of --space")
+    if args.what == "temperature" and (args.per_class or not args.predictor):
+        raise ValueError("`fuse temperature` needs --predictor (and takes no --per-class)")
+    ds = _load_data(args)
+    if args.limit is not None:  # exactly --limit images, evenly spaced
+        ds = ds.subset(list(range(0, len(ds), max(1, len(ds) // args.limit)))[:args.limit])
+    images, targets = ds.images, (ds.masks if seg else ds.labels)
+    if args.size is not None and images.shape[-1] != args.size:
+        images = resize_uint8(images, args.size)
+        targets = resize_masks(targets, args.size) if seg else targets
+    model = _load_model(args, ds.num_classes if seg else len(ds.classes)).eval()
+    mean, std = model_mean_std(model)
+    key = {"output_mask_key" if seg else "output_label_key": None}
+    if args.what == "weights":
+        space = get_space(args.space)
+        cls = W.SegmentationTTAWrapper if seg else W.FullSpaceWrapper
+        wrapper = cls(model, space, mean=mean, std=std, **key)
+    else:
+        from .predictors import load_predictor
+
+        predictor = load_predictor(args.predictor).eval()
+        k = args.k if args.k is not None else 2
+        cls = W.LossGuidedSegmentationWrapper if seg else W.LossGuidedWrapper
+        wrapper = cls(model, predictor, k=k, flip=args.flip, merge_mode="weighted", mean=mean, std=std, **key)
+    batches = (to_model_input(images[i:i + args.batch_size].float().to(args.device) / 255, mean, std)
+               for i in range(0, images.shape[0], args.batch_size))
+    got = collect_views(wrapper, batches)
+    ignore = args.ignore_index if seg else None
+    if args.what == "weights":
+        fusion = fit_fusion(got["views"], targets.long(), space, validity=got["validity"], per_class=args.per_class,
+                            epochs=args.epochs, lr=args.lr, batch_size=args.fit_batch_size, seed=args.seed,
+                            ignore_index=ignore)
+        fusion.save(args.out)
+        info, metric = fusion.fit_info, "pixel accuracy" if seg else "accuracy"
+        weights = fusion.view_weights()
+        shown = weights if weights.dim() == 1 else weights.mean(1)
+        print(f"fusion weights for space {space.name!r} on {info['images']} images of {args.data!r} "
+              f"({info['steps']} Adam steps, lr {info['lr']:g})" + (" (per class: means over classes)" if args.per_class else ""))
+        for name, w in zip(space.names, shown.tolist()):
+            print(f"  {name:<24} {w:.4f}")
+        print(f"fit data: NLL {info['uniform']['nll']:.4f} -> {info['fitted']['nll']:.4f}, {metric} "
+              f"{100 * info['uniform']['accuracy']:.2f} % -> {100 * info['fitted']['accuracy']:.2f} % (uniform -> fitted)")
+    else:
+        temperature, info = fit_weighted_temperature(got["views"], got["losses"], targets.long(), got["validity"],
+                                                     merge_space=wrapper.merge_space, ignore_index=ignore)
+        store_temperature(predictor, temperature, info, k=k, flip=args.flip)
+        predictor.save(args.out)
+        print(f"weighted-merge temperature for k={k}{' + flip' if args.flip else ''} on {info['images']} images: "
+              f"{temperature:.4g}" + (" (at the search's bound)" if info["at_bound"] else ""))
+        print(f"NLL {info['nll']:.4f} (temperature 1: {info['nll_at_1']:.4f}; plain mean: {info['nll_mean']:.4f})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_fuse_command(sub) -> None:
+    p = sub.add_parser("fuse", help="fit a merge on validation data with the model frozen: learned fusion weights "
+                                    "for a space, or the weighted merge's temperature for a predictor")
+    p.add_argument("what", choices=["weights", "temperature"],
+                   help="weights: one weight per candidate of --space (softmax), fitted by NLL (ttach_instance.fusion); "
+                        "temperature: merge_mode='weighted''s temperature for --predictor at --k, stored with a copy of "
+                        "the predictor")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="validation images: ImageFolder root or cifar10:ROOT (segmentation: "
+                                                 "boxes.tsv or images/ + masks/)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--space", default="flips", help="weights: the space whose candidates are fused (the recipe's: "
+                                                    "flips = original, h-flip, v-flip, both)")
+    p.add_argument("--limit", type=positive_int, default=100, help="fit on this many images (evenly spaced; the "
+                                                                   "recipe's 100)")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="model input size (images of mixed sizes are resized to it when loaded)")
+    p.add_argument("--out", required=True, help=".safetensors file to write (weights; or the predictor with its "
+                                                "temperature)")
+    p.add_argument("--per-class", action="store_true", help="weights: one weight per candidate and class")
+    p.add_argument("--epochs", type=positive_int, default=5, help="weights: passes over the images (Adam)")
+    p.add_argument("--lr", type=positive_number, default=0.01, help="weights: Adam's learning rate")
+    p.add_argument("--fit-batch-size", type=positive_int, default=1, help="weights: images per Adam step")
+    p.add_argument("--predictor", default=None, help="temperature: the predictor .safetensors")
+    p.add_argument("--k", type=positive_int, default=None, help="temperature: views per image (default 2)")
+    p.add_argument("--flip", action="store_true", help="temperature: the wrapper adds each view's h-flip")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (x views)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
+    _add_task_args(p)
+    p.set_defaults(func=_cmd_fuse)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttach-instance", description="Instance-aware test-time augmentation (Learning Loss for TTA) on ttach."
@@ -969,6 +1090,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_render)
     _add_pipeline_commands(sub)
     _add_search_command(sub)
+    _add_fuse_command(sub)
     return parser
 
 

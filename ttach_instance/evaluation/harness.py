@@ -25,9 +25,8 @@ from ..io import atomic_save_tensors, atomic_write_json, load_tensors
 from ..normalization import to_model_input
 from ..training.corruptions import COMMON, HELD_OUT, SEVERITIES, check_names, corrupt_batch
 from ..training.labels import check_format, dataset_fingerprint, describe_differences, model_identity
-from ..policy import policy_space
 from .methods import (METHODS, PREDICTOR_METHODS, SEG_LABELS, SEG_METHODS, ViewMemo, build_method, load_policies,
-                      policy_methods)
+                      policy_methods, row_fingerprint)
 from .report import (markdown_table, plot_scatter, plot_selection_rates, segmentation_markdown_table,
                      summarize)
 
@@ -253,7 +252,7 @@ def evaluate(model: nn.Module, val_images: Tensor, val_labels: Tensor, space, ou
     policies = load_policies(policies)
     methods = check_methods(list(methods) + list(policy_methods(policies)), policies=policies)
     severities = _check_severities(severities)
-    extra = {"policies": {name: policy_space(p).fingerprint for name, p in policies.items()}} \
+    extra = {"policies": {name: row_fingerprint(p) for name, p in policies.items()}} \
         if policies else {}
     _claim(out_dir, _identity("classification", model, predictor, space, val_images, val_labels,
                               model_spec=model_spec, size=size, seed=seed, methods=methods,

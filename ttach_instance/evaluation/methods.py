@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from ..fusion import FusionWeights, load_fusion
+from ..io import tensors_sha256
 from ..policy import Policy, load_policy, policy_space, read_policy
 from ..registry import get_space
 from ..segmentation import LOSS_KINDS, segmentation_loss
@@ -269,7 +271,7 @@ def build_method(method: str, model: nn.Module, space: TransformSpace, predictor
 GPS_PREFIXES = (1, 2, 4)
 
 
-def load_policies(policies: Optional[Mapping[str, Any]]) -> Dict[str, Policy]:
+def load_policies(policies: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """``{name: Policy}`` from ``{name: policy file, document or Policy}`` (``eval --policy
     NAME=FILE``), each read and checked by :mod:`ttach_instance.policy`.
 
@@ -277,15 +279,26 @@ def load_policies(policies: Optional[Mapping[str, Any]]) -> Dict[str, Policy]:
     rows ``<name>_n1``, ``_n2``, ``_n4`` and ``_n<N>`` (its whole length; prefixes longer than it
     left out); any other search (budget, staged) gives one row ``<name>`` over all its
     candidates."""
-    out: Dict[str, Policy] = {}
+    out: Dict[str, Any] = {}
     for name, source in dict(policies or {}).items():
         if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9_]+", name):
             raise ValueError(f"policies: a policy's name must be lowercase letters, digits or '_', got {name!r}")
         if name in _CLASSIFICATION:
             raise ValueError(f"policies: {name!r} is a built-in method's name; name the policy otherwise")
+        if isinstance(source, FusionWeights) or (isinstance(source, str) and source.endswith(".safetensors")):
+            out[name] = source if isinstance(source, FusionWeights) else load_fusion(source)  # eval --fusion
+            continue
         out[name] = source if isinstance(source, Policy) else \
             read_policy(dict(source), f"policy {name!r}") if isinstance(source, Mapping) else load_policy(source)
     return out
+
+
+def row_fingerprint(policy: Any) -> str:
+    """What a policy row's numbers depend on, for the run identity: its space's fingerprint (and,
+    for learned fusion weights, a hash of the weights)."""
+    if isinstance(policy, FusionWeights):
+        return f"{policy.space_fingerprint}:{tensors_sha256({'weight': policy.weight})[:16]}"
+    return policy_space(policy).fingerprint
 
 
 def policy_methods(policies: Optional[Mapping[str, Policy]]) -> Dict[str, Tuple[str, int, Factory]]:
@@ -294,7 +307,9 @@ def policy_methods(policies: Optional[Mapping[str, Policy]]) -> Dict[str, Tuple[
     Each row is ``FullSpaceWrapper(model, policy_space(policy, n))``, the policy's first ``n``
     candidates (a GPS candidate chosen twice counts twice in the mean); its cost is ``n`` model
     calls. Labels: ``"GPS n=4"``, ``"Budget N=2"``, followed by the policy's name in parentheses
-    unless it is the plain ``gps`` / ``budget<N>``."""
+    unless it is the plain ``gps`` / ``budget<N>``. Learned fusion weights (a
+    :class:`~ttach_instance.fusion.FusionWeights` or its ``.safetensors`` file, ``eval --fusion``)
+    give one row ``FullSpaceWrapper(model, its space, fusion=...)``, "Learned fusion (<space>)"."""
     rows: Dict[str, Tuple[str, int, Factory]] = {}
 
     def row(policy: Policy, n: Optional[int]) -> Factory:
@@ -302,7 +317,16 @@ def policy_methods(policies: Optional[Mapping[str, Policy]]) -> Dict[str, Tuple[
             return FullSpaceWrapper(model, policy_space(policy, n), **kw)
         return factory
 
+    def fused(fusion: FusionWeights) -> Factory:
+        def factory(model, space, predictor, **kw):
+            return FullSpaceWrapper(model, fusion.space, fusion=fusion, **kw)
+        return factory
+
     for name, policy in (policies or {}).items():
+        if isinstance(policy, FusionWeights):  # learned fusion weights (eval --fusion): every candidate, fused
+            label = f"Learned fusion ({policy.space.name})" + ("" if name.startswith("fusion") else f" ({name})")
+            rows[name] = (label, len(policy.space), fused(policy))
+            continue
         total = len(policy)
         if policy.search == "gps":
             suffix = "" if name == "gps" else f" ({name})"

@@ -1,0 +1,109 @@
+"""The ``fuse`` command: learned fusion weights and the weighted merge's temperature fitted from
+the CLI equal the library's fits on views computed here."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _tiny import TinyPredictor
+from ttach_instance.cli import main
+from ttach_instance.data import build_model, load_dataset
+from ttach_instance.fusion import collect_views, fit_fusion, fit_weighted_temperature, fitted_temperature, load_fusion
+from ttach_instance.normalization import to_model_input
+from ttach_instance.predictors import load_predictor
+from ttach_instance.registry import get_space
+from ttach_instance.wrappers import FullSpaceWrapper, LossGuidedWrapper
+
+FLIPS = get_space("flips")
+
+FACTORY = "ttach_instance.models:small_resnet"
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(("ants", "bees")):
+        d = tmp_path / "ds" / "val" / cls
+        d.mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray((rng.random((16, 16, 3)) * 120 + 100 * c).astype(np.uint8)).save(d / f"{i}.png")
+    return str(tmp_path / "ds")
+
+
+def test_cli_fuse_weights_and_temperature(tmp_path, folder, capsys):
+    torch.manual_seed(0)
+    model = build_model(FACTORY, num_classes=2, kwargs={"width": 4}).eval()
+    weights = str(tmp_path / "w.pt")
+    torch.save(model.state_dict(), weights)
+    common = ["--model", FACTORY, "--model-kwargs", '{"width": 4}', "--weights", weights, "--data", folder,
+              "--split", "val", "--limit", "6"]
+    out = str(tmp_path / "fusion.safetensors")
+    assert main(["fuse", "weights", *common, "--space", "flips", "--out", out]) == 0
+    assert "wrote" in capsys.readouterr().out
+    # the same fit on views computed here: the 6 evenly spaced images, ImageNet normalisation
+    ds = load_dataset(folder, split="val")
+    rows = list(range(0, 10, 10 // 6))[:6]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = to_model_input(ds.images[rows].float() / 255, mean, std)
+    views = collect_views(FullSpaceWrapper(model, FLIPS, mean=mean, std=std), [x])["views"]
+    expected = fit_fusion(views, ds.labels[rows], FLIPS)
+    assert torch.allclose(load_fusion(out, space="flips").weight, expected.weight, atol=1e-6)
+
+    predictor = TinyPredictor(12)
+    ppath = str(tmp_path / "p.safetensors")
+    predictor.save(ppath)
+    tout = str(tmp_path / "pt.safetensors")
+    assert main(["fuse", "temperature", *common, "--predictor", ppath, "--k", "2", "--out", tout]) == 0
+    got = collect_views(LossGuidedWrapper(model, predictor.eval(), k=2, merge_mode="weighted", mean=mean, std=std), [x])
+    t, _ = fit_weighted_temperature(got["views"], got["losses"], ds.labels[rows])
+    assert fitted_temperature(load_predictor(tout), 2) == pytest.approx(t, rel=1e-6)
+    with pytest.raises(SystemExit):
+        main(["fuse", "weights", *common, "--predictor", ppath, "--out", out])
+    assert "are `fuse temperature` options" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fuse", "temperature", *common, "--out", tout])
+    assert "needs --predictor" in capsys.readouterr().err
+
+
+def test_cli_eval_fusion_row(tmp_path, folder, capsys):
+    torch.manual_seed(0)
+    model = build_model(FACTORY, num_classes=2, kwargs={"width": 4}).eval()
+    weights = str(tmp_path / "w.pt")
+    torch.save(model.state_dict(), weights)
+    fusion = fit_fusion(*hand_views(), FLIPS)
+    path = str(tmp_path / "fusion.safetensors")
+    fusion.save(path)
+    out = str(tmp_path / "eval")
+    args = ["eval", "--model", FACTORY, "--model-kwargs", '{"width": 4}', "--weights", weights, "--data", folder,
+            "--split", "val", "--methods", "identity", "--corruptions", "none", "--held-out", "none",
+            "--severities", "1", "--cost-images", "0", "--out", out]
+    assert main([*args, "--fusion", path]) == 0
+    assert "Learned fusion (flips)" in capsys.readouterr().out
+    res = json.load(open(f"{out}/results.json"))
+    assert res["methods"] == ["identity", "fusion"] and res["model_calls"]["fusion"] == 4
+    ds = load_dataset(folder, split="val")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = to_model_input(ds.images.float() / 255, mean, std)
+    with torch.no_grad():
+        views = torch.stack([model(x), model(x.flip(-1)), model(x.flip(-2)), model(x.flip(-1).flip(-2))], 1)
+    fused = (fusion.view_weights()[None, :, None] * views.softmax(2)).sum(1)
+    assert res["clean"]["fusion"] == pytest.approx(100 * float((fused.argmax(1) != ds.labels).float().mean()))
+    # other weights are another evaluation: the folder refuses them
+    with torch.no_grad():
+        fusion.weight.add_(1.0 * torch.arange(4))
+    fusion.save(path)
+    with pytest.raises(SystemExit):
+        main([*args, "--fusion", path])
+    assert "holds the results of another evaluation" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--fusion", str(tmp_path / "missing.safetensors")])
+    assert "--fusion: no fusion weights file" in capsys.readouterr().err
+
+
+def hand_views():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (20,), generator=g)
+    return torch.randn(20, 4, 2, generator=g), y
