@@ -219,3 +219,93 @@ def test_bad_row_parameters_are_refused():
             assert word in str(info.value), (fn.__name__, word, str(info.value))
         with pytest.raises(ValueError):
             fn(x, value)
+
+
+# --------------------------------------------------------------------------- the shipped pools
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+from importlib import resources  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import ttach_instance as ti  # noqa: E402
+from ttach_instance.pools import POOL_FILES, pool_space  # noqa: E402
+
+RANDAUGMENT_FAMILIES = {"rotate", "autocontrast", "sharpness", "color", "translate_x", "translate_y", "shear_x",
+                        "shear_y", "brightness", "contrast", "equalize", "posterize", "solarize"}
+# GPS's largest magnitudes: M / 30 * high, M = 45 (32 px) or 20 (64/224 px).
+LIMITS = {32: {"shear": 0.75, "fraction": 0.675, "angle": 60}, 224: {"shear": 1 / 3, "fraction": 0.3, "angle": 27}}
+
+
+def make_pools_module():
+    path = Path(__file__).resolve().parent.parent / "tools" / "make_pools.py"
+    spec = importlib.util.spec_from_file_location("make_pools", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("file", sorted(set(POOL_FILES.values())))
+def test_pool_file_is_what_the_script_writes(file):
+    tool = make_pools_module()
+    shipped = resources.files("ttach_instance.pools").joinpath(file).read_text(encoding="utf-8")
+    assert tool.render(tool.make_pool(file)) == shipped, f"{file} differs from tools/make_pools.py's output"
+    assert tool.render(tool.make_pool(file)) == shipped  # deterministic: seeded per file
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_pool_candidates_apply_and_invert(size, batches):
+    space = ti.get_space("randaugment", size=size)
+    assert space.name == "randaugment" and space.params == {"size": size}
+    assert len(space) == 101 and space[0].is_identity and len(set(space.names)) == len(space)
+    limits = LIMITS[32 if size == 32 else 224]
+    for cand in space.candidates[1:]:
+        assert 1 <= len(cand.ops) <= 2, cand.name
+        for op in cand.ops:
+            assert op.family in RANDAUGMENT_FAMILIES, cand.name
+            for key, bound in limits.items():
+                assert abs(op.params.get(key, 0)) <= bound + 1e-9, cand.name
+    assert space.row_plan() is not None  # every op has a per-row form: no host sync on accelerators
+    # Every candidate applies to a batch of photos, stays in [0, 1] and changes the image (the
+    # photos' range is narrowed so autocontrast has something to stretch).
+    imgs = batches[size][: 2 if size < 224 else 1]
+    x = 0.1 + 0.8 * as_batch(imgs, "nchw")
+    views = space.apply_all(x).view(len(imgs), len(space), *x.shape[1:])
+    assert torch.isfinite(views).all() and views.min() >= 0 and views.max() <= 1
+    moved = (views - x[:, None]).abs().mean(dim=(0, 2, 3, 4))
+    assert moved[0] == 0 and bool((moved[1:] > 1e-3).all()), [space.names[i] for i in (moved < 1e-3).nonzero()]
+    # Geometric candidates are invertible: a smooth dense map comes back where the view saw it.
+    assert space.invertible and space.thetas(size, size) is not None
+    geometric = [i for i, c in enumerate(space) if c.geometric]
+    assert len(geometric) >= 20
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    dense = torch.stack([0.5 + 0.4 * torch.sin(3 * xs + 2 * ys), xs])[None]
+    index = torch.tensor(geometric)[None]
+    pushed = torch.cat([F.warp(dense, space[i].theta(size, size)[None].float()) for i in geometric])
+    back, valid = space.deaugment(pushed, index)
+    for row, i in enumerate(geometric):
+        seen = valid[row, 0] > 0.5
+        assert seen.float().mean() > 0.2, space.names[i]
+        err = (back[row] - dense[0]).abs().amax(0)[seen]
+        assert float(err.mean()) < 0.01, (space.names[i], float(err.mean()))
+
+
+def test_pool_sizes_and_defaults():
+    assert ti.get_space("randaugment").names == ti.get_space("randaugment", size=64).names
+    assert ti.get_space("randaugment").fingerprint != ti.get_space("randaugment", size=32).fingerprint
+    for bad in (48, "32", True, 32.0):
+        with pytest.raises(ValueError, match="size must be 32, 64 or 224"):
+            ti.get_space("randaugment", size=bad)
+
+
+def test_pool_files_are_checked():
+    good = json.loads(resources.files("ttach_instance.pools").joinpath("randaugment32.json").read_text())
+    assert pool_space(good).names == ti.get_space("randaugment", size=32).names
+    for change, words in [({"format": "ttach_instance.policy"}, "not a ttach_instance pool file"),
+                          ({"format_version": 2}, "format version 2 is not supported"),
+                          ({"candidates": []}, "no candidates"),
+                          ({"candidates": [{"name": "x", "ops": [{"op": "callable", "name": "x"}]}]}, "not a built-in op"),
+                          ({"candidates": [{"name": "rotate(5)", "ops": [{"op": "rotate", "angle": 6}]}]},
+                           "named 'rotate(5)' but its ops make 'rotate(6)'")]:
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            pool_space({**good, **change}, "randaugment32.json")

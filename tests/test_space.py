@@ -36,6 +36,7 @@ SPACES = {
     "center_crop_paper": lambda: ti.get_space("center_crop_paper"),
     "five_crops_paper": lambda: ti.get_space("five_crops_paper", fraction=0.75),
     "ten_crops_paper": lambda: ti.get_space("ten_crops_paper"),
+    "randaugment": lambda: ti.get_space("randaugment"),  # the 224-px pool: every RandAugment family
 }
 
 

@@ -22,6 +22,7 @@ from .ops import (
     Zoom,
 )
 from .policy import policy_space
+from .pools import randaugment
 from .space import Candidate, TransformSpace
 
 CropSize = Union[int, float, Sequence[Union[int, float]]]
@@ -121,6 +122,8 @@ BUILTIN_SPACES = {
     "five_crops_paper": (five_crops_paper, "the paper's 5-Crops: resize by 1/fraction, 4 corner + centre windows of the "
                                            "input size"),
     "ten_crops_paper": (ten_crops_paper, "the paper's 10-Crops: five_crops_paper and their horizontal flips"),
+    "randaugment": (randaugment, "GPS's RandAugment pool: identity + 100 two-op sub-policies (size: 32 = GPS's CIFAR "
+                                 "pool, 64/224 = its ImageNet pool; default 224)"),
 }
 
 def policy(path: str, n: Optional[int] = None) -> TransformSpace:

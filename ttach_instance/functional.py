@@ -678,20 +678,20 @@ def _shift_lines(images: Tensor, shift: Tensor) -> Tensor:
 
     A translation or a shear along x leaves every source row where it is, so PIL's 4x4
     bicubic has weight 1 on the centre row and 0 on the others (Keys' cubic at 0 and +-1): the
-    exact result is this 1-D filter, four gathers and multiply-adds whatever the device, per-row
-    parameters included (no host synchronisation). An integer shift copies pixels exactly.
+    exact result is this 1-D filter. A row's shift is the same for all its pixels, so its four
+    weights are too: four gathers and multiply-adds whatever the device, per-row parameters
+    included (no host synchronisation). An integer shift copies pixels exactly.
     """
     n, c, h, w = images.shape
     device = images.device
-    src = torch.arange(w, dtype=torch.float64, device=device) + shift[..., None]  # (N, H|1, W)
-    x0 = torch.floor(src)
+    whole = torch.floor(shift)
     offsets = torch.arange(-1, 3, dtype=torch.float64, device=device)
-    weight = _pil_cubic((src - x0)[..., None] - offsets, -1.0).to(images.dtype)  # (N, H|1, W, 4)
-    index = symmetric_indices((x0[..., None] + offsets).long(), w)
+    weight = _pil_cubic((shift - whole)[..., None] - offsets, -1.0).to(images.dtype)  # (N, H|1, 4)
+    first = torch.arange(w, device=device) + (whole.long() - 1)[..., None]  # (N, H|1, W): tap -1
     out = None
     for k in range(4):
-        taps = images.gather(3, index[..., k][:, None].expand(n, c, h, w))
-        term = taps.mul_(weight[..., k][:, None])
+        index = symmetric_indices(first + k, w)[:, None].expand(n, c, h, w)
+        term = images.gather(3, index).mul_(weight[..., k, None][:, None])
         out = term if out is None else out.add_(term)
     return out
 
