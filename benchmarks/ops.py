@@ -5,6 +5,7 @@ builder (``space.apply``) against the ops it applies.
         [--threads 1] [--repeats 9] [--layout photos nchw] [--clock wall|cpu] [--stat median|min]
         [--device cpu] [--dtype float32]
     python benchmarks/ops.py --parity     # fidelity table: mean |tensor - PIL| x255 per op and size
+                                          # (paper12's ops, then the RandAugment ops)
 
 For a batch of RGB photos (scikit-image's astronaut/chelsea/coffee, centre-cropped and
 resized, cycled to fill the batch), every non-identity candidate of paper12 is timed three ways
@@ -39,6 +40,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from ttach_instance.builtin_spaces import paper12
+from ttach_instance.registry import space_from_specs
+from ttach_instance.space import TransformSpace
 
 
 def _on_mirrored_canvas(img: Image.Image, fn) -> Image.Image:
@@ -59,11 +62,34 @@ PIL_OPS = {
     "autocontrast": lambda img: ImageOps.autocontrast(img),
     "sharpness": lambda img, f: _on_mirrored_canvas(img, lambda c: ImageEnhance.Sharpness(c).enhance(f)),
     "color": lambda img, f: ImageEnhance.Color(img).enhance(f),
+    # RandAugment ops (the ``randaugment`` pools): affine maps about the canvas centre, bicubic
+    "translate_x": lambda img, t: _on_mirrored_canvas(
+        img, lambda c: c.transform(c.size, Image.AFFINE, (1, 0, -t * img.width, 0, 1, 0), resample=Image.BICUBIC)),
+    "translate_y": lambda img, t: _on_mirrored_canvas(
+        img, lambda c: c.transform(c.size, Image.AFFINE, (1, 0, 0, 0, 1, -t * img.height), resample=Image.BICUBIC)),
+    "shear_x": lambda img, s: _on_mirrored_canvas(
+        img, lambda c: c.transform(c.size, Image.AFFINE, (1, s, -s * c.height / 2, 0, 1, 0), resample=Image.BICUBIC)),
+    "shear_y": lambda img, s: _on_mirrored_canvas(
+        img, lambda c: c.transform(c.size, Image.AFFINE, (1, 0, 0, s, 1, -s * c.width / 2), resample=Image.BICUBIC)),
+    "brightness": lambda img, f: ImageEnhance.Brightness(img).enhance(f),
+    "contrast": lambda img, f: ImageEnhance.Contrast(img).enhance(f),
+    "equalize": lambda img: ImageOps.equalize(img),
+    "posterize": lambda img, bits: ImageOps.posterize(img, int(bits)),
+    "solarize": lambda img, t: ImageOps.solarize(img, t * 255),
 }
+
+#: RandAugment ops in the fidelity table (--parity), after paper12's.
+RANDAUGMENT_PARITY = [
+    {"op": "translate_x", "fraction": 0.1}, {"op": "translate_y", "fraction": -0.27},
+    {"op": "shear_x", "shear": 0.3}, {"op": "shear_y", "shear": -0.45},
+    {"op": "brightness", "factor": 0.4}, {"op": "brightness", "factor": 1.7},
+    {"op": "contrast", "factor": 0.3}, {"op": "contrast", "factor": 1.8},
+    {"op": "equalize"}, {"op": "posterize", "bits": 2}, {"op": "solarize", "threshold": 0.5},
+]
 
 
 def pil_op(name: str, img: Image.Image) -> Image.Image:
-    """The PIL op of a paper12 candidate name such as ``"rotate(-20)"``."""
+    """The PIL op of a one-op candidate name such as ``"rotate(-20)"``."""
     stem, arg = re.fullmatch(r"(\w+)(?:\((.*)\))?", name).groups()
     return PIL_OPS[stem](img, *([float(arg)] if arg else []))
 
@@ -93,7 +119,7 @@ def pil_loop(images: torch.Tensor, name: str) -> torch.Tensor:
 def parity(sizes=(32, 64, 224)) -> None:
     """Worst (over the three photos) mean absolute difference to PIL, in 8-bit units (the tests
     hold the ops to tests/pil_reference.py; this is the same comparison on this machine)."""
-    space = paper12()
+    space = TransformSpace(list(paper12()) + list(space_from_specs(RANDAUGMENT_PARITY)))
     print("| op | " + " | ".join(f"{s} px" for s in sizes) + " |")
     print("|---|" + "---:|" * len(sizes))
     batches = {s: photos(3, s) for s in sizes}
