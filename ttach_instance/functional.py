@@ -687,12 +687,14 @@ def _shift_lines(images: Tensor, shift: Tensor) -> Tensor:
     whole = torch.floor(shift)
     offsets = torch.arange(-1, 3, dtype=torch.float64, device=device)
     weight = _pil_cubic((shift - whole)[..., None] - offsets, -1.0).to(images.dtype)  # (N, H|1, 4)
+    # Weights laid out along the row (contiguous in x): broadcasting a (N, 1, 1, 1) operand over
+    # the pixels drops the multiply to its scalar loop (~3x slower); same arithmetic, same bits.
+    weight = weight.permute(2, 0, 1)[..., None].expand(4, n, shift.shape[1], w).contiguous()
     first = torch.arange(w, device=device) + (whole.long() - 1)[..., None]  # (N, H|1, W): tap -1
     out = None
     for k in range(4):
-        index = symmetric_indices(first + k, w)[:, None].expand(n, c, h, w)
-        term = images.gather(3, index).mul_(weight[..., k, None][:, None])
-        out = term if out is None else out.add_(term)
+        taps = images.gather(3, symmetric_indices(first + k, w)[:, None].expand(n, c, h, w))
+        out = taps.mul_(weight[k][:, None]) if out is None else out.addcmul_(taps, weight[k][:, None])
     return out
 
 
