@@ -37,7 +37,28 @@ SPACES = {
     "five_crops_paper": lambda: ti.get_space("five_crops_paper", fraction=0.75),
     "ten_crops_paper": lambda: ti.get_space("ten_crops_paper"),
     "randaugment": lambda: ti.get_space("randaugment"),  # the 224-px pool: every RandAugment family
+    "sweep": lambda: ti.get_space("sweep"),
 }
+
+
+def test_sweep_families_span_both_sides_of_the_identity():
+    """The staged search's pool: each family a few magnitudes, below and above the identity's."""
+    from ttach_instance.staged_search import op_families
+
+    space = ti.get_space("sweep")
+    families = op_families(space.spec())
+    assert families[0] is None and space[0].is_identity
+    members = {}
+    for cand, fam in zip(space, families):
+        if fam is not None:
+            members.setdefault(fam, []).append(next(iter(cand.ops[0].params.values()), None))
+    assert sorted(members) == ["brightness", "color", "contrast", "hflip", "rotate", "sharpness", "translate_x",
+                               "translate_y", "zoom"]
+    neutral = {"translate_x": 0, "translate_y": 0, "rotate": 0, "zoom": 1, "brightness": 1, "contrast": 1,
+               "color": 1, "sharpness": 1}
+    for fam, centre in neutral.items():
+        assert min(members[fam]) < centre < max(members[fam]), fam
+    assert space.invertible
 
 
 def test_builtin_spaces_covered():

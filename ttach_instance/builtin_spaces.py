@@ -10,7 +10,9 @@ from .ops import (
     BUILTIN_OPS,
     CROP_POSITIONS,
     AutoContrast,
+    Brightness,
     Color,
+    Contrast,
     CropResize,
     HFlip,
     Identity,
@@ -18,6 +20,8 @@ from .ops import (
     Rot90,
     Rotate,
     Sharpness,
+    TranslateX,
+    TranslateY,
     VFlip,
     Zoom,
 )
@@ -103,6 +107,23 @@ def ten_crops_paper(fraction: float = 0.875) -> TransformSpace:
     return TransformSpace(list(crops) + [Candidate(c.ops + (HFlip(),)) for c in crops], name="ten_crops_paper")
 
 
+def sweep() -> TransformSpace:
+    """A magnitude sweep of single ops for the staged budget search (Dufour, "How to correctly use
+    test-time augmentation"): the identity, the horizontal flip, shifts, zooms, rotations and
+    colour factors, each family at a few magnitudes on both sides of the identity; stage (a)
+    keeps each family's best, stage (c) composes winners (flip + shift)."""
+    shifts = (0.03, 0.06, 0.09, 0.125)
+    ops = [Identity(), HFlip()]
+    ops += [TranslateX(s * sign) for s in shifts for sign in (-1, 1)]
+    ops += [TranslateY(s * sign) for s in shifts for sign in (-1, 1)]
+    ops += [Zoom(z) for z in (0.8, 0.875, 0.9, 1.1, 1.2)]
+    ops += [Rotate(a * sign) for a in (5, 10, 15, 20) for sign in (-1, 1)]
+    for family in (Brightness, Contrast, Color):
+        ops += [family(f) for f in (0.7, 0.85, 1.15, 1.3)]
+    ops += [Sharpness(f) for f in (0.5, 2.0, 3.0)]
+    return TransformSpace([Candidate(op) for op in ops], name="sweep")
+
+
 def paper12_hflip() -> TransformSpace:
     """paper12 x {identity, hflip}: 24 candidates (the paper's flip-combined variant)."""
     return paper12().product(hflip(), name="paper12_hflip")
@@ -116,6 +137,8 @@ BUILTIN_SPACES = {
     "d4": (d4, "the 8 flips and quarter turns (square images)"),
     "five_crops": (five_crops, "4 corner crops + centre crop, resized back (crop_size: px or fraction)"),
     "ten_crops": (ten_crops, "five crops and their horizontal flips"),
+    "sweep": (sweep, "single ops at a few magnitudes (flip, shifts, zooms, rotations, colour factors): the staged "
+                     "budget search's pool"),
     "paper12_hflip": (paper12_hflip, "paper12 combined with horizontal flip (24)"),
     "center_crop_paper": (center_crop_paper, "the paper's Center-Crop: resize by 1/fraction (0.875), centre window "
                                              "of the input size, no resize back"),
