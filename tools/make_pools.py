@@ -10,7 +10,8 @@ Each pool is the identity (candidate 0) and 100 sub-policies, each the compositi
 
 * the op is drawn uniformly, with replacement, from GPS's op list (identity included);
 * its magnitude ``m`` uniformly from ``[-M, M]`` on RandAugment's 0-30 scale; an op with
-  ``|m| < 0.5`` is skipped (``true_m0``);
+  ``|m| < 0.5`` is skipped (``true_m0``: GPS's CIFAR commands set it, its ImageNet ones do not,
+  which differs only in those rare draws of the parameterless ops and posterize);
 * the value is ``low + |m| / 30 * (high - low)`` with GPS's ``(low, high)`` per op, except for
   the enhancement factors (contrast, colour, brightness, sharpness): ``1 + m / 30 * high``, with
   ``m``'s sign; geometric ops take a random sign (GPS draws it inside the op, per image: here once
@@ -25,7 +26,8 @@ Left out of GPS's lists: SolarizeAdd and Cutout (no such op here; Cutout's box i
 ImageNet pool's random-resized-crop + flip before every sub-policy (random per image), and
 autocontrast's cutoff magnitude (the op here is PIL's autocontrast without cutoff). Geometric
 ops run on the mirror-expanded canvas (the library's convention; GPS mirrors on CIFAR and fills
-black on ImageNet). Values are rounded (2 decimals, whole degrees, whole bits) so names stay
+black on ImageNet) and shear about the image centre (GPS about the top edge, or the bottom one
+for a random half of the images). Values are rounded (2 decimals, whole degrees, whole bits) so names stay
 short; enhancement factors below 0.1 are raised to 0.1 (``M = 45`` reaches -0.35: a black or
 inverted image), solarize thresholds are GPS's ``T / 255`` and a threshold of 1 or more
 (``T >= 255``: next to nothing inverted) drops the op, as does a value that rounds to the op's
