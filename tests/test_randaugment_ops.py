@@ -298,6 +298,17 @@ def test_pool_sizes_and_defaults():
             ti.get_space("randaugment", size=bad)
 
 
+def test_pool_with_flip_is_each_candidate_then_its_mirror():
+    base, both = ti.get_space("randaugment", size=32), ti.get_space("randaugment", size=32, flip=True)
+    assert len(both) == 2 * len(base) and both.fingerprint != base.fingerprint
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for i in (0, 7, 100):
+        assert torch.equal(both[2 * i].apply(x), base[i].apply(x))
+        assert torch.equal(both[2 * i + 1].apply(x), base[i].apply(x).flip(-1))
+    with pytest.raises(ValueError, match="flip must be true or false"):
+        ti.get_space("randaugment", size=32, flip="yes")
+
+
 def test_pool_files_are_checked():
     good = json.loads(resources.files("ttach_instance.pools").joinpath("randaugment32.json").read_text())
     assert pool_space(good).names == ti.get_space("randaugment", size=32).names

@@ -12,7 +12,7 @@ import json
 from importlib import resources
 from typing import Any, Dict
 
-from ..ops import BUILTIN_OPS
+from ..ops import BUILTIN_OPS, HFlip
 from ..space import Candidate, TransformSpace
 
 FORMAT = "ttach_instance.pool"
@@ -21,15 +21,23 @@ FORMAT_VERSION = 1
 POOL_FILES = {32: "randaugment32.json", 64: "randaugment224.json", 224: "randaugment224.json"}
 
 
-def randaugment(size: int = 224) -> TransformSpace:
+def randaugment(size: int = 224, flip: bool = False) -> TransformSpace:
     """GPS's RandAugment pool for ``size``-px images (32, 64 or 224): the identity and 100
     compositions of two (op, magnitude) pairs; 32 px follows GPS's CIFAR pool, 64/224 its
-    ImageNet pool (``tools/make_pools.py`` says how they are drawn)."""
+    ImageNet pool (``tools/make_pools.py`` says how they are drawn). ``flip``: each candidate
+    also followed by a horizontal flip (202), as GPS's pools apply the training flip before each
+    sub-policy; a model trained with flips gains most from them."""
     if type(size) is not int or size not in POOL_FILES:
         raise ValueError(f"randaugment: size must be 32, 64 or 224 (the image side the pool is drawn for), got {size!r}")
+    if type(flip) is not bool:
+        raise ValueError(f"randaugment: flip must be true or false, got {flip!r}")
     file = POOL_FILES[size]
     text = resources.files(__name__).joinpath(file).read_text(encoding="utf-8")
-    return pool_space(json.loads(text), file)
+    space = pool_space(json.loads(text), file)
+    if flip:
+        flips = TransformSpace([Candidate(), Candidate(HFlip())], name="hflip")
+        space = space.product(flips, name=space.name)
+    return space
 
 
 def pool_space(data: Dict[str, Any], where: str = "pool") -> TransformSpace:
