@@ -107,3 +107,25 @@ def hand_views():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (20,), generator=g)
     return torch.randn(20, 4, 2, generator=g), y
+
+
+def test_cli_fuse_weights_segmentation(tmp_path, capsys):
+    from test_segmentation_workflow import _make_folder, tiny_segmenter
+
+    from ttach_instance.data import load_segmentation_dataset
+    from ttach_instance.wrappers import SegmentationTTAWrapper
+
+    _make_folder(tmp_path / "ds" / "val", 6, seed=1)
+    out = str(tmp_path / "seg.safetensors")
+    assert main(["fuse", "weights", "--task", "segmentation", "--model", "test_segmentation_workflow:tiny_segmenter",
+                 "--data", str(tmp_path / "ds"), "--split", "val", "--space", "flips", "--out", out]) == 0
+    assert "pixel accuracy" in capsys.readouterr().out
+    ds = load_segmentation_dataset(str(tmp_path / "ds"), split="val", progress=False)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    wrapper = SegmentationTTAWrapper(tiny_segmenter(2), FLIPS, mean=mean, std=std)
+    got = collect_views(wrapper, [to_model_input(ds.images.float() / 255, mean, std)])
+    assert got["validity"] is not None and got["views"].shape == (6, 4, 2, 32, 32)
+    expected = fit_fusion(got["views"], ds.masks.long(), FLIPS, validity=got["validity"], ignore_index=255)
+    fitted = load_fusion(out)
+    assert fitted.fit_info["task"] == "segmentation" and fitted.fit_info["images"] == 6
+    assert torch.allclose(fitted.weight, expected.weight, atol=1e-6)
