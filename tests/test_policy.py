@@ -149,6 +149,9 @@ def test_space_references_name_parameters_and_paths(tmp_path):
         assert words in str(exc.value), (ref, str(exc.value))
     with pytest.raises(FileNotFoundError, match=r"policy file '.*missing\.json' does not exist"):
         get_space(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match=r"space 'runs/gps\.txt' is neither a registered name nor a policy file: a "
+                                         r"policy file's path ends in \.json"):
+        get_space("runs/gps.txt")
     with pytest.raises(TypeError, match="space must be a TransformSpace, a space name"):
         parse_space_reference(3.5)
 

@@ -519,6 +519,9 @@ def parse_space_reference(ref: Any, params: Optional[Dict[str, Any]] = None) -> 
     if path:
         parsed = _parse_params(path.group("params"), ref) if path.group("params") else {}
         return POLICY_SPACE, _merge({"path": os.path.abspath(path.group("path")), **parsed}, params, ref)
+    if "/" in ref or os.sep in ref:  # a path, but not to a policy file
+        raise ValueError(f"space {ref!r} is neither a registered name nor a policy file: a policy file's path ends "
+                         f"in .json (FILE.json, or FILE.json:n=N for its first N candidates)")
     return ref, params  # no reference form: the registry reports the unknown name
 
 
