@@ -393,3 +393,36 @@ def test_checkpoint_temperatures_are_validated(tmp_path):
     del old["merge_temperatures"]  # a format-2 checkpoint saved before temperatures were recorded
     atomic_save_tensors(path, tensors, old)
     assert load_predictor(path).merge_temperatures == []
+
+
+def test_fusion_files_and_predictor_checkpoints_rebuild_their_space_alike(tmp_path):
+    """load_fusion and load_predictor rebuild the recorded space through one function
+    (registry.space_from_record): its parameters are used, an absent ``space_params`` is the
+    name alone, and a space the registry cannot build is refused with the same words."""
+    crops = get_space("five_crops:crop_size=0.75")
+    fusion = random_weights(FusionWeights(crops, num_classes=3))
+    predictor = TinyPredictor(crops)
+    paths = {"fusion": str(tmp_path / "fusion.safetensors"), "predictor": str(tmp_path / "predictor.safetensors")}
+    fusion.save(paths["fusion"])
+    predictor.save(paths["predictor"])
+    loaders = {"fusion": load_fusion, "predictor": load_predictor}
+    for kind, path in paths.items():
+        back = loaders[kind](path)
+        assert back.space.fingerprint == crops.fingerprint and back.space.params == {"crop_size": 0.75}
+    messages = {}
+    for kind, path in paths.items():
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        flips = dict(meta, space="flips", space_fingerprint=FLIPS.fingerprint)
+        del flips["space_params"]  # the name alone
+        atomic_save_tensors(path, tensors, dict(meta, space_params={"crop_size": "big"}))
+        with pytest.raises(ValueError) as exc:
+            loaders[kind](path)
+        messages[kind] = str(exc.value).replace(repr(path), "FILE").split(": ", 1)[1]
+        assert "cannot rebuild its space 'five_crops' with parameters {'crop_size': 'big'}" in messages[kind]
+        assert messages[kind].endswith("; pass space=")
+        atomic_save_tensors(path, tensors, flips)
+        with pytest.raises(ValueError, match=r"of shape \(4,\) \(space 'flips'|expected \(4, 24\)"):
+            loaders[kind](path)  # flips is rebuilt (its 4 candidates), then the 5 crops' tensors do not fit it
+    assert messages["fusion"] == messages["predictor"]

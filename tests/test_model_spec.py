@@ -132,3 +132,43 @@ def test_a_file_naming_other_code_is_refused_but_explicit_model_still_works(fold
     assert exc.value.code == 2 and forged in err and "model_spec.factory" in err and "allow-listed" in err
     # the user's own --model is their choice: used as today, the file's spec ignored
     assert main(argv + ["--weights", forged, "--model", FACTORY, "--model-kwargs", '{"width": 4}']) == 0
+
+
+def test_weights_files_and_predictor_checkpoints_share_one_header_reader(tmp_path, monkeypatch):
+    """read_model_spec and read_checkpoint_metadata read the header through ttach_instance.io.read_meta:
+    the same refusals (unreadable, not JSON, over the size limit), each naming its file, and one
+    limit for both."""
+    import ttach_instance.io as tio
+    from ttach_instance.predictors import read_checkpoint_metadata
+
+    def write(name, raw):
+        path = str(tmp_path / name)
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, path, metadata={"meta": raw})
+        return path
+
+    def refusals(path):
+        out = []
+        for reader, where in ((read_model_spec, "weights file"), (read_checkpoint_metadata, "predictor checkpoint")):
+            with pytest.raises(ValueError) as exc:
+                reader(path)
+            assert str(exc.value).startswith(f"{where} {path!r}")
+            out.append(str(exc.value)[len(f"{where} {path!r}"):])
+        return out
+
+    bad_json = write("bad.safetensors", "{not json")
+    first, second = refusals(bad_json)
+    assert first == second and first.startswith(": metadata is not valid JSON")
+    garbage = str(tmp_path / "garbage.safetensors")
+    with open(garbage, "wb") as f:
+        f.write(b"\x08" + b"\x00" * 7 + b"{}garbage")
+    first, second = refusals(garbage)
+    assert first == second and first.startswith(" is not a readable safetensors file")
+    spec = json.dumps({"model_spec": {"kind": MODEL_SPEC_KIND, "format_version": MODEL_SPEC_FORMAT,
+                                      "factory": FACTORY, "kwargs": {"width": 4}}})
+    path = write("spec.safetensors", spec)
+    assert read_model_spec(path) == {"factory": FACTORY, "kwargs": {"width": 4}}
+    monkeypatch.setattr(tio, "MAX_METADATA_BYTES", len(spec) - 1)  # one limit, read where it is used
+    first, second = refusals(path)
+    assert first == second == f": metadata of {len(spec)} bytes (at most {len(spec) - 1})"

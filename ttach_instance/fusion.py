@@ -245,17 +245,9 @@ def load_fusion(path: Union[str, os.PathLike], space: Any = None, num_classes: O
         raise ValueError(f"{where}: metadata must hold the space's candidate names and fingerprint, per_class (bool) "
                          f"and num_classes (null or a positive int; an int when per_class)")
     if space is None:
-        name, params = meta.get("space"), meta.get("space_params", {})
-        if not isinstance(name, str) or not isinstance(params, dict):
-            raise ValueError(f"{where}: space must be a registered space name with a parameter object, got "
-                             f"{name!r}, {params!r}")
-        from .registry import get_space
+        from .registry import space_from_record
 
-        try:
-            space = get_space(name, **params)
-        except Exception as e:  # noqa: BLE001 - the registry's error, with the file named
-            raise ValueError(f"{where}: cannot rebuild its space {name!r} with parameters {params} from the registry "
-                             f"({e}); pass space=") from e
+        space = space_from_record(meta, where)
     space = _space(space)
     if space.fingerprint != fingerprint:
         raise ValueError(f"{where} were fitted for space {meta.get('space')!r} ({len(names)} candidates "

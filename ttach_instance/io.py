@@ -83,6 +83,52 @@ def load_tensors(path: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     return tensors, meta
 
 
+#: The most metadata bytes :func:`read_meta` parses (a checkpoint's is a few kilobytes).
+MAX_METADATA_BYTES = 1 << 20
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_meta(path: str, where: str) -> Any:
+    """The JSON under a safetensors file's ``"meta"`` key, read from the header alone (no tensor
+    is loaded; ``{}`` when the file has none), for loaders that check a file before building
+    anything. Not a readable safetensors file, metadata over :data:`MAX_METADATA_BYTES` or not
+    JSON: a ``ValueError`` starting with ``where`` (e.g. ``"weights file 'w.safetensors'"``)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("meta", "")
+    except Exception as e:  # noqa: BLE001 - truncated or not safetensors: name the file
+        raise ValueError(f"{where} is not a readable safetensors file ({e})") from None
+    if len(raw) > MAX_METADATA_BYTES:
+        raise ValueError(f"{where}: metadata of {len(raw)} bytes (at most {MAX_METADATA_BYTES})")
+    try:
+        return json.loads(raw) if raw else {}
+    except (ValueError, RecursionError) as e:  # bad JSON, integers of > 4300 digits, nesting too deep
+        raise ValueError(f"{where}: metadata is not valid JSON ({e})") from None
+
+
+def header_tensors(path: str, where: str) -> Dict[str, Tensor]:
+    """The file's tensors as empty ``meta`` tensors of their shapes and dtypes (the header alone):
+    what a loader compares with a model built on the ``meta`` device before allocating it."""
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    raise ValueError(f"tensor {name!r} has dtype {piece.get_dtype()}")
+                out[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+        return out
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{where} has tensors this loader does not read ({e})") from None
+
+
 def atomic_write_json(path: str, obj: Any) -> Dict[str, Any]:
     """``obj`` as indented, key-sorted JSON, written with :func:`atomic_write_bytes`."""
     return atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())

@@ -14,7 +14,6 @@ Every refusal is a ``ValueError`` naming the file and the field. A user who want
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -30,7 +29,6 @@ __all__ = ["MODEL_SPEC_KIND", "MODEL_SPEC_FORMAT", "register_model_factory", "li
 MODEL_SPEC_KIND = "ttach_instance.model"
 #: Version of the ``model_spec`` record; files of any other version are refused.
 MODEL_SPEC_FORMAT = 1
-MAX_METADATA_BYTES = 1 << 20
 _CLASSES = Field("int", 1, 1 << 20)
 
 #: name -> (factory, kwargs schema). The only factories a file may name, besides ``timm:<name>``.
@@ -146,24 +144,14 @@ def save_model(path: str, model: nn.Module, factory: str, kwargs: Optional[Dict[
 def read_model_spec(path: str) -> Optional[Dict[str, Any]]:
     """The checked ``{"factory", "kwargs"}`` a weights file records, read from its header alone;
     ``None`` for a weights file without one (plain safetensors, a torch file)."""
-    from safetensors import safe_open
+    from .io import read_meta
 
     if not isinstance(path, str) or not os.path.isfile(path):
         raise ValueError(f"weights {path!r} is not a file")
     if not path.endswith(".safetensors"):
         return None
     where = f"weights file {path!r}"
-    try:
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get("meta", "")
-    except Exception as e:  # noqa: BLE001 - truncated or not safetensors: name the file
-        raise ValueError(f"{where} is not a readable safetensors file ({e})") from None
-    if len(raw) > MAX_METADATA_BYTES:
-        raise ValueError(f"{where}: metadata of {len(raw)} bytes (at most {MAX_METADATA_BYTES})")
-    try:
-        meta = json.loads(raw) if raw else {}
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{where}: metadata is not valid JSON ({e})") from None
+    meta = read_meta(path, where)
     if not isinstance(meta, dict) or "model_spec" not in meta:
         return None
     return check_model_spec(meta["model_spec"], where)
@@ -176,8 +164,7 @@ def load_model(path: str, num_classes: Optional[int] = None, map_location: str =
     device and compared with the file's tensor names and shapes (so a small file cannot make
     loading allocate a large model), and only then built and loaded strictly. ``num_classes``,
     when given, must equal the recorded one. ``ValueError`` naming the file otherwise."""
-    from .io import load_tensors
-    from .predictors.registry import _header_tensors
+    from .io import header_tensors, load_tensors
 
     spec = read_model_spec(path)
     where = f"weights file {path!r}"
@@ -188,7 +175,7 @@ def load_model(path: str, num_classes: Optional[int] = None, map_location: str =
     if num_classes is not None and recorded is not None and num_classes != recorded:
         raise ValueError(f"{where} holds a model of {recorded} classes, not the {num_classes} asked for "
                          f"(--num-classes)")
-    header = _header_tensors(path, where)
+    header = header_tensors(path, where)
     try:
         with torch.device("meta"):
             probe = _construct(spec)

@@ -488,6 +488,33 @@ def get_space(name: Any, /, **params: Any) -> TransformSpace:
     return registry().get_space(name, **params)
 
 
+def space_record(space: TransformSpace) -> Dict[str, Any]:
+    """How files record a space so that :func:`space_from_record` rebuilds it: ``{"space": its
+    registered name, "space_params": the parameters get_space took}`` (JSON; a policy file's
+    path is absolute). The space's fingerprint is recorded beside it by the caller."""
+    import json
+
+    params = json.loads(json.dumps(getattr(space, "params", {}) or {}, sort_keys=True, default=repr))
+    return {"space": space.name, "space_params": params}
+
+
+def space_from_record(record: Dict[str, Any], where: str, hint: str = "pass space=") -> TransformSpace:
+    """The space a file records (a predictor checkpoint's or fusion weights' metadata, a label or
+    prediction cache's manifest) as ``"space"`` and ``"space_params"`` (:func:`space_record`;
+    an absent ``space_params`` is the name alone, as files made before it was recorded), rebuilt
+    through the registry: the one way a file names a space. The caller compares fingerprints.
+    Anything else is a ``ValueError`` starting with ``where`` and ending with ``hint``."""
+    name, params = record.get("space"), record.get("space_params", {})
+    if not isinstance(name, str) or not isinstance(params, dict):
+        raise ValueError(f"{where}: space must be a registered space name with a parameter object, got "
+                         f"{name!r}, {params!r}")
+    try:
+        return get_space(name, **params)
+    except Exception as e:  # noqa: BLE001 - the registry's error, with the file named
+        raise ValueError(f"{where}: cannot rebuild its space {name!r} with parameters {params} from the registry "
+                         f"({e}); {hint}") from e
+
+
 #: The built-in space that reads a policy file (``ttach_instance.policy.policy_space``).
 POLICY_SPACE = "policy"
 _PATH_REF = re.compile(r"^(?P<path>.*\.json)(?::(?P<params>[A-Za-z_]\w*=.*))?$", re.IGNORECASE | re.DOTALL)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Dict, List, Optional, Type, TypeVar, Union
 
 import torch
 
+from ..io import header_tensors, read_meta
 from ..space import TransformSpace
 from .base import (CHECKPOINT_KIND, FORMAT_VERSION, Field, LossPredictorBase, check_merge_temperatures,
                    check_model_image_size, ensure_strict_match, validate_config)
@@ -17,7 +17,6 @@ __all__ = ["register_predictor", "create_predictor", "load_predictor", "list_pre
 
 _REGISTRY: Dict[str, Type[LossPredictorBase]] = {}
 P = TypeVar("P", bound=Type[LossPredictorBase])
-MAX_METADATA_BYTES = 1 << 20
 
 
 def register_predictor(name: str) -> Callable[[P], P]:
@@ -58,24 +57,12 @@ def create_predictor(name: str, space: Union[TransformSpace, str], **config) -> 
 def read_checkpoint_metadata(path: Union[str, os.PathLike]) -> Dict:
     """A predictor checkpoint's metadata, read from the file header alone (no tensor is loaded),
     checked for kind and format version. ``ValueError`` naming the file otherwise."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"predictor checkpoint must be a .safetensors file, got {path!r}")
     if not os.path.isfile(path):
         raise ValueError(f"predictor checkpoint {path!r} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get("meta", "")
-    except Exception as e:  # noqa: BLE001 - truncated or not safetensors: name the file
-        raise ValueError(f"predictor checkpoint {path!r} is not a readable safetensors file ({e})") from e
-    if len(raw) > MAX_METADATA_BYTES:
-        raise ValueError(f"predictor checkpoint {path!r}: metadata of {len(raw)} bytes (at most {MAX_METADATA_BYTES})")
-    try:
-        meta = json.loads(raw) if raw else {}
-    except (ValueError, RecursionError) as e:  # bad JSON, integers of > 4300 digits, nesting too deep
-        raise ValueError(f"predictor checkpoint {path!r}: metadata is not valid JSON ({e})") from None
+    meta = read_meta(path, f"predictor checkpoint {path!r}")
     if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND:
         kind = meta.get("kind") if isinstance(meta, dict) else None
         raise ValueError(f"{path!r} is not a ttach-instance loss predictor checkpoint (kind {kind!r}, expected "
@@ -111,7 +98,7 @@ def load_predictor(path: Union[str, os.PathLike], space: Optional[Union[Transfor
     refuse checkpoints of any other class. Every failure is a ``ValueError`` naming the file.
     """
     from ..io import load_tensors
-    from ..registry import get_space
+    from ..registry import get_space, space_from_record
 
     path = os.fspath(path)
     meta = read_checkpoint_metadata(path)
@@ -126,15 +113,7 @@ def load_predictor(path: Union[str, os.PathLike], space: Optional[Union[Transfor
     if not isinstance(fingerprint, str) or not isinstance(names, list):
         raise ValueError(f"{where}: metadata lacks the space's fingerprint and candidate names")
     if space is None:
-        name, params = meta.get("space"), meta.get("space_params", {})
-        if not isinstance(name, str) or not isinstance(params, dict):
-            raise ValueError(f"{where}: space must be a registered space name with a parameter object, got "
-                             f"{name!r}, {params!r}")
-        try:
-            space = get_space(name, **params)
-        except Exception as e:  # noqa: BLE001 - the registry's error, with the checkpoint named
-            raise ValueError(f"{where}: cannot rebuild its space {name!r} with parameters {params} from the "
-                             f"registry ({e}); pass space=") from e
+        space = space_from_record(meta, where)
     elif isinstance(space, str):
         space = get_space(space)
     if space.fingerprint != fingerprint:
@@ -146,7 +125,7 @@ def load_predictor(path: Union[str, os.PathLike], space: Optional[Union[Transfor
     # tampered file cannot make loading allocate a large model it does not hold the weights of.
     probe = _build(cls, space, config, calibration, where, device="meta")
     if probe is not None:
-        ensure_strict_match(probe, _header_tensors(path, where), where)
+        ensure_strict_match(probe, header_tensors(path, where), where)
     predictor = _build(cls, space, config, calibration, where)
     try:
         tensors, _ = load_tensors(path)
@@ -182,26 +161,3 @@ def _build(cls: Type[LossPredictorBase], space: TransformSpace, config: Dict, ca
             return None
         raise ValueError(f"{where}: architecture {cls.architecture!r} cannot be built with its config {config} "
                          f"({type(e).__name__}: {e})") from e
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def _header_tensors(path: str, where: str) -> Dict[str, torch.Tensor]:
-    """The file's tensors as empty ``meta`` tensors of their shapes and dtypes (the header alone)."""
-    from safetensors import safe_open
-
-    try:
-        out = {}
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
-                if dtype is None:
-                    raise ValueError(f"tensor {name!r} has dtype {piece.get_dtype()}")
-                out[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
-        return out
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{where} has tensors this loader does not read ({e})") from None
