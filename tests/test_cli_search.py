@@ -5,6 +5,7 @@ argument errors."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -264,3 +265,42 @@ def test_search_staged_end_to_end(folder, split16, tmp_path, capsys):  # noqa: F
     with pytest.raises(SystemExit):
         main(["search", "gps", "--predictions", preds, "--out", str(tmp_path / "x.json"), "--no-composites"])
     assert "are `search staged` options" in capsys.readouterr().err
+
+
+def test_caches_record_the_space_reference_so_fit_and_search_rebuild_it(folder, weights16, tmp_path, capsys):  # noqa: F811
+    """A policy file as --space is the built-in space 'policy' with its path and n: the label and
+    prediction caches record those parameters, so ``fit`` (no --space) and a continued ``search``
+    (no --space; the default would be paper12) rebuild exactly that space."""
+    from ttach_instance.predictors import load_predictor
+    from ttach_instance.training.labels import LabelCache
+
+    preds, gps_file = str(tmp_path / "preds"), str(tmp_path / "gps.json")
+    model = ["--model", FACTORY, "--weights", weights16, "--data", folder]
+    assert main(["search", "gps", "--predictions", preds, "--out", gps_file, *model, "--n", "3"]) == 0
+    ref = f"{gps_file}:n=2"
+    space = get_space(ref)
+    assert space.name == "policy" and space.params == {"path": gps_file, "n": 2}
+    labels, fit = str(tmp_path / "labels"), str(tmp_path / "fit")
+    assert main(["labels", *model, "--out", labels, "--space", ref, "--corruptions", "none",
+                 "--corruption-p", "0"]) == 0
+    manifest = LabelCache(labels).manifest()
+    assert (manifest["space"], manifest["space_params"]) == ("policy", {"path": gps_file, "n": 2})
+    assert main(["fit", "--labels", labels, "--out", fit, "--predictor", "small", "--width", "4", "--epochs", "1",
+                 "--batch-size", "4", "--val-fraction", "0.25"]) == 0
+    predictor = load_predictor(f"{fit}/predictor.safetensors")  # rebuilt from the checkpoint's own record
+    assert predictor.space.fingerprint == space.fingerprint and predictor.space.params == {"path": gps_file, "n": 2}
+    # a prediction cache of the policy's candidates, continued without --space
+    pool_preds = str(tmp_path / "pool_preds")
+    assert main(["search", "gps", "--predictions", pool_preds, "--out", str(tmp_path / "p.json"), *model,
+                 "--space", ref, "--n", "2", "--shard-size", "4"]) == 0
+    assert main(["search", "gps", "--predictions", pool_preds, "--out", str(tmp_path / "p.json"), *model,
+                 "--n", "2", "--shard-size", "4"]) == 0
+    assert load_predictions(pool_preds)["manifest"]["space_params"] == {"path": gps_file, "n": 2}
+    capsys.readouterr()
+    # a recorded space the registry cannot rebuild any more: named, with the way out
+    os.remove(gps_file)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--labels", labels, "--out", fit + "2", "--predictor", "small", "--width", "4"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot rebuild its space 'policy'" in err and "give --space" in err and labels in err

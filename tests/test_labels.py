@@ -384,3 +384,33 @@ def test_label_caches_that_do_not_combine_are_named(tmp_path):
     b = generate_labels(model, images, labels, space(), str(tmp_path / "b"), seed=5, progress=False)
     with pytest.raises(ValueError, match="incomplete"):
         load_label_caches([b.directory, more.directory])
+
+
+def test_cache_made_before_space_params_were_recorded_still_resumes_and_combines(tmp_path):
+    """Label caches record the space's parameters (``space_params``) since they are rebuilt from
+    them; one without the field (the name alone, as before) is continued as it was made, and
+    still counts as repeating a new cache of the same seed and settings."""
+    from ttach_instance.registry import get_space, space_from_record
+    from ttach_instance.training.labels import load_label_caches
+
+    model = tiny_model()
+    images, labels = tiny_data(4)
+    kw = dict(shard_size=2, progress=False)
+    crops = get_space("five_crops:crop_size=0.75")
+    new = generate_labels(model, images, labels, crops, str(tmp_path / "new"), **kw)
+    m = new.manifest()
+    assert (m["space"], m["space_params"]) == ("five_crops", {"crop_size": 0.75})
+    assert space_from_record(m, "here").fingerprint == crops.fingerprint != get_space("five_crops").fingerprint
+    old = str(tmp_path / "old")
+    generate_labels(model, images, labels, space(), old, max_shards=1, **kw)
+    with open(os.path.join(old, "manifest.json")) as f:
+        m = json.load(f)
+    del m["space_params"]
+    with open(os.path.join(old, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    cache = generate_labels(model, images, labels, space(), old, **kw)
+    assert cache.complete and "space_params" not in cache.manifest()
+    assert space_from_record(cache.manifest(), "here").fingerprint == space().fingerprint
+    again = generate_labels(model, images, labels, space(), str(tmp_path / "again"), **kw)
+    with pytest.raises(ValueError, match="same seed and settings"):
+        load_label_caches([old, again.directory])

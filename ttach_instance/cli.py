@@ -362,7 +362,7 @@ def _fit_settings(args, manifest, data):
 def _cmd_fit(args: argparse.Namespace) -> int:
     from . import recipes
     from .predictors import create_predictor
-    from .registry import get_space
+    from .registry import get_space, space_from_record
     from .training import distributed as dist
     from .training.labels import load_label_caches
     from .training.trainer import fit_predictor, seed_everything
@@ -372,7 +372,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         data, manifest = load_label_caches(args.labels)
     except ValueError as e:
         raise ValueError(f"--labels: {e}") from None
-    space = get_space(args.space or manifest["space"])
+    # the labels' space as they record it (name and parameters: a policy file's path too)
+    space = get_space(args.space) if args.space else space_from_record(
+        manifest, f"--labels: label cache {args.labels[0]!r}", "give --space")
     if space.fingerprint != manifest["space_fingerprint"]:
         raise ValueError(f"--space {space.name!r} (fingerprint {space.fingerprint}) is not the space the labels were "
                          f"made with ({manifest['space']!r}, {manifest['space_fingerprint']})")
@@ -795,12 +797,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("--no-composites, --composite-pool and --composite-predictions are `search staged` options")
     made = None  # (model, data) when --model is given: stage (c) runs the model on composites
     if args.model is not None:
-        from .registry import get_space
-
         dist.init_from_env(args.device)
         ds = _load_data(args)
         model = _load_model(args, len(ds.classes))
-        generate_predictions(model, ds.images, ds.labels, get_space(args.space), args.predictions, size=args.size,
+        generate_predictions(model, ds.images, ds.labels, _search_pool(args), args.predictions, size=args.size,
                              shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
                              device=args.device, model_spec=_model_spec(args, len(ds.classes)))
         made = (model, ds)
@@ -864,6 +864,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
     atomic_write_json(args.out, doc)
     print(f"wrote {args.out}")
     return 0
+
+
+def _search_pool(args: argparse.Namespace):
+    """search's pool: ``--space``; without it the existing cache's (its recorded name and
+    parameters, so continuing it needs no --space), else paper12."""
+    from .registry import get_space, space_from_record
+    from .training.predictions import PredictionCache
+
+    if args.space is not None:
+        return get_space(args.space)
+    cache = PredictionCache(args.predictions)
+    if os.path.isfile(cache.manifest_path):
+        return space_from_record(cache.manifest(), f"--predictions: prediction cache {args.predictions!r}",
+                                 "give --space")
+    return get_space("paper12")
 
 
 def _composite_source(args: argparse.Namespace, manifest: dict, labels, made):
@@ -938,7 +953,8 @@ def _add_search_command(sub) -> None:
     _add_model_args(p, required=False)
     p.add_argument("--data", default=None, help="validation images: ImageFolder root or cifar10:ROOT (with --model)")
     p.add_argument("--split", default="val")
-    p.add_argument("--space", default="paper12", help="the pool (with --model): " + SPACE_HELP)
+    p.add_argument("--space", default=None, help="the pool (with --model; default: an existing --predictions cache's, "
+                                                 "else paper12): " + SPACE_HELP)
     p.add_argument("--size", type=positive_int, default=None, help="model input size (with --model)")
     p.add_argument("--shard-size", type=positive_int, default=500)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (x candidates views)")

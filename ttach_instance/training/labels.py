@@ -13,7 +13,8 @@ task's extra fields (classification: ``correct`` per view and, when the space ha
 candidate, ``input_logits``).
 
 The manifest records what made the cache (format version, model spec and a sha256 of its
-weights, a sha256 of the images and targets, the space's fingerprint, the task and every
+weights, a sha256 of the images and targets, the space's name, parameters -- what ``fit``
+rebuilds it from; absent in older caches, the name alone -- and fingerprint, the task and every
 setting that changes a row) and, under ``shards``, the size and sha256 of every finished
 shard. A cache refuses to be continued with anything else, naming what differs: one cache is
 one model on one dataset. Shards are written atomically and fsynced, then recorded; restarting
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..io import atomic_save_tensors, atomic_write_json, file_digest, load_tensors, tensors_sha256
+from ..registry import space_record
 from . import distributed as dist
 from .corruptions import ALL, COMMON, SEVERITIES, check_names, corrupt_batch, draw_recipes
 from .deformations import Deformation, deform_batch, draw_deformations
@@ -278,7 +280,8 @@ def load_label_caches(directories: Sequence[str]) -> Tuple[Dict[str, Tensor], Di
                                  f"{diff} (caches combine only for the same images, model, space, task and size)")
         # Row r is a pure function of these settings and r: two caches that share them share
         # their first rows (whatever their draws), and training on a row twice only weights it.
-        settings = json.dumps({k: v for k, v in m.items() if k not in _LAYOUT_KEYS}, sort_keys=True)
+        settings = json.dumps({k: v for k, v in m.items() if k not in _LAYOUT_KEYS + ("space_params",)},
+                              sort_keys=True)  # the fingerprint says which space; caches may predate its params
         if settings in seen:
             raise ValueError(f"label cache {directory!r} has the same seed and settings as {seen[settings]!r}: "
                              f"it repeats that cache's rows (make more labels with another seed)")
@@ -406,7 +409,7 @@ def generate_labels(
     config = {
         "format": FORMAT_VERSION,
         "model": model_identity(model, model_spec),
-        "space": space.name,
+        **space_record(space),  # its name and parameters: fit rebuilds it from the cache
         "space_fingerprint": space.fingerprint,
         "candidate_names": space.names,
         "task": task.spec(),
@@ -468,7 +471,7 @@ def write_shards(cache: LabelCache, config: Dict[str, Any], compute: Callable[[i
     from tqdm import tqdm
 
     if dist.is_main():
-        _open_for_writing(cache, config, log)
+        config = _open_for_writing(cache, config, log)
     dist.barrier()
     rank, world = dist.rank(), dist.world_size()
     todo = [s for s in cache.missing_shards() if s % world == rank]
@@ -503,19 +506,23 @@ def _merge_rank_records(cache: LabelCache) -> None:
         os.remove(path)
 
 
-def _open_for_writing(cache: LabelCache, config: Dict[str, Any], log: Callable[[str], None]) -> None:
+def _open_for_writing(cache: LabelCache, config: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any]:
     """Rank 0 before any shard is computed (label and prediction caches alike): a new cache gets
     its manifest; an existing one must have been made by the same model, data, space, task and
     settings (else a ``ValueError`` naming what differs), and every shard not exactly as recorded
-    is reported and removed, so it is recomputed with the missing ones."""
+    is reported and removed, so it is recomputed with the missing ones. Returns the manifest's
+    settings from now on: ``config``, less ``space_params`` for a cache made before they were
+    recorded (it stays as it was made)."""
     what = cache.what
     if not os.path.isfile(cache.manifest_path):
         if os.path.isdir(cache.directory) and os.listdir(cache.directory):
             raise ValueError(f"directory {cache.directory!r} is not empty and holds no {what} (no manifest.json) this "
                              f"version can continue; use another directory or delete it")
         atomic_write_json(cache.manifest_path, {**config, "shards": {}})
-        return
+        return config
     old = cache.manifest()
+    if "space_params" not in old:  # made before the space's parameters were recorded: the name
+        config = {k: v for k, v in config.items() if k != "space_params"}  # alone, as it was made
     diff = describe_differences({k: v for k, v in old.items() if k != "shards"}, config)
     if diff:
         raise ValueError(f"directory {cache.directory!r} holds a {what} made with other settings or another "
@@ -532,3 +539,4 @@ def _open_for_writing(cache: LabelCache, config: Dict[str, Any], log: Callable[[
     atomic_write_json(cache.manifest_path, {**config, "shards": _json_records(records)})
     for tmp in glob.glob(os.path.join(glob.escape(cache.directory), "*.tmp*")):  # a killed writer's leftovers
         os.remove(tmp)
+    return config

@@ -24,12 +24,12 @@ merges them.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..registry import space_record
 from .labels import LabelCache, _check_positive_int, dataset_fingerprint, model_identity, write_shards
 
 #: Version of the prediction cache's layout and manifest.
@@ -137,8 +137,7 @@ def generate_predictions(
         "format": FORMAT_VERSION,
         "model": model_identity(model, model_spec),
         "output_key": output_key,
-        "space": space.name,
-        "space_params": json.loads(json.dumps(getattr(space, "params", {}) or {}, sort_keys=True, default=repr)),
+        **space_record(space),
         "space_fingerprint": space.fingerprint,
         "candidate_names": space.names,
         "candidate_specs": space.spec(),
