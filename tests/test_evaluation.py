@@ -208,3 +208,21 @@ def test_measure_cost_counts_model_calls():
                 "ten_crops_paper_logits": 10, "full_mean_logits": 12}
     assert {m: c["model_calls_per_image"] for m, c in cost.items()} == expected
     assert cost["identity"]["relative_time"] == 1.0
+
+
+def test_crops_resized_back_are_left_out_below_16_px_whatever_their_merge():
+    """Below 16 px every method whose fixed space blows a crop back up (five_crops, ten_crops and
+    their logit-averaging twins) is left out; the paper crops (an input-size window) and the rest
+    stay. The reference: each method's space read from its wrapper, its ops' names."""
+    from ttach_instance.evaluation import build_method
+
+    model = tiny_model(3)
+    fixed = ["hflip", "five_crops", "five_crops_logits", "ten_crops_logits", "five_crops_paper",
+             "ten_crops_paper_logits", "center_crop_paper"]
+    spaces = {m: build_method(m, model, space()).space for m in fixed}
+    resized_back = {m for m, sp in spaces.items() if any(n.startswith("crop_") for n in sp.names)}
+    assert resized_back == {"five_crops", "five_crops_logits", "ten_crops_logits"}
+    for side in (8, 16):
+        images, labels = tiny_data(4, size=side)
+        errors = evaluate_arrays(model, images, labels, space(), None, methods=fixed)["errors"]
+        assert set(errors) == (set(fixed) - resized_back if side < 16 else set(fixed)), side

@@ -23,10 +23,12 @@ from torch import Tensor, nn
 
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors
 from ..normalization import to_model_input
+from ..ops import CropResize
+from ..registry import get_space
 from ..training.corruptions import COMMON, HELD_OUT, SEVERITIES, check_names, corrupt_batch
 from ..training.labels import check_format, dataset_fingerprint, describe_differences, model_identity
-from .methods import (METHODS, PREDICTOR_METHODS, SEG_LABELS, SEG_METHODS, ViewMemo, build_method, load_policies,
-                      policy_methods, row_fingerprint)
+from .methods import (FIXED_SPACES, METHODS, PREDICTOR_METHODS, SEG_LABELS, SEG_METHODS, ViewMemo, build_method,
+                      load_policies, policy_methods, row_fingerprint)
 from .report import (markdown_table, plot_scatter, plot_selection_rates, segmentation_markdown_table,
                      summarize)
 
@@ -60,10 +62,19 @@ def _wrappers(model: nn.Module, space, predictor, methods: Sequence[str], task: 
 
 
 def _usable(methods: Sequence[str], predictor, image_side: int, task: str) -> List[str]:
+    """The methods that run: those needing a predictor only with one, and below 16 px no method
+    whose fixed space resizes crops back (a few pixels blown up say nothing), however it merges."""
     out = [m for m in methods if predictor is not None or not m.startswith("ours")]
-    if task == "classification" and image_side < 16:  # crops of a few pixels say nothing
-        out = [m for m in out if m not in ("five_crops", "ten_crops")]
+    if task == "classification" and image_side < 16:
+        out = [m for m in out if not _resizes_crops_back(m)]
     return out
+
+
+def _resizes_crops_back(method: str) -> bool:
+    """Whether ``method``'s fixed space (:data:`FIXED_SPACES`) holds a crop resized back to the
+    input size (:class:`~ttach_instance.ops.CropResize`; the paper crops cut an input-size window)."""
+    name = FIXED_SPACES.get(method)
+    return name is not None and any(isinstance(op, CropResize) for cand in get_space(name) for op in cand.ops)
 
 
 def _method_outputs(wrappers: Dict[str, nn.Module], x: Tensor, y: Tensor, preds: List[Tensor],

@@ -156,9 +156,11 @@ Factory = Callable[..., nn.Module]
 
 def _classification() -> Dict[str, Tuple[str, int, Factory]]:
     def full(space_name: Optional[str] = None, merge_space: str = "probs"):
-        return lambda model, space, predictor, **kw: FullSpaceWrapper(
-            model, identity_space() if space_name == "identity" else get_space(space_name) if space_name else space,
-            merge_space=merge_space, **kw)
+        def factory(model, space, predictor, **kw):
+            return FullSpaceWrapper(model, identity_space() if space_name == "identity" else
+                                    get_space(space_name) if space_name else space, merge_space=merge_space, **kw)
+        factory.space_name = space_name  # FIXED_SPACES
+        return factory
 
     def random(k: int):
         return lambda model, space, predictor, **kw: RandomKWrapper(model, space, k=k, seed=0, **kw)
@@ -243,6 +245,8 @@ LABELS = {m: v[0] for m, v in _CLASSIFICATION.items()}
 #: Model forwards per image of each method (0: the space's size).
 MODEL_CALLS = {m: v[1] for m, v in _CLASSIFICATION.items() if v[1]}
 PREDICTOR_METHODS = tuple(m for m in METHODS if m.startswith("ours"))
+#: The registered space each method averages whatever the evaluation's space (H-Flip, the crops...).
+FIXED_SPACES = {m: v[2].space_name for m, v in _CLASSIFICATION.items() if getattr(v[2], "space_name", None)}
 SEG_METHODS = tuple(_SEGMENTATION)
 SEG_LABELS = {m: v[0] for m, v in _SEGMENTATION.items()}
 
