@@ -426,3 +426,38 @@ def test_fusion_files_and_predictor_checkpoints_rebuild_their_space_alike(tmp_pa
         with pytest.raises(ValueError, match=r"of shape \(4,\) \(space 'flips'|expected \(4, 24\)"):
             loaders[kind](path)  # flips is rebuilt (its 4 candidates), then the 5 crops' tensors do not fit it
     assert messages["fusion"] == messages["predictor"]
+
+
+def test_flip_averaged_predictors_and_ensembles_pass_on_a_fitted_temperature_by_rule():
+    """FlipAveragedPredictor passes on its member's temperatures; PredictorEnsemble only those
+    every member records with the same temperature; the wrappers use them as the predictor's."""
+    from ttach_instance.predictors import FlipAveragedPredictor, PredictorEnsemble
+
+    def entry(k, t, flip=False):
+        return {"k": k, "flip": flip, "merge_space": "probs", "temperature": t, "objective": "nll", "images": 10,
+                "nll": 0.5, "nll_at_1": 0.6}
+
+    model = tiny_model(3)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(merge_mode="weighted", mean=(0.0,), std=(1.0,))
+    a, b, c = TinyPredictor(12).eval(), TinyPredictor(12).eval(), TinyPredictor(12).eval()
+    a.merge_temperatures = [entry(2, 0.3), entry(3, 0.7), entry(2, 0.4, flip=True)]
+    b.merge_temperatures = [entry(2, 0.3), entry(3, 0.9)]  # agrees with a on k=2 only
+    flipped = FlipAveragedPredictor(a)
+    assert flipped.merge_temperatures == a.merge_temperatures
+    wrapper = LossGuidedWrapper(model, flipped, k=2, **kw)
+    assert wrapper.temperature == 0.3 and wrapper.temperature_source == "fitted"
+    with torch.no_grad():
+        assert torch.equal(wrapper(x), LossGuidedWrapper(model, flipped, k=2, temperature=0.3, **kw)(x))
+    assert LossGuidedWrapper(model, flipped, k=2, flip=True, **kw).temperature == 0.4
+    assert PredictorEnsemble([a, a]).merge_temperatures == a.merge_temperatures
+    both = PredictorEnsemble([a, b])
+    assert both.merge_temperatures == [entry(2, 0.3)]
+    assert LossGuidedWrapper(model, both, k=2, **kw).temperature_source == "fitted"
+    disagree = LossGuidedWrapper(model, both, k=3, **kw)
+    assert (disagree.temperature, disagree.temperature_source) == (1.0, "default")
+    assert PredictorEnsemble([a, c]).merge_temperatures == []  # c records none
+    assert PredictorEnsemble([FlipAveragedPredictor(b), b]).merge_temperatures == b.merge_temperatures
+    with pytest.raises(AttributeError, match="store the temperature with its member"):
+        store_temperature(flipped, 0.5, {"merge_space": "probs", "k": 2, "objective": "nll", "images": 1, "nll": 0.1,
+                                         "nll_at_1": 0.2}, k=2)

@@ -3,7 +3,7 @@ not saved: save and load their members)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,11 +24,36 @@ def _predictor_space(predictor: object, arg: str = "predictor") -> TransformSpac
     return space
 
 
+def _temperatures(predictor: object) -> List[Dict[str, Any]]:
+    """``predictor``'s recorded weighted-merge temperatures (copies; none for a predictor that
+    records none)."""
+    return [dict(e) for e in getattr(predictor, "merge_temperatures", None) or ()]
+
+
+def _setting(entry: Dict[str, Any]) -> Tuple[Any, Any, Any]:
+    return entry["k"], entry["flip"], entry["merge_space"]
+
+
 class _PredictorCombination(nn.Module):
-    """Base of modules built from predictors: reads ``space`` & co. off the first one."""
+    """Base of modules built from predictors: reads ``space`` & co. off the first one.
+    ``merge_temperatures`` (what the loss-guided wrappers read, given no temperature) is each
+    combination's own rule, read-only: a combination is not saved, so a temperature is stored
+    with a member (``fuse temperature``)."""
 
     def _first(self) -> nn.Module:
         raise NotImplementedError
+
+    def _merge_temperatures(self) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+    @property
+    def merge_temperatures(self) -> List[Dict[str, Any]]:
+        return self._merge_temperatures()
+
+    @merge_temperatures.setter
+    def merge_temperatures(self, value: Any) -> None:
+        raise AttributeError(f"a {type(self).__name__} is not saved: store the temperature with its member "
+                             f"predictor (fusion.store_temperature on it, then save it)")
 
     def __getattr__(self, name: str):
         if name in _PREDICTOR_ATTRIBUTES:
@@ -57,6 +82,11 @@ class FlipAveragedPredictor(_PredictorCombination):
     def _first(self) -> nn.Module:
         return self._modules["predictor"]
 
+    def _merge_temperatures(self) -> List[Dict[str, Any]]:
+        """``merge_temperatures``: the member's. Flip averaging means two estimates of the same
+        losses, in the member's units, so the softmax over them keeps the member's sharpness."""
+        return _temperatures(self.predictor)
+
     def forward(self, pixels: Tensor) -> Tensor:
         both = self.predictor(torch.cat([pixels, pixels.flip(-1)]))
         plain, mirrored = both.chunk(2)
@@ -82,6 +112,15 @@ class PredictorEnsemble(_PredictorCombination):
 
     def _first(self) -> nn.Module:
         return self._modules["members"][0]
+
+    def _merge_temperatures(self) -> List[Dict[str, Any]]:
+        """``merge_temperatures``: the first member's entries that every member records with the
+        same temperature (e.g. one predictor twice): the mean of scores sharing one fitted
+        temperature keeps it. Members that disagree (each fitted alone) give none for that
+        setting -- their mean is another scorer, fitted for by no one -- so the wrappers use 1."""
+        members = [_temperatures(m) for m in self.members]
+        return [e for e in members[0] if all(any(_setting(o) == _setting(e) and o["temperature"] == e["temperature"]
+                                                  for o in other) for other in members[1:])]
 
     def forward(self, pixels: Tensor) -> Tensor:
         return torch.stack([m(pixels).float() for m in self.members]).mean(0)
