@@ -1,6 +1,7 @@
 """Structure of the repository: the package's import graph has no cycles and no upward arrows
 (tools/check_imports.py, which CI also runs), no script or test edits ``sys.path``, and
-scripts (benchmarks, research, examples) import only installed packages."""
+scripts (benchmarks, research, examples) import only installed packages; the papers the code
+follows are cited by their first author."""
 
 from __future__ import annotations
 
@@ -126,4 +127,22 @@ def test_scripts_import_only_installed_packages(folder):
             found += [f"{rel}:{node.lineno}: imports {n}" for n in names if n.split(".")[0] in _LOCAL_MODULES]
             if isinstance(node, ast.Constant) and node.value in ("tests", "examples"):
                 found.append(f"{rel}:{node.lineno}: a path into {node.value}/")
+    assert not found, "\n".join(found)
+
+
+#: Papers cited as "<first author> et al., <venue> <year>" and their first authors.
+_FIRST_AUTHORS = {"UAI 2020": "Molchanov"}  # Greedy Policy Search: Molchanov, Lyzhov, Molchanova, Ashukha, Vetrov
+
+
+def test_papers_are_cited_by_their_first_author():
+    found = []
+    for path in sorted(ROOT.rglob("*")):
+        rel = path.relative_to(ROOT)
+        if path.suffix not in (".py", ".md", ".json", ".toml") or not path.is_file() \
+                or rel.parts[0] in (".git", ".venv", "build") or "egg-info" in str(rel):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for venue, author in _FIRST_AUTHORS.items():
+            found += [f"{rel}: {m.group(0)!r}" for m in re.finditer(r"(\w+) et al\.,? " + venue, text)
+                      if m.group(1) != author]
     assert not found, "\n".join(found)
