@@ -134,12 +134,17 @@ def test_auto_picks_the_predictor_from_the_target_model(labels, tmp_path, captur
     assert cfg.clean_tolerance == 0.1 and cfg.identity_gate and cfg.flip_permutation == [0, 1]
     assert cfg.distill_weight == 1.0 and cfg.optimizer == "adamw"
     assert "resolved recipe (auto):" in capsys.readouterr().out
-    # a timm target: the timm predictor at min(64, side), the default optimiser
-    assert main(["fit", "--labels", labels["timm"][0], "--out", str(tmp_path / "b"), "--recipe", "auto",
-                 "--backbone", "lcnet_050"]) == 0
+    # a timm target: the small predictor of width 16 from scratch, the same optimiser (a CPU can fit it)
+    assert main(["fit", "--labels", labels["timm"][0], "--out", str(tmp_path / "b"), "--recipe", "auto"]) == 0
     cfg, pred = captured["config"], captured["predictor"]
-    assert isinstance(pred, LossPredictor) and pred.input_size == 32 and pred.backbone_name == "lcnet_050"
-    assert (cfg.optimizer, cfg.patience, cfg.identity_gate) == ("rmsprop", 3, True)
+    assert isinstance(pred, SmallLossPredictor) and (pred.width, pred.input_size) == (16, 24)
+    assert (cfg.optimizer, cfg.patience, cfg.identity_gate) == ("adamw", 3, True)
+    # ... and a flag still overrides it: the timm predictor with its default optimiser
+    assert main(["fit", "--labels", labels["timm"][0], "--out", str(tmp_path / "c"), "--recipe", "auto",
+                 "--predictor", "timm", "--backbone", "lcnet_050", "--optimizer", "rmsprop"]) == 0
+    cfg, pred = captured["config"], captured["predictor"]
+    assert isinstance(pred, LossPredictor) and pred.input_size == 24 and pred.backbone_name == "lcnet_050"
+    assert cfg.optimizer == "rmsprop"
     # auto's decisions from the manifests alone: 3/4 of the side, within 16..64
     manifest = LabelCache(lab).manifest()
     for side, expected in ((32, 24), (64, 48), (224, 64), (12, 12)):

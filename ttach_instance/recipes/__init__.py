@@ -179,16 +179,16 @@ def fit_config(settings: Dict[str, Any], space, tau: float):
 
 def auto_recipe(manifest: Dict[str, Any], data: Dict[str, Any], target_width: Optional[int] = None,
                 has_target_weights: bool = False) -> Dict[str, Any]:
-    """The ``auto`` recipe for these labels. The target model (the label cache's ``model``):
-    a ``SmallResNet`` gets the small predictor of the target's width (``target_width``, else the
-    labels' recorded width, else 16), started from the target when its weights are given, at 3/4
-    of the labels' side (multiple of 8, 16..64: the Tiny ImageNet recipe's 24 px at 32); any other
-    target gets the timm predictor at ``min(64, side)`` (the paper's 64 px). Both: flip
-    augmentation, at most 30 epochs ended by early stopping on the held-out fold (patience 3,
-    best held-out Spearman kept), and identity calibration (classification: clean tolerance 0.1
-    points with the gate; segmentation: 0, no gate). The small predictor takes the published small
-    recipe's optimiser and auxiliary terms (distillation when the labels hold the target's logits);
-    the timm predictor keeps the default (the paper's RMSprop)."""
+    """The ``auto`` recipe for these labels: the small predictor at 3/4 of the labels' side
+    (multiple of 8, 16..64: the Tiny ImageNet recipe's 24 px at 32). A ``SmallResNet`` target (the
+    label cache's ``model``) gives it its width (``target_width``, else the labels' recorded width)
+    and, when its weights are given, its layers to start from; any other target gets width 16 from
+    scratch -- on a timm resnet18 target this measured +4.4 points on the common corruptions where
+    the timm predictor at 64 px needs hours per epoch on a CPU (docs/BENCHMARKS.md, "Second
+    target"). Flip augmentation, the published small recipe's optimiser and auxiliary terms
+    (distillation when the labels hold the target's logits), at most 30 epochs ended by early
+    stopping on the held-out fold (patience 3, best held-out Spearman kept), and identity
+    calibration (classification: clean tolerance 0.1 points with the gate; segmentation: 0, no gate)."""
     model = manifest.get("model") or {}
     spec = model.get("spec") or {}
     side = int(manifest["size"]) if manifest.get("size") else int(data["images"].shape[-1])
@@ -197,15 +197,13 @@ def auto_recipe(manifest: Dict[str, Any], data: Dict[str, Any], target_width: Op
         spec.get("model") == "ttach_instance.models:small_resnet"
     fit: Dict[str, Any] = {"epochs": 30, "patience": 3, "select_by": "spearman", "flip": True,
                            "clean_tolerance": 0.0 if segmentation else 0.1, "identity_gate": not segmentation}
-    if small:
-        width = target_width or (spec.get("kwargs") or {}).get("width") or 16
-        predictor = {"architecture": "small", "width": int(width), "input_size": min(side, max(16, min(64, 8 * round(0.75 * side / 8)))),
-                     "init_from": _TARGET if has_target_weights else None}
-        fit.update(optimizer="adamw", lr=3e-3, weight_decay=0.05, ema_decay=0.995, spearman_weight=2.0,
-                   group_weight=0.0 if segmentation else 1.0,
-                   distill_weight=1.0 if "input_logits" in data else 0.0)
-    else:
-        predictor = {"architecture": "timm", "input_size": min(64, side)}
+    width = (target_width or (spec.get("kwargs") or {}).get("width") or 16) if small else 16
+    predictor = {"architecture": "small", "width": int(width),
+                 "input_size": min(side, max(16, min(64, 8 * round(0.75 * side / 8)))),
+                 "init_from": _TARGET if small and has_target_weights else None}
+    fit.update(optimizer="adamw", lr=3e-3, weight_decay=0.05, ema_decay=0.995, spearman_weight=2.0,
+               group_weight=0.0 if segmentation else 1.0,
+               distill_weight=1.0 if "input_logits" in data else 0.0)
     doc = {"kind": RECIPE_KIND, "format_version": RECIPE_FORMAT, "name": "auto",
            "description": f"auto: target {model.get('class')!r} -> {predictor['architecture']} predictor",
            "predictor": predictor, "fit": fit}
