@@ -399,24 +399,65 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                              ("--init-from/--init-weights", init_model is not None)) if on]
     if len(start) > 1:
         raise ValueError(f"{' and '.join(start)}: the predictor starts from one of them, not several")
-    seed_everything(fit["seed"])  # the predictor's initialisation draws from the global generator
-    if pred["architecture"] == "small":
-        if pred["backbone"] or pred["pretrained"] or args.backbone_weights:
-            raise ValueError("--backbone, --pretrained and --backbone-weights are --predictor timm options; "
-                             "--predictor small takes --width")
-        predictor = create_predictor("small", space, width=pred["width"], input_size=input_size)
-    else:
-        kwargs = {"backbone": pred["backbone"]} if pred["backbone"] else {}
-        predictor = create_predictor("timm", space, input_size=input_size, pretrained=pred["pretrained"], **kwargs)
-        if args.backbone_weights:
-            predictor.load_backbone_weights(args.backbone_weights)
-    if init_model is not None:
-        predictor.init_from(init_model)
-    res = fit_predictor(predictor, data, args.out, cfg, num_images=manifest["num_images"], device=args.device,
-                        labels_identity={"caches": manifest["caches"], "identities": manifest["identities"]})
+    if pred["architecture"] == "small" and (pred["backbone"] or pred["pretrained"] or args.backbone_weights):
+        raise ValueError("--backbone, --pretrained and --backbone-weights are --predictor timm options; "
+                         "--predictor small takes --width")
+
+    def build():
+        seed_everything(fit["seed"])  # the predictor's initialisation draws from the global generator
+        if pred["architecture"] == "small":
+            predictor = create_predictor("small", space, width=pred["width"], input_size=input_size)
+        else:
+            kwargs = {"backbone": pred["backbone"]} if pred["backbone"] else {}
+            predictor = create_predictor("timm", space, input_size=input_size, pretrained=pred["pretrained"], **kwargs)
+            if args.backbone_weights:
+                predictor.load_backbone_weights(args.backbone_weights)
+        if init_model is not None:
+            predictor.init_from(init_model)
+        return predictor
+
+    identity = {"caches": manifest["caches"], "identities": manifest["identities"]}
+    if args.learning_curve is not None:
+        return _fit_learning_curve(args, build, data, manifest, cfg, identity)
+    res = fit_predictor(build(), data, args.out, cfg, num_images=manifest["num_images"], device=args.device,
+                        labels_identity=identity)
     if dist.is_main():
         print(f"predictor: {args.out}/predictor.safetensors; held-out " +
               ", ".join(f"{k[4:]} {v:.4f}" for k, v in res["final"].items() if k.startswith("val_") and isinstance(v, float)))
+        if res.get("heldout_gain") is not None:
+            from .training.gain import format_gain
+
+            print(format_gain(res["heldout_gain"]))
+    return 0
+
+
+def _fit_learning_curve(args, build, data, manifest, cfg, identity) -> int:
+    """``fit --learning-curve``: the same fit on nested fractions of the training rows (the smaller
+    ones under OUT/learning_curve/rows_N, the whole set in OUT as a plain fit), one held-out fold;
+    OUT/learning_curve.json and .png, the table and the last step's verdict printed."""
+    from .training import distributed as dist
+    from .training.curve import format_curve, learning_curve, parse_fractions, plot_curve
+
+    try:
+        fractions = parse_fractions(args.learning_curve)
+    except ValueError as e:
+        raise ValueError(f"--learning-curve: {e}") from None
+    if "correct" not in data:
+        raise ValueError("--learning-curve: the labels hold no per-candidate 'correct' (k=1 accuracy needs it)")
+    if cfg.val_fraction <= 0:
+        raise ValueError("--learning-curve is measured on the held-out fold: --val-fraction must be > 0")
+
+    def point_dir(fraction, label_rows):
+        return args.out if fraction == 1 else os.path.join(args.out, "learning_curve", f"rows_{label_rows}")
+
+    curve = learning_curve(build, data, cfg, fractions, point_dir, num_images=manifest["num_images"],
+                           device=args.device, labels_identity=identity,
+                           out_json=os.path.join(args.out, "learning_curve.json") if dist.is_main() else None)
+    if dist.is_main():
+        plot_curve(curve, os.path.join(args.out, "learning_curve.png"))
+        print(format_curve(curve))
+        print(f"predictor: {args.out}/predictor.safetensors (all rows); curve: {args.out}/learning_curve.json, "
+              f"learning_curve.png")
     return 0
 
 
@@ -719,6 +760,10 @@ def _add_pipeline_commands(sub) -> None:
                    help="settings from a recipe: a shipped one (ttach_instance/recipes/: "
                         "tinyimagenet-cut, ...), a recipe .json file, or auto (chosen from the labels' target model); "
                         "flags given explicitly override it; default: none (the flags' defaults)")
+    p.add_argument("--learning-curve", nargs="?", const="1/4,1/2", default=None, metavar="FRACTIONS",
+                   help="also fit on nested fractions of the training rows (comma-separated, a/b or decimals; bare "
+                        "flag: 1/4,1/2), one held-out fold: held-out k=1 gain over the identity (clean, corrupted) "
+                        "per label budget in OUT/learning_curve.json and .png, and whether more labels likely pay")
     # A flag not given is None, so that a recipe's value can stand (ttach_instance.recipes.resolve).
     p.set_defaults(func=_cmd_fit, **{dest: None for dest in FIT_RECIPE_FLAGS})
 

@@ -38,6 +38,7 @@ from ..predictors.calibration import fit_identity_calibration, identity_index
 from ..space import flip_permutation  # noqa: F401 - re-exported: FitConfig(flip_permutation=...)
 from . import distributed as dist
 from .corruptions import ALL, SEVERITIES
+from .gain import format_gain, gain_record, heldout_gain
 from .losses import ranking_loss, ranking_metrics
 
 #: Version of the fit checkpoint (``checkpoint.safetensors``). 2: records its format, a hash of
@@ -280,7 +281,10 @@ def fit_predictor(
     weights of the epoch selected by ``config.select_by`` (best held-out Spearman by default) are
     loaded into ``predictor`` (and saved as ``predictor.safetensors`` through ``predictor.save``
     when it has one). Returns ``{"history": [...], "final": the selected epoch's metrics,
-    "selected_epoch": ...}``.
+    "selected_epoch": ...}``, and ``"heldout_gain"``: the fitted predictor's held-out k=1 gain
+    over the identity on all, clean and corrupted rows
+    (:func:`~ttach_instance.training.gain.heldout_gain`; logged, and recorded in the selected
+    epoch's history), ``None`` without ``correct`` labels, a held-out fold or an identity candidate.
 
     A fresh fit first seeds every global generator with ``config.seed`` (:func:`seed_everything`);
     a resumed one restores their states from the checkpoint. A checkpoint of another format,
@@ -481,6 +485,18 @@ def fit_predictor(
             history[chosen - 1]["identity_margin"] = margin
             if cfg.identity_gate:
                 history[chosen - 1]["identity_gate_accuracy"] = info["gate_accuracy"]
+    gain = None
+    if done and correct is not None and val_idx.numel() > 0 and getattr(predictor, "space", None) is not None \
+            and identity_index(predictor.space) is not None:
+        # what the fit buys: held-out k=1 accuracy over the identity's, clean and corrupted rows apart
+        gain = heldout_gain(predict_losses(predictor, images[val_idx], device=device), correct[val_idx],
+                            identity_index(predictor.space),
+                            clean=(data["corruption"] < 0)[val_idx] if "corruption" in data else None,
+                            image_ids=rows[val_idx] % n_img)
+        if rank == 0:
+            log(format_gain(gain))
+        if history:
+            history[chosen - 1]["heldout_gain"] = gain_record(gain)
     if done:  # what the target model saw: the labels' images (the predictor resizes to its own size)
         predictor.model_image_size = (int(images.shape[-2]), int(images.shape[-1]))
     if done and out_dir and rank == 0 and hasattr(predictor, "save"):
@@ -491,7 +507,7 @@ def fit_predictor(
         if out_dir and rank == 0:  # once, with the margin and the selection in it
             atomic_write_json(os.path.join(out_dir, "history.json"), history)
     return {"history": history, "final": history[chosen - 1] if history else {}, "selected_epoch": chosen if history else None,
-            "complete": done, "identity_margin": margin,
+            "complete": done, "identity_margin": margin, "heldout_gain": gain,
             "val_rows": val_idx, "train_rows": train_idx}
 
 
