@@ -55,7 +55,7 @@ def test_curve_points_equal_fits_run_by_hand_on_the_same_rows_and_one_fold(tmp_p
     c = cfg(epochs=2, clean_tolerance=0.0, identity_gate=True)
     out_json = str(tmp_path / "curve.json")
     curve = learning_curve(build, data, c, [0.25, 0.5], lambda f, n: str(tmp_path / f"rows_{n}"), num_images=IMAGES,
-                           progress=False, log=lambda m: None, out_json=out_json)
+                           progress=False, log=lambda m: None, out_json=out_json, steps="epochs")
     # by hand: the image split, then one seeded permutation of the training rows cut at each fraction
     train, val = split_rows(data["rows"], IMAGES, 0.2, 0)
     train_pos, val_pos = train.nonzero().squeeze(1), val.nonzero().squeeze(1)
@@ -90,8 +90,32 @@ def test_curve_points_equal_fits_run_by_hand_on_the_same_rows_and_one_fold(tmp_p
     assert written["points"] == json.loads(json.dumps(curve["points"])) and written["verdict"] == curve["verdict"]
     # a finished curve rerun resumes every point from its checkpoint: the same numbers, no training
     again = learning_curve(build, data, c, [0.25, 0.5], lambda f, n: str(tmp_path / f"rows_{n}"), num_images=IMAGES,
-                           progress=False, log=lambda m: None)
+                           progress=False, log=lambda m: None, steps="epochs")
     assert [p["gain"] for p in again["points"]] == [p["gain"] for p in curve["points"]]
+
+
+def test_same_steps_curve_scales_each_points_epochs_and_equals_a_hand_fit(tmp_path):
+    from dataclasses import replace
+
+    data = labelled()
+    c = cfg(epochs=2, clean_tolerance=0.0)
+    curve = learning_curve(build, data, c, [0.5], lambda f, n: None, num_images=IMAGES, progress=False,
+                           log=lambda m: None)  # same steps: the default
+    half, whole = curve["points"]
+    assert curve["steps"] == "same" and (half["epochs"], whole["epochs"]) == (4, 2)
+    # 192 and 384 training rows in batches of 32: 4 x 6 and 2 x 12 optimiser steps
+    assert half["train_rows"] == 192 and (half["steps"], whole["steps"]) == (24, 24)
+    train, val = split_rows(data["rows"], IMAGES, 0.2, 0)
+    train_pos, val_pos = train.nonzero().squeeze(1), val.nonzero().squeeze(1)
+    perm = train_pos[torch.randperm(train_pos.numel(), generator=torch.Generator().manual_seed(104729))]
+    keep = torch.cat([perm[:192], val_pos]).sort().values
+    pred = build()
+    fit_predictor(pred, {k: v[keep] for k, v in data.items()}, None, replace(c, epochs=4), num_images=IMAGES,
+                  progress=False, log=lambda m: None)
+    expected = brute_gain(pred, data["images"][val_pos], data["correct"][val_pos], data["corruption"][val_pos] < 0)
+    assert half["gain"]["all"]["gain_points"] == pytest.approx(expected["all"], abs=1e-9)
+    with pytest.raises(ValueError, match="steps must be 'epochs'"):
+        learning_curve(build, data, c, [0.5], lambda f, n: None, steps="equal")
 
 
 def _points(*gains):
@@ -177,11 +201,12 @@ def test_cli_fit_prints_its_gain_and_the_learning_curve(folder, tmp_path, capsys
     curve_dir = str(tmp_path / "curve")
     assert main(["fit", "--labels", labels, "--out", curve_dir, *args, "--learning-curve", "1/2"]) == 0
     out = capsys.readouterr().out
-    assert "learning curve (held-out k=1 gain" in out and ("last doubling" in out)
+    assert "learning curve (held-out k=1 gain" in out and "last doubling" in out
     with open(os.path.join(curve_dir, "learning_curve.json")) as f:
         curve = json.load(f)
     assert [p["label_rows"] for p in curve["points"]] == [16, 32]
-    assert os.path.isfile(os.path.join(curve_dir, "learning_curve", "rows_16", "predictor.safetensors"))
+    assert curve["steps"] == "same" and [p["epochs"] for p in curve["points"]] == [2, 1]  # --epochs 1 x 1/fraction
+    assert os.path.isfile(os.path.join(curve_dir, "learning_curve_same_steps", "rows_16", "predictor.safetensors"))
     assert os.path.getsize(os.path.join(curve_dir, "learning_curve.png")) > 1000
     # the whole-set point is the plain fit above (same settings, same rows): the same gain
     assert curve["points"][-1]["gain"]["all"]["gain_points"] == pytest.approx(expected["all"], abs=1e-9)
@@ -189,3 +214,11 @@ def test_cli_fit_prints_its_gain_and_the_learning_curve(folder, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["fit", "--labels", labels, "--out", str(tmp_path / "x"), *args, "--learning-curve", "0"])
     assert "--learning-curve" in capsys.readouterr().err
+    assert main(["fit", "--labels", labels, "--out", curve_dir, *args, "--learning-curve", "1/2", "--curve-steps",
+                 "epochs"]) == 0  # the whole-set point resumes; the half point runs the recipe's 1 epoch
+    assert "--curve-steps same gives each about the whole set's steps" in capsys.readouterr().out
+    with open(os.path.join(curve_dir, "learning_curve.json")) as f:
+        assert [p["epochs"] for p in json.load(f)["points"]] == [1, 1]
+    with pytest.raises(SystemExit):
+        main(["fit", "--labels", labels, "--out", str(tmp_path / "x"), *args, "--curve-steps", "same"])
+    assert "--curve-steps is a --learning-curve option" in capsys.readouterr().err

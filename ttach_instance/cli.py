@@ -417,7 +417,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return predictor
 
     identity = {"caches": manifest["caches"], "identities": manifest["identities"]}
+    if args.curve_steps is not None and args.learning_curve is None:
+        raise ValueError("--curve-steps is a --learning-curve option")
     if args.learning_curve is not None:
+        args.curve_steps = args.curve_steps or "same"
         return _fit_learning_curve(args, build, data, manifest, cfg, identity)
     res = fit_predictor(build(), data, args.out, cfg, num_images=manifest["num_images"], device=args.device,
                         labels_identity=identity)
@@ -433,8 +436,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 def _fit_learning_curve(args, build, data, manifest, cfg, identity) -> int:
     """``fit --learning-curve``: the same fit on nested fractions of the training rows (the smaller
-    ones under OUT/learning_curve/rows_N, the whole set in OUT as a plain fit), one held-out fold;
-    OUT/learning_curve.json and .png, the table and the last step's verdict printed."""
+    ones under OUT/learning_curve_same_steps/rows_N, or OUT/learning_curve/rows_N with
+    ``--curve-steps epochs``; the whole set in OUT as a plain fit), one held-out fold;
+    OUT/learning_curve.json and .png, the table and the last step's verdict printed. Same steps
+    by default: with the recipe's epochs a small budget is also a short fit, and the curve then
+    credits labels with what steps bought (docs/BENCHMARKS.md, "Label budget: learning curve")."""
     from .training import distributed as dist
     from .training.curve import format_curve, learning_curve, parse_fractions, plot_curve
 
@@ -448,10 +454,11 @@ def _fit_learning_curve(args, build, data, manifest, cfg, identity) -> int:
         raise ValueError("--learning-curve is measured on the held-out fold: --val-fraction must be > 0")
 
     def point_dir(fraction, label_rows):
-        return args.out if fraction == 1 else os.path.join(args.out, "learning_curve", f"rows_{label_rows}")
+        sub = "learning_curve" if args.curve_steps == "epochs" else "learning_curve_same_steps"
+        return args.out if fraction == 1 else os.path.join(args.out, sub, f"rows_{label_rows}")
 
     curve = learning_curve(build, data, cfg, fractions, point_dir, num_images=manifest["num_images"],
-                           device=args.device, labels_identity=identity,
+                           device=args.device, labels_identity=identity, steps=args.curve_steps,
                            out_json=os.path.join(args.out, "learning_curve.json") if dist.is_main() else None)
     if dist.is_main():
         plot_curve(curve, os.path.join(args.out, "learning_curve.png"))
@@ -764,6 +771,10 @@ def _add_pipeline_commands(sub) -> None:
                    help="also fit on nested fractions of the training rows (comma-separated, a/b or decimals; bare "
                         "flag: 1/4,1/2), one held-out fold: held-out k=1 gain over the identity (clean, corrupted) "
                         "per label budget in OUT/learning_curve.json and .png, and whether more labels likely pay")
+    p.add_argument("--curve-steps", choices=["epochs", "same"], default=None,
+                   help="--learning-curve: same (default), every point takes about the whole set's optimiser steps "
+                        "(epochs x 1/fraction), so only the labels differ; epochs, every point runs the recipe's "
+                        "epochs (smaller budgets also take fewer steps)")
     # A flag not given is None, so that a recipe's value can stand (ttach_instance.recipes.resolve).
     p.set_defaults(func=_cmd_fit, **{dest: None for dest in FIT_RECIPE_FLAGS})
 

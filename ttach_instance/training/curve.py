@@ -14,9 +14,10 @@ another.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import textwrap
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from fractions import Fraction
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -100,14 +101,18 @@ def learning_curve(build_predictor: Callable[[], nn.Module], data: Dict[str, Ten
                    fractions: Sequence[float], point_dir: Callable[[float, int], Optional[str]],
                    num_images: Optional[int] = None, device: str = "cpu", log: Callable[[str], None] = print,
                    progress: bool = True, labels_identity: Optional[Dict] = None,
-                   out_json: Optional[str] = None) -> Dict:
+                   out_json: Optional[str] = None, steps: str = "same") -> Dict:
     """Fit ``build_predictor()`` with ``config`` on nested fractions of ``data``'s training rows
     (:func:`nested_training_rows`; 1 is always added: the whole set) and measure each fit's
     :func:`heldout_gain` on the one held-out fold (``config.val_fraction`` of the images,
     ``config.seed``: the fold every fit on ``data`` holds out). Each point's fit goes to
     ``point_dir(fraction, label_rows)`` (resumable there, as any fit); after every point the curve
     so far is written to ``out_json``. ``label_rows``: the budget a point stands for,
-    ``round(fraction * all rows)``. Returns the curve: ``{"kind", "format_version", "points":
+    ``round(fraction * all rows)``. ``steps``: ``"same"``, a point at fraction ``f`` runs
+    ``round(config.epochs / f)`` epochs, about the whole set's optimiser steps, so only the labels
+    differ; ``"epochs"``, every point runs ``config.epochs`` (smaller budgets are also shorter
+    fits: on both Tiny ImageNet targets that curve climbed to 30,000 rows while at the same steps
+    7,500 rows did as well as 30,000; docs/BENCHMARKS.md). Returns the curve: ``{"kind", "format_version", "points":
     [{"fraction", "label_rows", "train_rows", "heldout_rows", "heldout_sha256" (of the rows
     the fit held out), "gain", "selected", "dir"}], "fold",
     "verdict", "config"}``; ``"predictors"`` (not in the JSON) holds the fitted predictors."""
@@ -119,6 +124,9 @@ def learning_curve(build_predictor: Callable[[], nn.Module], data: Dict[str, Ten
         raise ValueError(f"fractions must be in (0, 1], got {fractions}")
     if config.val_fraction <= 0:
         raise ValueError("a learning curve is measured on the held-out fold: val_fraction must be > 0")
+    if steps not in ("epochs", "same"):
+        raise ValueError(f"steps must be 'epochs' (the recipe's epochs at every point) or 'same' (about the whole "
+                         f"set's optimiser steps at every point), got {steps!r}")
     rows = data["rows"]
     n_img = int(num_images or data.get("num_images") or int(rows.max()) + 1)
     train_mask, val_mask = split_rows(rows, n_img, config.val_fraction, config.seed)
@@ -130,6 +138,7 @@ def learning_curve(build_predictor: Callable[[], nn.Module], data: Dict[str, Ten
     cfg = {k: v for k, v in asdict(config).items() if k != "flip_permutation"}
     cfg["flip"] = config.flip_permutation is not None
     curve: Dict = {"kind": CURVE_KIND, "format_version": CURVE_FORMAT, "config": cfg, "labels": labels_identity,
+                   "steps": steps,
                    "fold": {"heldout_rows": int(val_idx.numel()), "heldout_images": int(image_ids.unique().numel()),
                             "rows_sha256": _fold_sha256(rows[val_idx])},
                    "points": [], "verdict": None}
@@ -142,8 +151,9 @@ def learning_curve(build_predictor: Callable[[], nn.Module], data: Dict[str, Ten
         directory = point_dir(f, label_rows)
         log(f"learning curve: {label_rows:,} label rows ({subset.numel():,} training rows, fraction {f:.4g}) "
             f"-> {directory or '(not saved)'}")
+        point_config = replace(config, epochs=max(1, round(config.epochs / f))) if steps == "same" else config
         predictor = build_predictor()
-        res = fit_predictor(predictor, sub, directory, config, num_images=n_img, device=device, progress=progress,
+        res = fit_predictor(predictor, sub, directory, point_config, num_images=n_img, device=device, progress=progress,
                             log=log, labels_identity=labels_identity)
         if not res["complete"]:
             raise RuntimeError("a learning-curve fit stopped before its last epoch")
@@ -156,7 +166,8 @@ def learning_curve(build_predictor: Callable[[], nn.Module], data: Dict[str, Ten
         predictors.append(predictor)
         final = res["final"]
         curve["points"].append({
-            "fraction": f, "label_rows": label_rows, "train_rows": int(subset.numel()),
+            "fraction": f, "label_rows": label_rows, "train_rows": int(subset.numel()), "epochs": point_config.epochs,
+            "steps": point_config.epochs * math.ceil(subset.numel() / config.batch_size),
             "heldout_rows": int(val_idx.numel()), "heldout_sha256": _fold_sha256(sub["rows"][res["val_rows"]]),
             "gain": gain_record(gain), "dir": directory,
             "selected": {k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}})
@@ -170,14 +181,18 @@ def learning_curve(build_predictor: Callable[[], nn.Module], data: Dict[str, Ten
 def format_curve(curve: Dict) -> str:
     """The curve as a small table and its verdict (what ``fit --learning-curve`` prints)."""
     lines = ["learning curve (held-out k=1 gain over the identity, points; ± one clustered SE):",
-             f"  {'label rows':>10} {'train rows':>10} {'all':>14} {'clean':>14} {'corrupted':>14}"]
+             f"  {'label rows':>10} {'train rows':>10} {'steps':>7} {'all':>14} {'clean':>14} {'corrupted':>14}"]
     for p in curve["points"]:
         cells = []
         for s in SPLITS:
             g = p["gain"].get(s) or {}
             cells.append(f"{g['gain_points']:+.2f} ± {g['se_points']:.2f}" if g.get("rows") else "-")
-        lines.append(f"  {p['label_rows']:>10,} {p['train_rows']:>10,} " + " ".join(f"{c:>14}" for c in cells))
+        lines.append(f"  {p['label_rows']:>10,} {p['train_rows']:>10,} {p['steps']:>7,} " +
+                     " ".join(f"{c:>14}" for c in cells))
     lines.append(curve["verdict"]["text"])
+    if curve.get("steps") == "epochs" and len(curve["points"]) > 1:
+        lines.append("(every point ran the recipe's epochs, so smaller budgets also took fewer optimiser steps; "
+                     "--curve-steps same gives each about the whole set's steps: labels alone)")
     return "\n".join(lines)
 
 
