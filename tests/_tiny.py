@@ -61,3 +61,19 @@ class TinyPredictor(LossPredictorBase):
 
 def space():
     return get_space("paper12")
+
+
+def two_class_folder(root, splits: Dict[str, int], size: int = 32) -> str:
+    """An ImageFolder ``root/ds/<split>/{ants,bees}/<i>.png`` of ``splits[split]`` random images per
+    class (class 1 brighter, so a model can tell them apart); returns ``root/ds``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in splits.items():
+        for c, cls in enumerate(("ants", "bees")):
+            d = root / "ds" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((size, size, 3)) * 120 + 100 * c).astype(np.uint8)).save(d / f"{i}.png")
+    return str(root / "ds")

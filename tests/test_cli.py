@@ -9,21 +9,14 @@ from PIL import Image
 from ttach_instance.cli import main
 from ttach_instance.data import build_model, load_dataset, load_image_folder
 from ttach_instance.training.labels import LabelCache
+from _tiny import two_class_folder
 
 FACTORY = "ttach_instance.models:small_resnet"
 
 
 @pytest.fixture()
 def folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("val", 3)):
-        for c, cls in enumerate(("ants", "bees")):
-            d = tmp_path / "ds" / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                arr = (rng.random((32, 32, 3)) * 120 + 100 * c).astype(np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return str(tmp_path / "ds")
+    return two_class_folder(tmp_path, {"train": 4, "val": 3})
 
 
 @pytest.fixture()

@@ -3,12 +3,10 @@ the CLI equal the library's fits on views computed here."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from _tiny import TinyPredictor
+from _tiny import TinyPredictor, two_class_folder
 from ttach_instance.cli import main
 from ttach_instance.data import build_model, load_dataset
 from ttach_instance.fusion import collect_views, fit_fusion, fit_weighted_temperature, fitted_temperature, load_fusion
@@ -24,13 +22,7 @@ FACTORY = "ttach_instance.models:small_resnet"
 
 @pytest.fixture()
 def folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for c, cls in enumerate(("ants", "bees")):
-        d = tmp_path / "ds" / "val" / cls
-        d.mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray((rng.random((16, 16, 3)) * 120 + 100 * c).astype(np.uint8)).save(d / f"{i}.png")
-    return str(tmp_path / "ds")
+    return two_class_folder(tmp_path, {"val": 5}, size=16)
 
 
 def test_cli_fuse_weights_and_temperature(tmp_path, folder, capsys):

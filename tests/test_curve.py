@@ -5,10 +5,8 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from test_trainer import cfg, synthetic, with_groups
 
 from ttach_instance.cli import main
@@ -16,6 +14,7 @@ from ttach_instance.predictors import SmallLossPredictor, load_predictor
 from ttach_instance.registry import get_space
 from ttach_instance.training.curve import learning_curve, parse_fractions, verdict
 from ttach_instance.training.trainer import fit_predictor, split_rows
+from _tiny import two_class_folder
 
 SPACE = get_space("paper12").subset([0, 1, 2, 3])
 IMAGES = 160  # 480 rows: 3 rows per image, so the fold is by image and the errors are clustered
@@ -162,13 +161,7 @@ def test_fractions_and_curve_inputs_are_checked():
 
 @pytest.fixture()
 def folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for c, cls in enumerate(("ants", "bees")):
-        d = tmp_path / "ds" / "train" / cls
-        d.mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray((rng.random((32, 32, 3)) * 120 + 100 * c).astype(np.uint8)).save(d / f"{i}.png")
-    return str(tmp_path / "ds")
+    return two_class_folder(tmp_path, {"train": 4})
 
 
 def test_cli_fit_prints_its_gain_and_the_learning_curve(folder, tmp_path, capsys):

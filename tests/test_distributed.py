@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _ddp_job import FIT, FIT_GROUPS, LABEL_KW, SIZE
-from _tiny import TinyPredictor, space, tiny_data, tiny_model
+from _tiny import TinyPredictor, space, tiny_data, tiny_model, two_class_folder
 
 from ttach_instance.training.labels import LabelCache, generate_labels
 from ttach_instance.training.trainer import fit_predictor
@@ -74,18 +74,11 @@ def test_eval_command_under_torchrun_matches_one_process_and_reports_once(tmp_pa
         pytest.skip("torch.distributed with gloo is not available")
     import json
 
-    import numpy as np
-    from PIL import Image
 
     from ttach_instance.cli import main
     from ttach_instance.data import build_model
 
-    rng = np.random.default_rng(0)
-    for c, cls in enumerate(("ants", "bees")):
-        d = tmp_path / "ds" / "val" / cls
-        d.mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray((rng.random((32, 32, 3)) * 120 + 100 * c).astype(np.uint8)).save(d / f"{i}.png")
+    two_class_folder(tmp_path, {"val": 3})
     torch.manual_seed(0)
     weights = str(tmp_path / "w.pt")
     torch.save(build_model("ttach_instance.models:small_resnet", num_classes=2).state_dict(), weights)

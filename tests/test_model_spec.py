@@ -5,11 +5,9 @@ allow-listed factories are honoured from a file, and an explicit --model works a
 import json
 import os
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 from ttach_instance.cli import main
@@ -17,20 +15,14 @@ from ttach_instance.data import build_model
 from ttach_instance.io import atomic_save_tensors
 from ttach_instance.model_spec import MODEL_SPEC_FORMAT, MODEL_SPEC_KIND, load_model, read_model_spec, save_model
 from ttach_instance.training.labels import LabelCache
+from _tiny import two_class_folder
 
 FACTORY = "ttach_instance.models:small_resnet"
 
 
 @pytest.fixture()
 def folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 3), ("val", 2)):
-        for c, cls in enumerate(("ants", "bees")):
-            d = tmp_path / "ds" / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((rng.random((16, 16, 3)) * 120 + 100 * c).astype(np.uint8)).save(d / f"{i}.png")
-    return str(tmp_path / "ds")
+    return two_class_folder(tmp_path, {"train": 3, "val": 2}, size=16)
 
 
 def _small(tmp_path, width=4, classes=2, name="target.safetensors"):

@@ -4,11 +4,9 @@ started from --backbone-weights or --pretrained (issue 17 items 2 and 4)."""
 import json
 import os
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from ttach_instance import recipes
@@ -18,6 +16,7 @@ from ttach_instance.model_spec import save_model
 from ttach_instance.predictors import LossPredictor, SmallLossPredictor
 from ttach_instance.training import trainer
 from ttach_instance.training.labels import LabelCache
+from _tiny import two_class_folder
 
 FACTORY = "ttach_instance.models:small_resnet"
 
@@ -27,12 +26,7 @@ def labels(tmp_path_factory):
     """``{"small": (labels, target), "timm": (labels, None)}``: hflip label caches of 12 images (32 px) made
     by a small_resnet (width 4, saved with its spec) and by a timm resnet10t."""
     root = tmp_path_factory.mktemp("recipes")
-    rng = np.random.default_rng(0)
-    for c, cls in enumerate(("ants", "bees")):
-        d = root / "ds" / "train" / cls
-        d.mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray((rng.random((32, 32, 3)) * 120 + 100 * c).astype(np.uint8)).save(d / f"{i}.png")
+    two_class_folder(root, {"train": 6})
     torch.manual_seed(0)
     target = str(root / "target.safetensors")
     save_model(target, build_model(FACTORY, num_classes=2, kwargs={"width": 4}), FACTORY,
