@@ -96,6 +96,15 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+def unet(num_classes: int = 2, width: int = 16, depth: int = 3) -> UNet:
+    """The U-Net as a ``module:factory`` for the CLI (``--model segmentation_tinyimagenet:unet`` with
+    ``PYTHONPATH=research``): ``mean``/``std`` mark it as taking pixels in [0, 1], so the CLI does not
+    feed it ImageNet-normalised input (it normalises inside)."""
+    model = UNet(classes=num_classes, width=width, depth=depth)
+    model.mean, model.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return model
+
+
 def save_model(model: nn.Module, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
