@@ -305,6 +305,17 @@ def _check_positive_int(value: Any, name: str) -> int:
     return value
 
 
+def _check_run_sizes(shard_size: Any, batch_size: Any, size: Any, max_shards: Any) -> None:
+    """The sizes a cache-writing run takes (label and prediction caches alike): positive
+    integers, ``size`` and ``max_shards`` optional."""
+    _check_positive_int(shard_size, "shard_size")
+    _check_positive_int(batch_size, "batch_size")
+    if size is not None:
+        _check_positive_int(size, "size")
+    if max_shards is not None:
+        _check_positive_int(max_shards, "max_shards")
+
+
 @torch.no_grad()
 def compute_view_outputs(model: nn.Module, pixels: Tensor, targets: Tensor, space, task: Task,
                          normalize: Callable[[Tensor], Tensor], batch_size: int = 64) -> Dict[str, Tensor]:
@@ -380,12 +391,7 @@ def generate_labels(
     if images.shape[0] == 0:
         raise ValueError("images must hold at least one image, got 0")
     _check_positive_int(draws, "draws")
-    _check_positive_int(shard_size, "shard_size")
-    _check_positive_int(batch_size, "batch_size")
-    if size is not None:
-        _check_positive_int(size, "size")
-    if max_shards is not None:
-        _check_positive_int(max_shards, "max_shards")
+    _check_run_sizes(shard_size, batch_size, size, max_shards)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     corruptions = check_names(corruptions)

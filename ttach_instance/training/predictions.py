@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import space_record
-from .labels import LabelCache, _check_positive_int, dataset_fingerprint, model_identity, write_shards
+from .labels import LabelCache, _check_positive_int, _check_run_sizes, dataset_fingerprint, model_identity, write_shards
 
 #: Version of the prediction cache's layout and manifest.
 FORMAT_VERSION = 1
@@ -122,12 +122,7 @@ def generate_predictions(
                          f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
     if bool((labels < 0).any()):
         raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
-    _check_positive_int(shard_size, "shard_size")
-    _check_positive_int(batch_size, "batch_size")
-    if size is not None:
-        _check_positive_int(size, "size")
-    if max_shards is not None:
-        _check_positive_int(max_shards, "max_shards")
+    _check_run_sizes(shard_size, batch_size, size, max_shards)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     normalize = normalize or normalizer(model)
