@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from .merge import MERGE_SPACES, check_merge_space, check_temperature, merge_outputs
+from .selection import check_positive_int
 from .space import TransformSpace
 
 __all__ = ["FORMAT_VERSION", "KIND", "RECIPE", "FusionWeights", "fit_fusion", "load_fusion", "fusion_nll",
@@ -79,12 +80,6 @@ def _space(space: Any, name: str = "space") -> TransformSpace:
 
         return get_space(space)
     raise TypeError(f"{name} must be a TransformSpace or a registered space name, got {type(space).__name__}")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _fuse(probs: Tensor, weights: Tensor, validity: Optional[Tensor], per_class: bool) -> Tensor:
@@ -147,7 +142,7 @@ class FusionWeights(nn.Module):
         if not isinstance(per_class, bool):
             raise TypeError(f"per_class must be True or False, got {per_class!r}")
         if num_classes is not None:
-            num_classes = _positive_int(num_classes, "num_classes")
+            num_classes = check_positive_int(num_classes, "num_classes")
         if per_class and num_classes is None:
             raise ValueError("per_class=True needs num_classes (one weight per candidate and class)")
         self.per_class, self.num_classes = per_class, num_classes
@@ -351,7 +346,7 @@ def fit_fusion(outputs: Tensor, targets: Tensor, space: Any, validity: Optional[
     space = _space(space)
     _check_views(outputs, space, validity)
     targets = _check_targets(outputs, targets, ignore_index)
-    epochs, batch_size = _positive_int(epochs, "epochs"), _positive_int(batch_size, "batch_size")
+    epochs, batch_size = check_positive_int(epochs, "epochs"), check_positive_int(batch_size, "batch_size")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     probs = outputs.detach().to(torch.float64 if outputs.dtype == torch.float64 else torch.float32).softmax(2)
@@ -455,7 +450,7 @@ def fit_weighted_temperature(views: Tensor, losses: Tensor, targets: Tensor, val
         raise ValueError(f"losses must be float predicted losses of shape (N, k) = {(n, k)}, got "
                          f"{tuple(getattr(losses, 'shape', ())) or type(losses).__name__}")
     targets = _check_targets(views, targets, ignore_index)
-    grid_points = _positive_int(grid_points, "grid_points")
+    grid_points = check_positive_int(grid_points, "grid_points")
     views = views.detach().double()
     losses = losses.detach().double()
     validity = None if validity is None else validity.detach().double()
@@ -514,7 +509,7 @@ def store_temperature(predictor: nn.Module, temperature: float, info: Dict[str, 
                         f"{type(predictor).__name__}")
     if not isinstance(flip, bool):
         raise TypeError(f"flip must be True or False, got {flip!r}")
-    k = _positive_int(k, "k")
+    k = check_positive_int(k, "k")
     if not isinstance(info, dict) or info.get("merge_space") not in MERGE_SPACES or info.get("k") != (2 * k if flip else k):
         raise ValueError(f"info must be fit_weighted_temperature's for {2 * k if flip else k} views (k={k}, "
                          f"flip={flip}), got {info!r}")

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .selection import check_positive_int
+
 __all__ = ["SearchResult", "fit_temperature", "greedy_policy_search", "budget_policy_search", "OBJECTIVES",
            "POLICY_FORMAT", "policy_document"]
 
@@ -69,12 +71,6 @@ class SearchResult:
 
 
 # ----------------------------------------------------------------------------- validation
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _check_inputs(log_probs: Any, labels: Any) -> Tuple[Tensor, Tensor]:
     """``(log_probs float64 renormalised, labels int64)`` on ``log_probs``' device, or an error
     naming the argument."""
@@ -285,9 +281,9 @@ def greedy_policy_search(log_probs: Tensor, labels: Tensor, n: int, temperature:
     per sample of the first ``i + 1`` members at ``temperatures[i]``.
     """
     lp, y = _check_inputs(log_probs, labels)
-    n = _positive_int(n, "n")
+    n = check_positive_int(n, "n")
     temperature, bounds = _check_temperature(temperature, temperature_bounds)
-    chunk_elements = _positive_int(chunk_elements, "chunk_elements")
+    chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
     c, samples, classes = lp.shape
     running: Optional[Tensor] = None  # logsumexp over the chosen members, (samples, classes)
     indices: List[int] = []
@@ -394,7 +390,7 @@ def budget_policy_search(log_probs: Tensor, labels: Tensor, budget: int, identit
     """
     lp, y = _check_inputs(log_probs, labels)
     c, samples, classes = lp.shape
-    budget = _positive_int(budget, "budget")
+    budget = check_positive_int(budget, "budget")
     if budget > c:
         raise ValueError(f"budget must be at most the number of candidates ({c}), got {budget}")
     if isinstance(identity, bool) or not isinstance(identity, int) or not 0 <= identity < c:
@@ -403,7 +399,7 @@ def budget_policy_search(log_probs: Tensor, labels: Tensor, budget: int, identit
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     if isinstance(exhaustive_limit, bool) or not isinstance(exhaustive_limit, int) or exhaustive_limit < 0:
         raise ValueError(f"exhaustive_limit must be a non-negative integer, got {exhaustive_limit!r}")
-    chunk_elements = _positive_int(chunk_elements, "chunk_elements")
+    chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
     probs = lp.exp()
     others = [i for i in range(c) if i != identity]
     subsets = math.comb(c - 1, budget - 1)

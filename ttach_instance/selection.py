@@ -14,12 +14,19 @@ NaN scores sort after every number (they are treated as the worst candidates).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["check_k", "select_topk", "select_oracle", "select_random"]
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as a positive int (bools refused), or a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def check_k(k: object, num_candidates: int, space_name: Optional[str] = None) -> int:

@@ -28,8 +28,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .search import (CHUNK_ELEMENTS, OBJECTIVES, SearchResult, _better, _budget_scores, _check_inputs, _positive_int,
+from .search import (CHUNK_ELEMENTS, OBJECTIVES, SearchResult, _better, _budget_scores, _check_inputs,
                      budget_policy_search)
+from .selection import check_positive_int
 
 __all__ = ["op_families", "composite_specs", "staged_budget_search"]
 
@@ -93,7 +94,7 @@ def staged_budget_search(log_probs: Tensor, labels: Tensor, budget: int, familie
     """
     lp, y = _check_inputs(log_probs, labels)
     c, samples, _ = lp.shape
-    budget = _positive_int(budget, "budget")
+    budget = check_positive_int(budget, "budget")
     if isinstance(identity, bool) or not isinstance(identity, int) or not 0 <= identity < c:
         raise ValueError(f"identity must be a candidate index in 0..{c - 1}, got {identity!r}")
     if objective not in OBJECTIVES:
@@ -104,8 +105,8 @@ def staged_budget_search(log_probs: Tensor, labels: Tensor, budget: int, familie
     if composite_log_probs is not None and not callable(composite_log_probs):
         raise TypeError(f"composite_log_probs must be callable (pairs) -> log-probs, got {composite_log_probs!r}")
     if composite_pool is not None:
-        composite_pool = _positive_int(composite_pool, "composite_pool")
-    chunk_elements = _positive_int(chunk_elements, "chunk_elements")
+        composite_pool = check_positive_int(composite_pool, "composite_pool")
+    chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
     probs = lp.exp()
 
     # (a) magnitude sweep: each member paired with the original

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..io import atomic_save_tensors, atomic_write_json, file_digest, load_tensors, tensors_sha256
 from ..registry import space_record
+from ..selection import check_positive_int
 from . import distributed as dist
 from .corruptions import ALL, COMMON, SEVERITIES, check_names, corrupt_batch, draw_recipes
 from .deformations import Deformation, deform_batch, draw_deformations
@@ -299,21 +300,15 @@ def load_label_caches(directories: Sequence[str]) -> Tuple[Dict[str, Tensor], Di
     return data, manifest
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _check_run_sizes(shard_size: Any, batch_size: Any, size: Any, max_shards: Any) -> None:
     """The sizes a cache-writing run takes (label and prediction caches alike): positive
     integers, ``size`` and ``max_shards`` optional."""
-    _check_positive_int(shard_size, "shard_size")
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(shard_size, "shard_size")
+    check_positive_int(batch_size, "batch_size")
     if size is not None:
-        _check_positive_int(size, "size")
+        check_positive_int(size, "size")
     if max_shards is not None:
-        _check_positive_int(max_shards, "max_shards")
+        check_positive_int(max_shards, "max_shards")
 
 
 @torch.no_grad()
@@ -323,7 +318,7 @@ def compute_view_outputs(model: nn.Module, pixels: Tensor, targets: Tensor, spac
 
     ``batch_size`` images at a time, i.e. ``batch_size * |T|`` views per model call.
     """
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(batch_size, "batch_size")
     t = len(space)
     out: Dict[str, List[Tensor]] = {}
     for i in range(0, pixels.shape[0], batch_size):
@@ -390,7 +385,7 @@ def generate_labels(
                          f"{tuple(images.shape[-2:])}, got {tuple(targets.shape)}")
     if images.shape[0] == 0:
         raise ValueError("images must hold at least one image, got 0")
-    _check_positive_int(draws, "draws")
+    check_positive_int(draws, "draws")
     _check_run_sizes(shard_size, batch_size, size, max_shards)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")

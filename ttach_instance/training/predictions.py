@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import space_record
-from .labels import LabelCache, _check_positive_int, _check_run_sizes, dataset_fingerprint, model_identity, write_shards
+from ..selection import check_positive_int
+from .labels import LabelCache, _check_run_sizes, dataset_fingerprint, model_identity, write_shards
 
 #: Version of the prediction cache's layout and manifest.
 FORMAT_VERSION = 1
@@ -65,7 +66,7 @@ def candidate_log_probs(model: nn.Module, pixels: Tensor, space, normalize: Call
     """``(B, candidates, classes)`` float32 log-softmax of ``model`` on every candidate of
     ``space`` applied to pixel images ``(B, 3, H, W)`` in [0, 1]; ``batch_size`` images
     (``x candidates`` views) per model call."""
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(batch_size, "batch_size")
     t = len(space)
     out = []
     for i in range(0, pixels.shape[0], batch_size):
