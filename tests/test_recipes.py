@@ -56,11 +56,15 @@ def captured(monkeypatch):
 
 def test_shipped_recipes_load_and_list():
     assert {"tinyimagenet-cut", "tinyimagenet-in24-d270", "tinyimagenet-in24-gate-e3", "segmentation-small24",
-            "demo"} <= set(recipes.list_recipes())
+            "demo", "tinyimagenet-resnet18"} <= set(recipes.list_recipes())
     cut = recipes.load_recipe("tinyimagenet-cut")
     # the flags of the headline run (docs/BENCHMARKS.md), as data
     assert cut["predictor"] == {"architecture": "small", "width": 16, "input_size": 24, "init_from": "target"}
     assert cut["fit"]["epochs"] == 3 and cut["fit"]["identity_gate"] and cut["fit"]["clean_tolerance"] == 0.1
+    # the second target's: what auto resolved to for a timm resnet18 at 32 px, pinned by name
+    r18 = recipes.load_recipe("tinyimagenet-resnet18")
+    assert r18["predictor"] == {"architecture": "small", "width": 16, "input_size": 32, "init_from": None}
+    assert (r18["fit"]["select_by"], r18["fit"]["patience"], r18["fit"]["epochs"]) == ("k1_accuracy", 10, 30)
 
 
 def test_flags_given_override_the_recipe_which_overrides_the_defaults(labels, tmp_path, captured, capsys):
@@ -124,26 +128,30 @@ def test_auto_picks_the_predictor_from_the_target_model(labels, tmp_path, captur
                  "--init-weights", target]) == 0
     cfg, pred = captured["config"], captured["predictor"]
     assert isinstance(pred, SmallLossPredictor) and (pred.width, pred.input_size) == (4, 24)
-    assert (cfg.epochs, cfg.patience, cfg.select_by) == (30, 3, "spearman")
+    assert (cfg.epochs, cfg.patience, cfg.select_by) == (30, 10, "k1_accuracy")
     assert cfg.clean_tolerance == 0.1 and cfg.identity_gate and cfg.flip_permutation == [0, 1]
     assert cfg.distill_weight == 1.0 and cfg.optimizer == "adamw"
     assert "resolved recipe (auto):" in capsys.readouterr().out
     # a timm target: the small predictor of width 16 from scratch, the same optimiser (a CPU can fit it)
     assert main(["fit", "--labels", labels["timm"][0], "--out", str(tmp_path / "b"), "--recipe", "auto"]) == 0
     cfg, pred = captured["config"], captured["predictor"]
-    assert isinstance(pred, SmallLossPredictor) and (pred.width, pred.input_size) == (16, 24)
-    assert (cfg.optimizer, cfg.patience, cfg.identity_gate) == ("adamw", 3, True)
+    assert isinstance(pred, SmallLossPredictor) and (pred.width, pred.input_size) == (16, 32)
+    assert (cfg.optimizer, cfg.patience, cfg.identity_gate) == ("adamw", 10, True)
     # ... and a flag still overrides it: the timm predictor with its default optimiser
     assert main(["fit", "--labels", labels["timm"][0], "--out", str(tmp_path / "c"), "--recipe", "auto",
-                 "--predictor", "timm", "--backbone", "lcnet_050", "--optimizer", "rmsprop"]) == 0
+                 "--predictor", "timm", "--backbone", "lcnet_050", "--optimizer", "rmsprop",
+                 "--select-by", "spearman", "--patience", "2"]) == 0
     cfg, pred = captured["config"], captured["predictor"]
-    assert isinstance(pred, LossPredictor) and pred.input_size == 24 and pred.backbone_name == "lcnet_050"
-    assert cfg.optimizer == "rmsprop"
-    # auto's decisions from the manifests alone: 3/4 of the side, within 16..64
-    manifest = LabelCache(lab).manifest()
-    for side, expected in ((32, 24), (64, 48), (224, 64), (12, 12)):
-        doc = recipes.auto_recipe({**manifest, "size": side}, {"images": torch.zeros(1, 3, side, side)})
-        assert doc["predictor"]["input_size"] == expected
+    assert isinstance(pred, LossPredictor) and pred.input_size == 32 and pred.backbone_name == "lcnet_050"
+    assert (cfg.optimizer, cfg.select_by, cfg.patience) == ("rmsprop", "spearman", 2)
+    # auto's decisions from the manifests alone: a small_resnet target 3/4 of the side, within
+    # 16..64; any other the whole side, at most 64
+    for cache, sizes in ((lab, ((32, 24), (64, 48), (224, 64), (12, 12))),
+                         (labels["timm"][0], ((32, 32), (64, 64), (224, 64), (12, 12)))):
+        manifest = LabelCache(cache).manifest()
+        for side, expected in sizes:
+            doc = recipes.auto_recipe({**manifest, "size": side}, {"images": torch.zeros(1, 3, side, side)})
+            assert doc["predictor"]["input_size"] == expected, (cache, side)
 
 
 def test_init_from_target_refuses_weights_that_did_not_make_the_labels(labels, tmp_path, capsys):
@@ -221,3 +229,12 @@ def test_pretrained_offline_says_so_and_suggests_backbone_weights(labels, tmp_pa
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "pretrained weights of timm backbone 'lcnet_050' could not be loaded" in err
     assert "offline" in err and "--backbone-weights" in err
+
+
+def test_select_by_choices_are_the_trainers_selectable_metrics_and_the_recipe_schemas():
+    import argparse
+    from ttach_instance.cli import build_parser
+
+    fit = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["fit"]
+    flag = next(a for a in fit._actions if a.dest == "select_by")
+    assert set(flag.choices) == set(trainer.SELECTABLE_METRICS) == set(recipes.SCHEMA["fit"]["select_by"]) - {None}

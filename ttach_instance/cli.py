@@ -332,7 +332,8 @@ FIT_RECIPE_FLAGS = {
     "init_from": ("predictor", "init_from"), "ema": ("fit", "ema_decay"),
     **{dest: ("fit", dest) for dest in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "val_fraction",
                                         "listwise_weight", "spearman_weight", "group_weight", "distill_weight", "tau",
-                                        "flip", "clean_tolerance", "identity_gate", "seed", "patience")},
+                                        "flip", "clean_tolerance", "identity_gate", "seed", "select_by",
+                                        "patience")},
 }
 
 
@@ -755,8 +756,12 @@ def _add_pipeline_commands(sub) -> None:
     p.add_argument("--seed", type=seed_int, default=0,
                    help="seeds every generator the fit draws from (initialisation, dropout, shuffling, cutout)")
     p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--select-by", choices=("spearman", "k1_accuracy", "top1_hit", "regret"), default=None,
+                   help="the held-out fold's metric that picks the epoch kept (and that --patience watches); "
+                        "default spearman, --recipe auto k1_accuracy")
     p.add_argument("--patience", type=positive_int, default=None,
-                   help="early stopping: end when the held-out Spearman has not improved for this many epochs")
+                   help="early stopping: end when the held-out --select-by metric has not improved for this many "
+                        "epochs")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
                    help="--predictor timm: start the backbone from timm's pretrained weights (downloaded from the hub; "
                         "offline, use --backbone-weights)")
